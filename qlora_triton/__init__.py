@@ -1,0 +1,20 @@
+"""qlora_triton: Triton kernels for QLoRA fine-tuning (NF4, double quantization,
+fused 4-bit matmuls, LoRA layers, paged optimizers)."""
+
+from .backend import force_backend
+from .codebooks import dynamic_map, nf4_codebook
+from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
+from .weight import NF4Weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4Weight",
+    "dequantize_blockwise_8bit",
+    "dequantize_nf4",
+    "dynamic_map",
+    "force_backend",
+    "nf4_codebook",
+    "quantize_blockwise_8bit",
+    "quantize_nf4",
+]

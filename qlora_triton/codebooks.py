@@ -1,0 +1,65 @@
+"""The two codebooks of QLoRA, generated rather than typed in.
+
+* NF4: 16 values from quantiles of the standard normal distribution, so that a
+  normally distributed weight fills each of the 16 bins about equally. Exactly 0
+  is representable (index 7) so that padding and zero weights stay exact.
+* The signed 8-bit dynamic map: a tree of decimal exponents with linear
+  fractions, used for the second quantization level (double quantization of the
+  absmax constants) and for 8-bit optimizer states.
+
+Both follow the construction used by bitsandbytes bit for bit; the precision of
+each step matters (see the comments): float32 linspaces, float64 quantiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from scipy.stats import norm
+
+# Upper quantile probability of NF4. It is close to 1 - (1/30 + 1/32) / 2 but
+# that exact value does not reproduce bitsandbytes' table; this literal does.
+_NF4_OFFSET = 0.9677083
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_cpu() -> torch.Tensor:
+    # float32 linspaces (torch's default dtype), quantiles in float64 (scipy).
+    positive = norm.ppf(torch.linspace(_NF4_OFFSET, 0.5, 9)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(_NF4_OFFSET, 0.5, 8)[:-1].numpy())).tolist()
+    values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32)
+    values = values.sort().values
+    return values / values.max()
+
+
+def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 NF4 values, float32, sorted ascending from -1.0 to 1.0."""
+    return _nf4_cpu().to(device) if device is not None else _nf4_cpu().clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_cpu() -> torch.Tensor:
+    exponent_bits = 7  # signed map: 1 sign bit + 7 bits of exponent tree
+    values: list[float] = []
+    for i in range(exponent_bits):
+        edges = torch.linspace(0.1, 1.0, 2**i + 1)  # float32
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scaled = means * (10.0 ** (i - (exponent_bits - 1)))
+        values += scaled.tolist() + (-scaled).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
+    """The signed 8-bit dynamic quantization map: 256 float32 values, sorted,
+    from -0.99296875 to 1.0."""
+    return _dynamic_cpu().to(device) if device is not None else _dynamic_cpu().clone()
+
+
+def midpoints(code: torch.Tensor) -> torch.Tensor:
+    """Decision boundaries for nearest-code rounding of a sorted codebook,
+    computed in float32 as bitsandbytes does: ``(code[i] + code[i+1]) / 2``.
+    A value equal to a boundary rounds to the lower code."""
+    code = code.float()
+    return (code[:-1] + code[1:]) / 2

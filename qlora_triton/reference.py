@@ -1,0 +1,58 @@
+"""Plain-torch reference implementations of every op.
+
+They define the numerics the Triton kernels must reproduce, run on any device,
+and are the CPU backend when Triton's interpreter is off. Written for clarity,
+not speed: they materialize what the kernels never do (e.g. a dense weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codebooks import midpoints
+from .weight import NF4Weight
+
+
+def nf4_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat weight -> ``(packed uint8 [(n+1)//2], absmax fp32 [nblocks])``."""
+    x = x.reshape(-1).float()
+    n = x.numel()
+    full = n - n % blocksize
+    blocks = x[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = [blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]]
+    if full < n:  # the partial last block divides, as bitsandbytes does
+        tail_max = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled.append(x[full:] / tail_max)
+    scaled = torch.cat([s.reshape(-1) for s in scaled]).clamp(-1, 1)
+    if n % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    q = torch.bucketize(scaled, midpoints(code).to(x.device)).to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2], absmax
+
+
+def nf4_dequantize(qw: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    codes = torch.stack([qw.packed >> 4, qw.packed & 0xF], dim=1).reshape(-1)[: qw.numel]
+    scale = qw.absmax_fp32().repeat_interleave(qw.blocksize)[: qw.numel]
+    return (qw.code[codes.long()] * scale).to(dtype).reshape(qw.shape)
+
+
+def blockwise_8bit_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat tensor -> ``(q uint8 [n], absmax fp32 [nblocks])``, nearest code of
+    ``x * (1 / absmax)`` per block."""
+    x = x.reshape(-1).float()
+    n = x.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]
+    q = torch.bucketize(scaled.reshape(-1)[:n], midpoints(code).to(x.device))
+    return q.to(torch.uint8), absmax
+
+
+def blockwise_8bit_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                              blocksize: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = q.numel()
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return (code[q.reshape(-1).long()] * scale).to(dtype)

@@ -1,0 +1,249 @@
+"""``NF4Weight``: the typed container of a 4-bit NormalFloat weight.
+
+Layout (bitsandbytes-compatible, see DESIGN.md): the weight is flattened
+row-major, cut into blocks of ``blocksize`` consecutive elements (a block may
+cross a row; the last may be partial), each element stored as a 4-bit index
+into ``code``, two per byte with the first element in the high nibble. Each
+block has one fp32 ``absmax`` scale. With double quantization, ``absmax`` holds
+uint8 indices into ``code2`` (the signed dynamic map), and a block's scale is
+``code2[absmax[i]] * absmax2[i // blocksize2] + offset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256
+
+
+def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int, got {type(blocksize).__name__}")
+    if not (32 <= blocksize <= 4096) or blocksize & (blocksize - 1):
+        raise ValueError(f"{name} must be a power of two in 32..4096, got {blocksize}")
+    return blocksize
+
+
+def _check_tensor(name: str, t: Any, dtype: torch.dtype, numel: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+
+
+@dataclasses.dataclass
+class NF4Weight:
+    """A frozen weight in NF4, optionally with double-quantized scales.
+
+    Attributes:
+        packed:  uint8 [(numel + 1) // 2], two 4-bit codes per byte, high nibble first.
+        absmax:  float32 [nblocks] scales, or uint8 [nblocks] indices into ``code2``
+                 when double-quantized.
+        shape:   the dense weight's shape, ``[out_features, in_features]`` for a linear.
+        dtype:   the dense weight's dtype (what ``dequantize_nf4`` returns by default).
+        blocksize: elements per absmax scale (power of two, 32..4096).
+        code:    float32 [16], the NF4 codebook.
+        absmax2: float32 [ceil(nblocks / blocksize2)], second-level scales (nested only).
+        code2:   float32 [256], the signed dynamic map (nested only).
+        offset:  float32 0-d tensor, mean of the absmax subtracted before nesting.
+        blocksize2: absmax values per second-level block (256).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    blocksize2: int = NESTED_BLOCKSIZE
+
+    def __post_init__(self) -> None:
+        # Structural checks only: they read no tensor data, so they cost no
+        # device synchronization. Data checks live in ``check_finite``.
+        self.shape = torch.Size(self.shape)
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        check_blocksize(self.blocksize)
+        if self.numel == 0:
+            raise ValueError(f"shape must have at least one element, got {tuple(self.shape)}")
+        _check_tensor("packed", self.packed, torch.uint8, (self.numel + 1) // 2)
+        self.packed = self.packed.reshape(-1)
+        _check_tensor("code", self.code, torch.float32, 16)
+        if self.double_quant:
+            missing = [n for n in ("absmax2", "code2", "offset") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"a uint8 absmax (double quantization) needs {', '.join(missing)}")
+            _check_tensor("absmax", self.absmax, torch.uint8, self.nblocks)
+            nested = math.ceil(self.nblocks / self.blocksize2)
+            _check_tensor("absmax2", self.absmax2, torch.float32, nested)
+            _check_tensor("code2", self.code2, torch.float32, 256)
+            _check_tensor("offset", self.offset, torch.float32, 1)
+            self.offset = self.offset.reshape(())
+        else:
+            _check_tensor("absmax", self.absmax, torch.float32, self.nblocks)
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) > 1:
+            raise ValueError(f"all tensors of an NF4Weight must be on one device, got {devices}")
+
+    # -- shape facts ---------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return math.ceil(self.numel / self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this weight holds, by field name."""
+        names = ("packed", "absmax", "code", "absmax2", "code2", "offset")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor stored for this weight, codebooks included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def to(self, device: torch.device | str) -> "NF4Weight":
+        moved = {n: t.to(device) for n, t in self.tensors().items()}
+        return dataclasses.replace(self, **moved)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The per-block float32 scales, unpacked from the nested form if needed."""
+        if not self.double_quant:
+            return self.absmax
+        blocks = torch.arange(self.nblocks, device=self.device) // self.blocksize2
+        return self.code2[self.absmax.long()] * self.absmax2[blocks] + self.offset
+
+    def check_finite(self) -> "NF4Weight":
+        """Raise if any scale is NaN or Inf: such a block would dequantize to
+        NaN silently (bitsandbytes does exactly that)."""
+        bad = ~torch.isfinite(self.absmax_fp32())
+        if bool(bad.any()):
+            blocks = bad.nonzero().flatten()
+            raise ValueError(
+                f"absmax: {blocks.numel()} of {self.nblocks} blocks have a NaN or Inf scale "
+                f"(first block {int(blocks[0])}); the weight is corrupt"
+            )
+        if not bool(torch.isfinite(self.code).all()):
+            raise ValueError("code: the NF4 codebook contains NaN or Inf")
+        return self
+
+    # -- bitsandbytes state-dict form (no bitsandbytes needed) -------------------
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors under bitsandbytes' ``Linear4bit`` state-dict keys."""
+        meta: dict[str, Any] = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+        }
+        out = {
+            prefix: self.packed.reshape(-1, 1),
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.code,
+        }
+        if self.double_quant:
+            meta.update(nested_blocksize=self.blocksize2, nested_dtype="float32",
+                        nested_offset=float(self.offset))
+            out[f"{prefix}.nested_absmax"] = self.absmax2
+            out[f"{prefix}.nested_quant_map"] = self.code2
+        blob = json.dumps(meta).encode()
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4Weight":
+        """Build from bitsandbytes' ``Linear4bit`` state-dict keys under ``prefix``."""
+        key = f"{prefix}.quant_state.bitsandbytes__nf4"
+        if key not in state_dict:
+            fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
+            if fp4 in state_dict:
+                raise ValueError(f"state_dict: {fp4} is an FP4 weight; only NF4 is supported")
+            raise KeyError(f"state_dict has no {key!r}: not a bitsandbytes NF4 weight")
+        meta = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"state_dict: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+        nested = f"{prefix}.nested_absmax" in state_dict
+        packed = state_dict[prefix]
+        kwargs: dict[str, Any] = {}
+        if nested:
+            kwargs = dict(
+                absmax2=state_dict[f"{prefix}.nested_absmax"],
+                code2=state_dict[f"{prefix}.nested_quant_map"],
+                offset=torch.tensor(float(meta["nested_offset"]), device=packed.device),
+                blocksize2=int(meta["nested_blocksize"]),
+            )
+        return cls(
+            packed=packed.view(torch.uint8).reshape(-1),
+            absmax=state_dict[f"{prefix}.absmax"],
+            shape=torch.Size(meta["shape"]),
+            dtype=getattr(torch, meta["dtype"]),
+            blocksize=int(meta["blocksize"]),
+            code=state_dict[f"{prefix}.quant_map"],
+            **kwargs,
+        ).check_finite()
+
+    # -- bitsandbytes objects ----------------------------------------------------
+    def to_bnb(self) -> tuple[torch.Tensor, Any]:
+        """``(packed, QuantState)`` as ``bitsandbytes.functional.quantize_4bit`` returns them."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.absmax2, code=self.code2,
+                                blocksize=self.blocksize2, dtype=torch.float32)
+        qs = QuantState(absmax=self.absmax, shape=self.shape, code=self.code,
+                        blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                        offset=self.offset, state2=state2)
+        return self.packed.reshape(-1, 1), qs
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state: Any) -> "NF4Weight":
+        """Wrap the outputs of ``bitsandbytes.functional.quantize_4bit`` (no copy)."""
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+        if getattr(quant_state, "quant_type", None) != "nf4":
+            raise ValueError(
+                f"quant_state: quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}")
+        kwargs: dict[str, Any] = {}
+        if quant_state.nested:
+            offset = quant_state.offset
+            kwargs = dict(
+                absmax2=quant_state.state2.absmax,
+                code2=quant_state.state2.code,
+                offset=torch.as_tensor(offset, dtype=torch.float32, device=packed.device),
+                blocksize2=quant_state.state2.blocksize,
+            )
+        return cls(
+            packed=packed.view(torch.uint8).reshape(-1),
+            absmax=quant_state.absmax,
+            shape=torch.Size(quant_state.shape),
+            dtype=quant_state.dtype,
+            blocksize=quant_state.blocksize,
+            code=quant_state.code,
+            **kwargs,
+        ).check_finite()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command of the README: makes (or reuses) .venv, installs the package
+# with its test extras on a CPU build of torch, and runs the suite with the
+# Triton kernels under the interpreter (TRITON_INTERPRET=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+# torch first and pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build).
+"$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q "triton==3.9.0" -e ".[test]"
+export TRITON_INTERPRET=1
+exec "$PY" -m pytest -q "$@"
