@@ -3,6 +3,7 @@ fused 4-bit matmuls, LoRA layers, paged optimizers)."""
 
 from .backend import force_backend
 from .codebooks import dynamic_map, nf4_codebook
+from .matmul import nf4_matmul, nf4_matmul_grad_input
 from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
 from .weight import NF4Weight
 
@@ -15,6 +16,8 @@ __all__ = [
     "dynamic_map",
     "force_backend",
     "nf4_codebook",
+    "nf4_matmul",
+    "nf4_matmul_grad_input",
     "quantize_blockwise_8bit",
     "quantize_nf4",
 ]

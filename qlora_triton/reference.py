@@ -56,3 +56,18 @@ def blockwise_8bit_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch
     n = q.numel()
     scale = absmax.repeat_interleave(blocksize)[:n]
     return (code[q.reshape(-1).long()] * scale).to(dtype)
+
+
+def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with W dequantized in fp32; output in ``x.dtype``."""
+    w = nf4_dequantize(qw, torch.float32)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
+    """``grad_y @ W``, the input gradient of ``x @ W.T``; output in ``grad_y.dtype``."""
+    w = nf4_dequantize(qw, torch.float32)
+    return (grad_y.float() @ w).to(grad_y.dtype)
