@@ -135,6 +135,9 @@ def lora_nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
     runs the same forward without building an autograd node, so nothing is
     saved. ``dropout_p`` is applied as given: pass 0 in eval mode.
     """
+    # Non-contiguous x gives bit-identical results to its contiguous copy (BLAS
+    # may round differently on a strided operand); a no-op for the usual case.
+    x = x.contiguous()
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
     if needs_graph:
