@@ -48,6 +48,9 @@ _QUANT_BUFFERS = {
     "weight_offset": "offset",
 }
 PEFT_BASE_PREFIX = "base_layer."
+# bitsandbytes' keys of a 4-bit weight, after "weight"
+_BNB_WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                    ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 def _check_compute_dtype(compute_dtype: Any) -> torch.dtype | None:
@@ -193,7 +196,7 @@ class Linear4bit(nn.Module):
 
         wkey = prefix + "weight"
         if wkey in state_dict:
-            qkeys = {k for k in state_dict if k == wkey or k.startswith(wkey + ".")}
+            qkeys = {wkey + suffix for suffix in _BNB_WEIGHT_KEYS if wkey + suffix in state_dict}
             handled |= qkeys
             try:
                 qw = self._weight_from_state_dict({k[len(prefix):]: state_dict[k] for k in qkeys})
