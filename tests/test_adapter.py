@@ -77,7 +77,7 @@ def test_peft_loads_our_adapter_and_matches(tmp_path, targets, rslora):
     base = dense_base(model)
     with torch.no_grad():
         assert rel_err(base(input_ids=tokens).logits, got) > 1e-2  # the adapter matters
-    err = rel_err(got, want); print("peft vs ours", err)
+    err = rel_err(got, want)
     assert err <= 1e-2
 
 
