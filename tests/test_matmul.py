@@ -196,23 +196,24 @@ def test_opcheck(backend, device, double_quant):
 
 
 def test_torch_compile_fullgraph_forward_and_backward(backend, device):
-    qw = _weight(60, 200, 64, True, device)
-
     def layer(x, qw, bias):  # NF4Weight (a dataclass) as an argument
         return torch.nn.functional.gelu(qt.nf4_matmul(x, qw, bias))
 
+    # fullgraph=True: any graph break (e.g. dynamo stepping into the launcher) fails.
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(2, 9, 200, device=device)
-    bias = torch.randn(60, device=device)
-    probe = torch.randn(2, 9, 60, device=device)
-    grads = []
-    for fn in (layer, compiled):
-        xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
-        y = fn(xi, qw, bi)
-        (y * probe).sum().backward()
-        grads.append((y.detach(), xi.grad, bi.grad))
-    for eager, comp in zip(*grads):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    # A second weight of the same shape must be read, not baked in from the first.
+    for qw in (_weight(60, 200, 64, True, device), _weight(60, 200, 64, True, device)):
+        x = torch.randn(2, 9, 200, device=device)
+        bias = torch.randn(60, device=device)
+        probe = torch.randn(2, 9, 60, device=device)
+        results = []
+        for fn in (layer, compiled):
+            xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+            y = fn(xi, qw, bi)
+            (y * probe).sum().backward()
+            results.append((y.detach(), xi.grad, bi.grad))
+        for eager, comp in zip(*results):
+            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
 
 
 # -- bad input --------------------------------------------------------------------
