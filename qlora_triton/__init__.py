@@ -4,6 +4,7 @@ fused 4-bit matmuls, LoRA layers, paged optimizers)."""
 from .backend import force_backend
 from .codebooks import dynamic_map, nf4_codebook
 from .matmul import nf4_matmul, nf4_matmul_grad_input
+from .optim import PagedAdamW, PagedAdamW8bit
 from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
 from .weight import NF4Weight
 
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4Weight",
+    "PagedAdamW",
+    "PagedAdamW8bit",
     "dequantize_blockwise_8bit",
     "dequantize_nf4",
     "dynamic_map",
