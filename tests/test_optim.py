@@ -60,7 +60,7 @@ def test_matches_torch_adamw_fp32(backend, shape):
     assert state["step"].item() == STEPS and state["exp_avg"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("shape", [(1024, 32), (33, 4097), (1024, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(1024, 32), (5, 4097), (1024, 1)], ids=str)
 def test_matches_torch_adamw_bf16(backend, shape):
     """bf16 parameters: the update runs in fp32 with fp32 moments and rounds the
     parameter once, so the exact oracle is torch.optim.AdamW stepping an fp32
@@ -212,7 +212,7 @@ def _train(opt_factory, steps=200):
 def test_trains_like_torch_adamw(backend, opt_cls):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("400 launches take ~15 s under the interpreter; the kernel == reference tests cover it")
-    # Measured (200 steps, lr 1e-2): loss 0.29 -> torch.optim.AdamW 0.01037,
+    # Measured (200 steps, lr 1e-2): loss 0.645 -> torch.optim.AdamW 0.01037,
     # PagedAdamW 0.01037, PagedAdamW8bit 0.01038 (+0.1%).
     initial, ref = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2))
     _, ours = _train(lambda ps: opt_cls(ps, lr=1e-2, weight_decay=1e-2))
