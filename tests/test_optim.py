@@ -275,3 +275,12 @@ def test_noncontiguous_param_and_grad(backend):
     ref.grad = g.contiguous()
     torch.optim.AdamW([ref], **HYPER).step()
     torch.testing.assert_close(p.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_state_maps_match_bitsandbytes(signed):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    ours = qt.dynamic_map(signed=signed)
+    assert torch.equal(ours, bnb_functional.create_dynamic_map(signed=signed))
+    assert ours.numel() == 256 and (ours.diff() > 0).all() and ours[-1] == 1.0
+    assert (ours.min() == 0.0) if not signed else (ours.min() < 0)
