@@ -212,6 +212,16 @@ _KEY = ["m_bucket", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"]
 
 
 # --------------------------------------------------------------------------- kernels
+@triton.jit
+def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_other)`` of program ``pid`` in grouped order: GROUP_M row
+    tiles walk the other axis together, so each W tile decoded from L2 serves
+    GROUP_M programs close in time."""
+    per_group = GROUP_M * tiles_other
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
 @triton.autotune(configs=_tile_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
@@ -238,16 +248,7 @@ def _nf4_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped order: GROUP_M row tiles walk the N tiles together, so each
-    # decoded-from-L2 W tile serves GROUP_M programs close in time.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -351,14 +352,7 @@ def _nf4_grad_input_kernel(
     # grad_x[M, K] = grad_y[M, N] @ W[N, K]: programs tile (M, K) and walk N.
     # The decoded tile is W[n0:n0+BLOCK_N, k0:k0+BLOCK_K] exactly as in the
     # forward, used untransposed; only the reduction axis differs.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * tiles_k
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_k = (pid % per_group) // group_m
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
