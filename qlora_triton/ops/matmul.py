@@ -222,6 +222,28 @@ def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
+@triton.jit
+def _x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+          offset_ptr, rm, rn, k_start, k_end, M, N, K,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+          ALIGNED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """fp32 ``x[rm, k_start:k_end] @ W[rn, k_start:k_end].T``, decoding each W tile
+    in registers; the forward GEMM and GEMV differ only in their K range."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    return acc
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
@@ -252,17 +274,9 @@ def _nf4_gemm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    acc = _x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                offset_ptr, rm, rn, 0, K, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2,
+                DOUBLE_QUANT, ALIGNED, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], cast_rtne(acc, y_ptr.dtype.element_ty),
@@ -306,17 +320,9 @@ def _nf4_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    acc = _x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                offset_ptr, rm, rn, k_start, k_end, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE,
+                BLOCKSIZE2, DOUBLE_QUANT, ALIGNED, DOT_FP32)
     if HAS_BIAS:
         # Only the first split adds the bias.
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
