@@ -1,0 +1,233 @@
+"""The runner: every case on every provider, one JSON document, one folder.
+
+    python -m benchmarks            # full run; needs CUDA; writes benchmarks/results/<gpu>-<date>/
+    python -m benchmarks --smoke    # every case once at tiny size on the CPU; writes to a temp folder
+    qlora-triton bench [...]        # the same, through the package's console script
+
+A provider that is missing or fails shows in its column as "not installed" or
+"error: ...", never as a crash of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+
+from . import report
+from .cases import OPS, Case, all_cases
+from .providers import PROVIDERS, NotApplicable, WeightCache, build, provider_status, rotation_bytes
+from .schema import SCHEMA_VERSION, validate
+from .timing import Ceilings, Timer, free_device_memory, measure_ceilings, measure_memory, rotation_copies
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _capture(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def gpu_slug(name: str) -> str:
+    """"NVIDIA H200" -> "h200"; the results folder's prefix."""
+    slug = re.sub(r"^nvidia\s+", "", name.strip().lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
+    return slug or "gpu"
+
+
+def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce the numbers."""
+    import triton
+
+    import qlora_triton
+
+    cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    driver = _capture(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
+    status = _capture(["git", "status", "--porcelain", "--untracked-files=no"])
+    commit = _capture(["git", "rev-parse", "HEAD"])
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "gpu": gpu,
+        "gpu_slug": gpu_slug(gpu) if cuda else "cpu",
+        "driver": driver.splitlines()[0] if driver else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": _version("bitsandbytes"),
+        "torchao": _version("torchao"),
+        "qlora_triton": qlora_triton.__version__,
+        "git_commit": commit,
+        "git_dirty": (status is not None) if commit else None,
+        "smoke": smoke,
+        "timer": timer.name,
+        "command": " ".join(["python -m benchmarks", *argv]),
+    }
+
+
+def _error_text(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilings: Ceilings,
+             cache: WeightCache) -> dict[str, Any]:
+    """One row of the results: time, memory and floor of ``case`` on ``provider``."""
+    device = timer.device
+    floor, bound = case.floor_ms(ceilings.copy_gbps, ceilings.matmul_tflops)
+    row = {
+        "case": case.id, "op": case.op, "shape": case.shape_str,
+        "n": case.shape[0] if case.shape else None, "k": case.shape[1] if case.shape else None,
+        "m": case.m, "params": case.params, "variant": case.variant, "provider": provider,
+        "status": "ok", "error": None, "ms": None, "peak_mem_MB": None, "resident_mem_MB": None,
+        "bytes": case.bytes_moved(), "flops": case.flops(), "floor_ms": floor, "bound": bound,
+        "x_floor": None, "copies": None,
+    }
+    if status is not None:  # the provider did not import
+        row["status"] = "not installed" if status == "not installed" else "error"
+        row["error"] = status
+        return row
+    try:
+        # Memory first, on a fresh single instance (no rotation copies, no cache).
+        row["peak_mem_MB"], row["resident_mem_MB"] = measure_memory(lambda: build(provider, case, device), device)
+        copies = rotation_copies(rotation_bytes(provider, case), device)
+        fn = build(provider, case, device, copies, cache)
+        row["ms"] = timer(fn)
+        row["copies"] = copies
+        row["x_floor"] = row["ms"] / floor if floor > 0 else None
+    except NotApplicable as e:
+        row.update(status="n/a", error=None, peak_mem_MB=None, resident_mem_MB=None)
+        del e
+    except Exception as e:  # one provider failing must not stop the others
+        row.update(status="error", error=_error_text(e), ms=None, x_floor=None, copies=None)
+    finally:
+        fn = None
+        free_device_memory(device)
+    return row
+
+
+def run_suite(smoke: bool = False, ops: tuple[str, ...] = OPS, providers: tuple[str, ...] = PROVIDERS,
+              timer: Timer | None = None, progress: bool = True, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the cases and return the results document (see schema.py)."""
+    device = torch.device("cpu" if smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
+    timer = timer or Timer(device, cpu_reps=1 if smoke else 3)
+    statuses = {p: provider_status(p) for p in providers}
+    # Everything imported so far lives for the whole run: take it out of the
+    # collector's view, so that the collections between cases (which free the
+    # last case's device memory) cost microseconds, not half a second each.
+    gc.freeze()
+    try:
+        return _run(smoke, ops, providers, timer, progress, argv or [], statuses)
+    finally:
+        gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
+
+
+def _run(smoke: bool, ops: tuple[str, ...], providers: tuple[str, ...], timer: Timer, progress: bool,
+         argv: list[str], statuses: dict[str, str | None]) -> dict[str, Any]:
+    device = timer.device
+    ceilings = measure_ceilings(timer, smoke)
+    cases = all_cases(smoke, ops)
+    cache, cache_key = WeightCache(), None
+    rows = []
+    from tqdm import tqdm
+
+    bar = tqdm(cases, desc="benchmarks", unit="case", disable=not progress, file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.id)
+        key = (case.op, case.shape)
+        if key != cache_key:  # a new shape: its weights replace the last shape's
+            cache.clear()
+            free_device_memory(device)
+            cache_key = key
+        torch.manual_seed(0)
+        for provider in providers:
+            rows.append(run_case(case, provider, statuses[provider], timer, ceilings, cache))
+    cache.clear()
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": environment(device, smoke, timer, argv),
+        "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
+                     "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
+        "providers": {p: statuses[p] or "ok" for p in providers},
+        "results": rows,
+    }
+    errors = validate(doc)
+    if errors:  # a bug of the suite itself: say so loudly rather than write a bad file
+        raise RuntimeError("results do not match the schema:\n" + "\n".join(errors[:20]))
+    return doc
+
+
+def output_dir(doc: dict[str, Any], out: str | None) -> pathlib.Path:
+    """--out if given; a temp folder for --smoke; else results/<gpu>-<date>/."""
+    if out:
+        return pathlib.Path(out)
+    if doc["meta"]["smoke"]:
+        return pathlib.Path(tempfile.mkdtemp(prefix="qlora-bench-smoke-"))
+    return RESULTS / f"{doc['meta']['gpu_slug']}-{doc['meta']['date'][:10]}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="every case and provider once at tiny size on the CPU (CI); writes to a temp folder")
+    parser.add_argument("--out", help="folder for results.json, results.md and the plots "
+                                      "(default: benchmarks/results/<gpu>-<date>/, or a temp folder with --smoke)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
+    parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = parser.parse_args(argv)
+    args.ops = tuple(o for o in args.ops.split(",") if o)
+    args.providers = tuple(p for p in args.providers.split(",") if p)
+    bad = [o for o in args.ops if o not in OPS] + [p for p in args.providers if p not in PROVIDERS]
+    if bad:
+        parser.error(f"unknown op or provider: {', '.join(bad)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
+        doc = run_suite(args.smoke, args.ops, args.providers, timer, not args.no_progress, argv)
+    out = output_dir(doc, args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plots = [] if args.no_plots else report.write_plots(doc, out)
+    (out / "results.md").write_text(report.markdown(doc, plots))
+    print(report.console_table(doc))
+    print(f"\nresults: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
+    return 0
