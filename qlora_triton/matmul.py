@@ -1,38 +1,105 @@
-"""``nf4_matmul``: ``x @ W.T (+ bias)`` through a frozen NF4 weight.
+"""``nf4_matmul``: ``x @ W.T (+ bias)`` through a frozen NF4 weight, with autograd.
 
-Interface placeholder on the plain-torch reference; the fused Triton kernels
-(forward GEMM/GEMV and the input-gradient kernel) replace its internals.
+Layers: Triton kernels and launchers in :mod:`qlora_triton.ops.matmul`, the
+``torch.library`` ops in :mod:`qlora_triton.library` (they pick the backend),
+the autograd Function and the checked public entry points here.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from . import reference
-from .weight import NF4Weight
+from .library import weight_args  # importing it registers torch.ops.qlora_triton.*
+from .quantization import check_float_tensor
+from .weight import FLOAT_DTYPES, NF4Weight
+
+_ops = torch.ops.qlora_triton
 
 
-class _NF4Matmul(torch.autograd.Function):
+class NF4Matmul(torch.autograd.Function):
+    r"""``y = x W^T + b`` with W frozen in NF4.
+
+    Shapes: x [M, K] (leading dims flattened into M), W [N, K], b [N], y [M, N].
+    Writing g = dL/dy [M, N]:
+
+    * ``y_mn = sum_k x_mk W_nk + b_n`` gives ``dL/dx_mk = sum_n g_mn W_nk``, i.e.
+      ``grad_x = g @ W`` ([M, N] @ [N, K]): the ``nf4_matmul_grad_input`` op, which
+      decodes the same packed W tiles as the forward and never forms W densely.
+    * ``dL/db_n = sum_m g_mn``: a column sum of g (in fp32, cast to b's dtype).
+    * ``dL/dW = g^T @ x`` would be a dense [N, K] gradient of a quantized weight.
+      QLoRA freezes the base weight (only adapters train), so that path does not
+      exist: :func:`nf4_matmul` rejects weight tensors that require grad, and the
+      weight's inputs get ``None``.
+
+    Arguments after ``bias`` are :func:`qlora_triton.library.weight_args` of the weight.
+    """
+
     @staticmethod
-    def forward(ctx, x, bias, qw):
-        ctx.qw = qw
-        ctx.has_bias = bias is not None
-        return reference.nf4_matmul(x, qw, bias)
+    def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2):
+        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+        ctx.sizes = (n, k, blocksize, blocksize2)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _ops.nf4_matmul(x, packed, absmax, code, absmax2, code2, offset, bias,
+                               n, k, blocksize, blocksize2)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_x = nf4_matmul_grad_input(grad_y, ctx.qw) if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, grad_b, None
+        if any(ctx.needs_input_grad[2:8]):
+            raise RuntimeError("nf4_matmul: the NF4 weight is frozen; it has no gradient")
+        n = ctx.sizes[0]
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ops.nf4_matmul_grad_input(grad_y, *ctx.saved_tensors, *ctx.sizes)
+        if ctx.needs_input_grad[1]:
+            grad_b = grad_y.reshape(-1, n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (grad_x, grad_b) + (None,) * 10
+
+
+def _check_weight(qw: Any) -> tuple[int, int]:
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"qw must be an NF4Weight, got {type(qw).__name__}")
+    if len(qw.shape) != 2:
+        raise ValueError(f"qw must be a 2-D [out_features, in_features] weight, got shape {tuple(qw.shape)}")
+    for name, t in qw.tensors().items():
+        if t.requires_grad:
+            raise ValueError(f"qw.{name} requires grad, but the NF4 weight is frozen and has no "
+                             "gradient (train an adapter on top of it instead)")
+    return qw.shape[0], qw.shape[1]
+
+
+def _check_input(name: str, t: Any, features: int, what: str, qw: NF4Weight) -> None:
+    check_float_tensor(name, t)
+    if t.dim() == 0 or t.shape[-1] != features:
+        raise ValueError(f"{name} must have shape [..., {features}] ({what} of qw, shape "
+                         f"{tuple(qw.shape)}), got {tuple(t.shape)}")
+    if t.device != qw.device:
+        raise ValueError(f"{name} is on {t.device} but qw is on {qw.device}")
 
 
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for ``x`` of shape ``[..., K]``; returns ``[..., N]``."""
-    return _NF4Matmul.apply(x, bias, qw)
+    """``x @ W.T (+ bias)`` for ``x`` of shape ``[..., K]`` (fp32, fp16 or bf16) and
+    ``qw`` of shape ``[N, K]``; returns ``[..., N]`` in ``x.dtype``. Differentiable
+    in ``x`` and ``bias``; the weight is frozen."""
+    N, K = _check_weight(qw)
+    _check_input("x", x, K, "in_features", qw)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},) (out_features of qw), got {tuple(bias.shape)}")
+        if bias.device != qw.device:
+            raise ValueError(f"bias is on {bias.device} but qw is on {qw.device}")
+    return NF4Matmul.apply(x, bias, *weight_args(qw))
 
 
 def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
-    """``grad_y @ W`` for ``grad_y`` of shape ``[..., N]``; returns ``[..., K]``."""
-    return reference.nf4_matmul_grad_input(grad_y, qw)
+    """``grad_y @ W`` for ``grad_y`` of shape ``[..., N]``; returns ``[..., K]`` in
+    ``grad_y.dtype``: the input gradient of :func:`nf4_matmul`, through the packed
+    weight (not differentiable itself)."""
+    N, K = _check_weight(qw)
+    _check_input("grad_y", grad_y, N, "out_features", qw)
+    return _ops.nf4_matmul_grad_input(grad_y, *weight_args(qw))

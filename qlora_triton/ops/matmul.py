@@ -1,0 +1,415 @@
+"""Fused NF4 matmul kernels: ``y = x @ W.T (+ bias)`` and ``grad_x = grad_y @ W``
+through a packed NF4 weight, decoded tile by tile in registers (no dense copy of
+W is ever written to memory).
+
+Three kernels share one decode helper (:func:`_nf4_w_tile`):
+
+* ``_nf4_gemm_kernel``: tiled GEMM for training and prefill (M > 16); grid over
+  (M tiles, N tiles) in grouped order so neighbouring programs reuse W tiles in L2.
+* ``_nf4_gemv_kernel``: decode (M <= 16); memory-bound, so it splits K across
+  programs to put every SM on the packed bytes, and adds the partial sums with
+  fp32 atomics into a zeroed fp32 buffer.
+* ``_nf4_grad_input_kernel``: ``grad_y @ W``; the W tile it decodes is the same
+  ``[BLOCK_N, BLOCK_K]`` slice of W, only the loop runs over N instead of K.
+
+Element ``(n, k)`` of W is flat index ``n * K + k``: byte ``idx // 2`` (high nibble
+first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` a row
+segment of ``BLOCK_K <= blocksize`` columns lies in one block, so the fast path
+loads one scale per row and contiguous bytes; otherwise (blocks crossing rows)
+the general path indexes every element.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import INTERPRET, dot_in_fp32
+from ..weight import NF4Weight
+from .cast import cast_rtne
+from .dequantize import nf4_code, nf4_scale, scale_args
+
+# Largest M the split-K GEMV handles; its tile is 16 rows (the smallest tl.dot
+# tile on tensor cores), so up to 16 rows cost the same bytes as one.
+GEMV_MAX_M = 16
+
+# How often each kernel ran, by name ("gemm", "gemv", "grad_input"): tests read
+# it to see which kernel the dispatcher chose.
+launches: collections.Counter = collections.Counter()
+
+
+def select_kernel(M: int, N: int, K: int) -> str:
+    """The forward kernel for an ``[M, K] @ [K, N]`` product: ``"gemv"`` for
+    decode-sized M (memory-bound: the floor is the packed bytes), ``"gemm"`` otherwise."""
+    return "gemv" if M <= GEMV_MAX_M else "gemm"
+
+
+# --------------------------------------------------------------------------- decode
+@triton.jit
+def _nf4_w_tile_any(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                    rn, rk, N, K,
+                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """W[rn, rk] in fp32 for any K: every element finds its own byte and block."""
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    idx = rn[:, None] * K + rk[None, :]
+    # Masked elements decode to code[7] * 0 = 0.0, so they add nothing to a dot.
+    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx // BLOCKSIZE, mask,
+                      DOUBLE_QUANT, BLOCKSIZE2)
+    return nf4_code(packed_ptr, code_ptr, idx, mask) * scale
+
+
+@triton.jit
+def _nf4_w_tile_aligned(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        rn, k0, N, K,
+                        BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                        DOUBLE_QUANT: tl.constexpr):
+    """W[rn, k0:k0+BLOCK_K] in fp32 when K % BLOCKSIZE == 0 and BLOCK_K <= BLOCKSIZE
+    (so K % BLOCK_K == 0 and k0 is a multiple of BLOCK_K): each row's segment is
+    BLOCK_K // 2 contiguous bytes under one scale."""
+    row_ok = rn < N
+    rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(packed_ptr + rn[:, None] * (K // 2) + rj[None, :], mask=row_ok[:, None],
+                   other=0x77).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4))
+    lo = tl.load(code_ptr + (byte & 0xF))
+    # [BLOCK_N, BLOCK_K // 2, 2] -> [BLOCK_N, BLOCK_K]: element 2j is the high nibble.
+    w = tl.reshape(tl.join(hi, lo), (hi.shape[0], BLOCK_K))
+    # One scale per row: a gather of BLOCK_N values instead of BLOCK_N * BLOCK_K
+    # (three of them with double quantization).
+    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                      rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
+    return w * scale[:, None]
+
+
+@triton.jit
+def _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                rn, k0, N, K,
+                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The fp32 tile W[rn, k0:k0+BLOCK_K] (``rn``: [BLOCK_N] row indices);
+    out-of-range elements are 0.0. ``ALIGNED``: K % BLOCKSIZE == 0."""
+    if ALIGNED:
+        if BLOCK_K <= BLOCKSIZE:
+            w = _nf4_w_tile_aligned(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                    offset_ptr, rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2,
+                                    DOUBLE_QUANT)
+        else:
+            w = _nf4_w_tile_any(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                offset_ptr, rn, k0 + tl.arange(0, BLOCK_K), N, K, BLOCKSIZE,
+                                BLOCKSIZE2, DOUBLE_QUANT)
+    else:
+        w = _nf4_w_tile_any(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                            offset_ptr, rn, k0 + tl.arange(0, BLOCK_K), N, K, BLOCKSIZE,
+                            BLOCKSIZE2, DOUBLE_QUANT)
+    return w
+
+
+# --------------------------------------------------------------------------- autotuning
+def _config(bm, bn, bk, warps, stages, **extra):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra),
+                         num_warps=warps, num_stages=stages)
+
+
+def _tile_configs() -> list:
+    """GEMM and grad-input tiles. The interpreter gets exactly one (timing every
+    config there would take minutes); it runs the same code with larger tiles."""
+    if INTERPRET:
+        return [_config(64, 64, 64, 4, 1, GROUP_M=4)]
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+        (32, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3),
+    ]
+    return [_config(*t, GROUP_M=8) for t in tiles]
+
+
+def _gemv_configs() -> list:
+    if INTERPRET:
+        return [_config(GEMV_MAX_M, 128, 64, 4, 1, SPLIT_K=2)]
+    out = []
+    for bn, bk, warps in [(64, 64, 4), (128, 64, 4), (256, 64, 8), (128, 128, 4), (64, 128, 4),
+                          (32, 64, 2)]:
+        for split in (1, 2, 4, 8, 16):
+            out.append(_config(GEMV_MAX_M, bn, bk, warps, 3, SPLIT_K=split))
+    return out
+
+
+# Registers per thread left for the accumulator and the decoded W tile (of 255):
+# beyond this a config spills, which the GPU run should confirm (see README).
+_REGISTER_BUDGET = 160
+_SMEM_BYTES = 200 * 1024  # H100/H200 allow ~227 KB per block; leave headroom.
+
+
+def _fits(cfg: triton.Config, red_block: str) -> bool:
+    """Whether ``cfg`` fits a Hopper SM: pipelined operand buffers in shared
+    memory, accumulator + decoded tile in registers. ``red_block`` names the
+    reduction tile (BLOCK_K for the forward, BLOCK_N for grad-input)."""
+    kw = cfg.kwargs
+    m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    smem = cfg.num_stages * (m * kw[red_block] * 2 + n * k * 2)
+    regs = (m * (k if red_block == "BLOCK_N" else n) + n * k) // (32 * cfg.num_warps)
+    return smem <= _SMEM_BYTES and regs <= _REGISTER_BUDGET
+
+
+def _prune(configs, named_args, red_block, **kwargs):
+    args = {**named_args, **kwargs}
+    bucket, blocksize, aligned = args["m_bucket"], args["BLOCKSIZE"], args["ALIGNED"]
+    keep = [c for c in configs if _fits(c, red_block)]
+    # Tiles taller than the (bucketed) M only multiply zeros.
+    short = [c for c in keep if c.kwargs["BLOCK_M"] <= max(GEMV_MAX_M, bucket)]
+    keep = short or keep
+    # The aligned fast path (one scale per row, contiguous bytes) needs the K
+    # tile inside one quantization block.
+    if aligned:
+        fast = [c for c in keep if c.kwargs["BLOCK_K"] <= blocksize]
+        keep = fast or keep
+    return keep or configs[:1]
+
+
+def _prune_forward(configs, named_args, **kwargs):
+    return _prune(configs, named_args, "BLOCK_K", **kwargs)
+
+
+def _prune_grad_input(configs, named_args, **kwargs):
+    return _prune(configs, named_args, "BLOCK_N", **kwargs)
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    K = args["K"]
+    # No split so fine that some programs get no K at all.
+    keep = [c for c in configs if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(K, 64)]
+    if args["ALIGNED"]:
+        fast = [c for c in keep if c.kwargs["BLOCK_K"] <= args["BLOCKSIZE"]]
+        keep = fast or keep
+    return keep or configs[:1]
+
+
+# Autotune keys: m_bucket (next power of two of M, capped) instead of M, so a new
+# batch size reuses the tuned config of its bucket instead of recompiling/retuning.
+_KEY = ["m_bucket", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"]
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.autotune(configs=_tile_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_forward})
+@triton.jit
+def _nf4_gemm_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides)
+    packed_ptr,     # uint8 [(N * K + 1) // 2], W [N, K] flattened, high nibble first
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] fp32/fp16/bf16 (read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    # sizes
+    M, N, K,
+    m_bucket,       # autotune key only
+    # strides
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,      # K % BLOCKSIZE == 0
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,     # cast dot operands to fp32 (interpreter only, see backend)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped order: GROUP_M row tiles walk the N tiles together, so each
+    # decoded-from-L2 W tile serves GROUP_M programs close in time.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], cast_rtne(acc, y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=_gemv_configs(), key=_KEY, reset_to_zero=["y_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.jit
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= BLOCK_M
+    packed_ptr,     # uint8 [(N * K + 1) // 2]
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (read only when HAS_BIAS)
+    y_ptr,          # fp32 [M, N], zeroed; partial sums are atomically added
+    # sizes
+    M, N, K,
+    m_bucket,       # autotune key only
+    # strides
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # Grid (N tiles, SPLIT_K). With few rows the cost is reading W once; with
+    # only N / BLOCK_N programs a 4096-wide layer would leave most SMs idle, so
+    # each program takes 1 / SPLIT_K of K.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Split boundaries on BLOCK_K multiples keep the aligned path's k0 aligned.
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        # Only the first split adds the bias.
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc,
+                  mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=_tile_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_grad_input})
+@triton.jit
+def _nf4_grad_input_kernel(
+    # pointers
+    gy_ptr,         # [M, N] fp32/fp16/bf16 (any strides), grad of y
+    packed_ptr,     # uint8 [(N * K + 1) // 2]
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    gx_ptr,         # [M, K] grad_y's dtype, out (contiguous)
+    # sizes
+    M, N, K,
+    m_bucket,       # autotune key only
+    # strides
+    stride_gm, stride_gn,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grad_x[M, K] = grad_y[M, N] @ W[N, K]: programs tile (M, K) and walk N.
+    # The decoded tile is W[n0:n0+BLOCK_N, k0:k0+BLOCK_K] exactly as in the
+    # forward, used untransposed; only the reduction axis differs.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * tiles_k
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_k = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        gy = tl.load(gy_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        w = _nf4_w_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        rn, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED)
+        if DOT_FP32:
+            acc += tl.dot(gy.to(tl.float32), w)
+        else:
+            acc += tl.dot(gy, w.to(gy.dtype))
+    tl.store(gx_ptr + rm[:, None] * K + rk[None, :], cast_rtne(acc, gx_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# --------------------------------------------------------------------------- launchers
+def _m_bucket(M: int) -> int:
+    return min(triton.next_power_of_2(max(M, 1)), 4096)
+
+
+def _weight_meta(qw: NF4Weight) -> dict:
+    N, K = qw.shape
+    if qw.numel >= 2**31:
+        # Flat element indices are int32 in the kernels.
+        raise ValueError(f"qw: weights with 2**31 or more elements are not supported, got {tuple(qw.shape)}")
+    return dict(BLOCKSIZE=qw.blocksize, BLOCKSIZE2=qw.blocksize2, DOUBLE_QUANT=qw.double_quant,
+                ALIGNED=K % qw.blocksize == 0)
+
+
+def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for 2-D ``x`` [M, K] (any strides) and ``qw`` of shape
+    [N, K]; returns a contiguous [M, N] tensor of ``x.dtype``. Inputs are assumed
+    checked (see :mod:`qlora_triton.matmul`)."""
+    M, K = x.shape
+    N = qw.shape[0]
+    kernel = select_kernel(M, N, K)
+    if M == 0:
+        return x.new_empty((0, N))
+    meta = _weight_meta(qw)
+    args = (qw.packed, qw.code, *scale_args(qw), bias if bias is not None else qw.code)
+    common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
+    launches[kernel] += 1
+    if kernel == "gemv":
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
+        _nf4_gemv_kernel[grid](x, *args, y, M, N, K, _m_bucket(M), x.stride(0), x.stride(1),
+                               **common)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    _nf4_gemm_kernel[grid](x, *args, y, M, N, K, _m_bucket(M), x.stride(0), x.stride(1), **common)
+    return y
+
+
+def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
+    """``grad_y @ W`` for 2-D ``grad_y`` [M, N] (any strides); returns a contiguous
+    [M, K] tensor of ``grad_y.dtype``."""
+    M, N = grad_y.shape
+    K = qw.shape[1]
+    if M == 0:
+        return grad_y.new_empty((0, K))
+    launches["grad_input"] += 1
+    gx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+    _nf4_grad_input_kernel[grid](grad_y, qw.packed, qw.code, *scale_args(qw), gx, M, N, K,
+                                 _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
+                                 DOT_FP32=dot_in_fp32(grad_y.device), **_weight_meta(qw))
+    return gx

@@ -1,0 +1,239 @@
+"""nf4_matmul / nf4_matmul_grad_input: the fused kernels (GEMM, split-K GEMV,
+grad-input) against the reference of DESIGN.md (dequantize in fp32, multiply in
+float64), autograd, the torch.library registration and bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import qlora_triton as qt
+from qlora_triton import backend as _backend
+from qlora_triton import reference
+from qlora_triton.library import weight_args
+from qlora_triton.ops import matmul as ops_matmul
+
+TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOL)
+MS = [0, 1, 3, 17, 64, 130]
+# (N, K, blocksize): N never a multiple of a tile.
+SHAPES = [
+    (100, 384, 128),  # K % blocksize == 0: the aligned fast path (one scale per row)
+    (77, 200, 64),    # K not a multiple of the blocksize: blocks cross rows
+    (75, 131, 32),    # odd K and odd N * K: a padding nibble at the end
+    (66, 96, 32),     # aligned, but K tiles wider than a block take the general path
+]
+# x layouts: leading batch dims, and two non-contiguous views.
+LAYOUTS = ["2d", "batched", "strided", "transposed"]
+
+# A sub-grid of the full product: every (M, dtype, double quant) once, with
+# shape, bias and layout cycling at different rates so that each kernel (GEMV:
+# M <= 16, GEMM: larger) sees every shape with and without double quant, and
+# most shapes with and without bias, in several layouts.
+CASES = [
+    (M, dtype, SHAPES[(i // 2) % 4], dq, (i // 2 + i // 8) % 2 == 0, LAYOUTS[(i // 2 + i // 5) % 4])
+    for i, (M, dtype, dq) in enumerate(itertools.product(MS, DTYPES, [False, True]))
+]
+
+
+def _case_id(case):
+    M, dtype, (N, K, bs), dq, bias, layout = case
+    return f"M{M}-{str(dtype)[6:]}-{N}x{K}-bs{bs}-{'dq' if dq else 'fp32absmax'}-{'bias' if bias else 'nobias'}-{layout}"
+
+
+def _make_input(rows: int, features: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """A fresh random input of ``rows`` rows (``batched``: [2, rows, features])
+    in ``layout``."""
+    if layout == "2d":
+        return torch.randn(rows, features).to(dtype)
+    if layout == "batched":
+        return torch.randn(2, rows, features).to(dtype)
+    if layout == "strided":  # stride 2 along the feature dim
+        return torch.randn(rows, 2 * features).to(dtype)[:, ::2]
+    if layout == "transposed":  # column-major
+        return torch.randn(features, rows).to(dtype).t()
+    raise AssertionError(layout)
+
+
+def _weight(N: int, K: int, blocksize: int, double_quant: bool) -> qt.NF4Weight:
+    # Rows of very different scale, so a wrong scale index shows up.
+    w = torch.randn(N, K) * torch.rand(N, 1).pow(3).add(0.05)
+    return qt.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+
+
+def _dense(qw: qt.NF4Weight) -> torch.Tensor:
+    return reference.nf4_dequantize(qw, torch.float32).double()
+
+
+def _poison_allocator() -> None:
+    # Free a NaN-filled block so that the op's output buffer likely reuses it:
+    # an element the kernel forgets to write then fails the NaN check.
+    torch.full((1 << 18,), float("nan")).sum()
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "NaN in the output"
+    if ref.numel() == 0:
+        return
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_matches_reference(backend, case):
+    M, dtype, (N, K, bs), dq, has_bias, layout = case
+    qw = _weight(N, K, bs, dq)
+    x = _make_input(M, K, dtype, layout)
+    bias = torch.randn(N).to(dtype) if has_bias else None
+    ref = x.double() @ _dense(qw).t()
+    if has_bias:
+        ref = ref + bias.double()
+    _poison_allocator()
+    y = qt.nf4_matmul(x, qw, bias)
+    assert y.shape == (*x.shape[:-1], N)
+    _assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_grad_input_matches_reference(backend, case):
+    M, dtype, (N, K, bs), dq, _, layout = case
+    qw = _weight(N, K, bs, dq)
+    grad_y = _make_input(M, N, dtype, layout)
+    ref = grad_y.double() @ _dense(qw)
+    _poison_allocator()
+    gx = qt.nf4_matmul_grad_input(grad_y, qw)
+    assert gx.shape == (*grad_y.shape[:-1], K)
+    _assert_close(gx, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+@pytest.mark.parametrize("M", [3, 40])
+def test_non_contiguous_equals_contiguous_copy(backend, M, layout):
+    qw = _weight(70, 200, 64, True)
+    x = _make_input(M, 200, torch.float16, layout)
+    assert not x.is_contiguous()
+    y, y_contig = qt.nf4_matmul(x, qw), qt.nf4_matmul(x.contiguous(), qw)
+    torch.testing.assert_close(y, y_contig, rtol=1e-3, atol=1e-4)
+    if backend == "triton":  # same tiles, same order of accumulation
+        assert torch.equal(y, y_contig)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [0, 3, 130])
+def test_autograd_matches_reference(backend, M, dtype):
+    N, K = 90, 200
+    qw = _weight(N, K, 64, True)
+    x = torch.randn(2, M, K).to(dtype).requires_grad_()
+    bias = torch.randn(N).to(dtype).requires_grad_()
+    probe = torch.randn(2, M, N, dtype=torch.float64)  # a dense, random grad_y
+
+    y = qt.nf4_matmul(x, qw, bias)
+    (y.double() * probe).sum().backward()
+
+    x_ref = x.detach().double().requires_grad_()
+    b_ref = bias.detach().double().requires_grad_()
+    ((x_ref @ _dense(qw).t() + b_ref) * probe).sum().backward()
+    assert x.grad.dtype == dtype and bias.grad.dtype == dtype
+    _assert_close(x.grad, x_ref.grad, dtype)
+    if M == 0:
+        assert torch.equal(bias.grad, torch.zeros_like(bias))
+    else:
+        _assert_close(bias.grad, b_ref.grad, dtype)
+
+
+def test_backward_of_sum_with_expanded_grad(backend):
+    # y.sum() hands backward an expanded (stride 0) grad_y.
+    qw = _weight(70, 131, 32, False)
+    x = torch.randn(20, 131, requires_grad=True)
+    qt.nf4_matmul(x, qw).sum().backward()
+    _assert_close(x.grad, torch.ones(20, 70, dtype=torch.float64) @ _dense(qw), torch.float32)
+
+
+def test_weight_is_frozen():
+    qw = _weight(30, 64, 64, False)
+    qw.absmax.requires_grad_()
+    with pytest.raises(ValueError, match="qw.absmax requires grad.*frozen"):
+        qt.nf4_matmul(torch.randn(3, 64), qw)
+
+
+# -- the dispatcher ---------------------------------------------------------------
+def test_select_kernel_by_rows():
+    assert [ops_matmul.select_kernel(m, 4096, 4096) for m in (1, 2, 8, 16)] == ["gemv"] * 4
+    assert [ops_matmul.select_kernel(m, 4096, 4096) for m in (17, 64, 4096)] == ["gemm"] * 3
+
+
+@pytest.mark.parametrize("rows, kernel", [(1, "gemv"), (16, "gemv"), (17, "gemm"), (100, "gemm")])
+def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
+    if not (device.type == "cuda" or _backend.INTERPRET):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    qw = _weight(40, 96, 32, True).to(device)
+    x = torch.randn(rows, 96, device=device, requires_grad=True)
+    with qt.force_backend("triton"):
+        before = ops_matmul.launches.copy()
+        qt.nf4_matmul(x, qw).sum().backward()
+        ran = ops_matmul.launches - before
+    assert ran == {kernel: 1, "grad_input": 1}
+
+
+# -- torch.library ----------------------------------------------------------------
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_opcheck(backend, double_quant):
+    qw = _weight(50, 131, 32, double_quant)
+    for rows in (3, 20):
+        x = torch.randn(2, rows, 131)
+        torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul.default,
+                              (x, *weight_args(qw)[:6], torch.randn(50), *weight_args(qw)[6:]))
+        torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul.default,
+                              (x.half(), *weight_args(qw)[:6], None, *weight_args(qw)[6:]))
+        torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul_grad_input.default,
+                              (torch.randn(rows, 50).bfloat16(), *weight_args(qw)))
+
+
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    qw = _weight(60, 200, 64, True)
+
+    def layer(x, qw, bias):  # NF4Weight (a dataclass) as an argument
+        return torch.nn.functional.gelu(qt.nf4_matmul(x, qw, bias))
+
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 9, 200)
+    bias = torch.randn(60)
+    probe = torch.randn(2, 9, 60)
+    grads = []
+    for fn in (layer, compiled):
+        xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = fn(xi, qw, bi)
+        (y * probe).sum().backward()
+        grads.append((y.detach(), xi.grad, bi.grad))
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+
+
+# -- bad input --------------------------------------------------------------------
+# (what, call(x [4, 64] fp32, qw [30, 64]), error, message pattern)
+BAD = [
+    ("x int", lambda x, qw: qt.nf4_matmul(x.long(), qw), TypeError, "x must be float32"),
+    ("x float64", lambda x, qw: qt.nf4_matmul(x.double(), qw), TypeError, "x must be float32"),
+    ("x list", lambda x, qw: qt.nf4_matmul(x.tolist(), qw), TypeError, "x must be a torch.Tensor"),
+    ("x wrong K", lambda x, qw: qt.nf4_matmul(x[:, :63], qw), ValueError, r"x must have shape \[\.\.\., 64\]"),
+    ("x 0-d", lambda x, qw: qt.nf4_matmul(x[0, 0], qw), ValueError, "x must have shape"),
+    ("x device", lambda x, qw: qt.nf4_matmul(x.to("meta"), qw), ValueError, "x is on meta but qw is on cpu"),
+    ("qw dense", lambda x, qw: qt.nf4_matmul(x, torch.randn(30, 64)), TypeError, "qw must be an NF4Weight"),
+    ("qw 1-D", lambda x, qw: qt.nf4_matmul(x, qt.quantize_nf4(torch.randn(64))), ValueError, "qw must be a 2-D"),
+    ("bias shape", lambda x, qw: qt.nf4_matmul(x, qw, torch.randn(31)), ValueError, r"bias must have shape \(30,\)"),
+    ("bias dtype", lambda x, qw: qt.nf4_matmul(x, qw, torch.ones(30, dtype=torch.int32)), TypeError, "bias must be float32"),
+    ("bias type", lambda x, qw: qt.nf4_matmul(x, qw, 1.0), TypeError, "bias must be a torch.Tensor"),
+    ("bias device", lambda x, qw: qt.nf4_matmul(x, qw, torch.randn(30, device="meta")), ValueError, "bias is on meta"),
+    ("grad_y wrong N", lambda x, qw: qt.nf4_matmul_grad_input(x, qw), ValueError, r"grad_y must have shape \[\.\.\., 30\]"),
+    ("grad_y dtype", lambda x, qw: qt.nf4_matmul_grad_input(torch.ones(4, 30, dtype=torch.int8), qw), TypeError, "grad_y must be float32"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_naming_the_argument(what, call, error, match):
+    qw = _weight(30, 64, 64, True)
+    with pytest.raises(error, match=match):
+        call(torch.randn(4, 64), qw)
