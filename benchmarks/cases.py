@@ -100,9 +100,9 @@ class Case:
         if self.op == "matmul_grad_input":  # read grad_y [m, n] and W; write grad_x [m, k]
             return BF16_BYTES * (m * n + m * k) + w4
         if self.op == "lora_fwd_bwd":
-            # x, y, grad_y, grad_x once each; W once; the adapters (and their
-            # grads) are small but counted.
-            adapters = 2 * BF16_BYTES * LORA_R * (n + k)
+            # x, y, grad_y, grad_x once each; W once; the fp32 adapters (read)
+            # and their grads (written) are small but counted.
+            adapters = 2 * FP32_BYTES * LORA_R * (n + k)
             return BF16_BYTES * 2 * (m * k + m * n) + w4 + adapters
         raise ValueError(f"unknown op {self.op!r}")
 

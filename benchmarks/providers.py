@@ -220,17 +220,20 @@ def _matmul_grad_input(provider: str, case: Case, device: torch.device, copies: 
 class AdapterOnTop(torch.nn.Module):
     """``base(x) + scaling * (x @ A.T) @ B.T``: a LoRA adapter in plain torch on
     top of a frozen base, the way PEFT wraps bitsandbytes' Linear4bit (dropout 0
-    is the identity). B starts random, not zero, so that no product is on zeros."""
+    is the identity). A and B are kept in fp32 and cast to the compute dtype
+    per call, as qlora_triton's LoRALinear4bit does by default. B starts random,
+    not zero, so that no product runs on zeros."""
 
     def __init__(self, base: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, device: torch.device):
         super().__init__()
         self.base = base
-        self.lora_A = torch.nn.Parameter(_randn(LORA_R, k, device=device, scale=k**-0.5))
-        self.lora_B = torch.nn.Parameter(_randn(n, LORA_R, device=device, scale=LORA_R**-0.5))
+        self.lora_A = torch.nn.Parameter(torch.randn(LORA_R, k, device=device) * k**-0.5)
+        self.lora_B = torch.nn.Parameter(torch.randn(n, LORA_R, device=device) * LORA_R**-0.5)
         self.scaling = LORA_ALPHA / LORA_R
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return self.base(x) + (x @ a.t()) @ b.t() * self.scaling
 
 
 def _lora_layer(provider: str, shape: tuple[int, int], device: torch.device) -> torch.nn.Module:
@@ -243,7 +246,12 @@ def _lora_layer(provider: str, shape: tuple[int, int], device: torch.device) -> 
         with torch.no_grad():
             linear.weight.copy_(w)
         del w
-        return qt.LoRALinear4bit.from_linear(linear, r=LORA_R, lora_alpha=LORA_ALPHA)
+        layer = qt.LoRALinear4bit.from_linear(linear, r=LORA_R, lora_alpha=LORA_ALPHA)
+        with torch.no_grad():  # B is initialised to zeros: never time products on zeros
+            for p in layer.parameters():
+                if p.requires_grad and not p.any():
+                    p.normal_(0.0, LORA_R**-0.5)
+        return layer
     if provider == "bitsandbytes":
         import bitsandbytes as bnb
 
