@@ -31,7 +31,7 @@ def _fmt_ms(ms: float) -> str:
 
 def _ratio(num: dict | None, den: dict | None) -> str:
     if num and den and num["status"] == "ok" and den["status"] == "ok":
-        return f"{num['ms'] / den['ms']:.2f}"
+        return f"{num['ms'] / den['ms']:.3g}"
     return ""
 
 
@@ -59,7 +59,7 @@ def _table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
                 line.append(_CELL_STATUS[row["status"]])
         qt = cells.get("qlora_triton")
         line += [_fmt_ms(first["floor_ms"]), first["bound"],
-                 f"{qt['x_floor']:.2f}" if qt and qt["x_floor"] is not None else "",
+                 f"{qt['x_floor']:.3g}" if qt and qt["x_floor"] is not None else "",
                  _ratio(cells.get("bitsandbytes"), qt), _ratio(cells.get("bf16"), qt)]
         rows.append(line)
     return header, rows, notes

@@ -65,29 +65,37 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_memory(build: Callable[[], Callable[[], object]], device: torch.device) -> tuple[float | None, float | None]:
-    """(peak MB, resident MB) of building one instance of a case and calling it once.
+def measure_memory(build: Callable[[], Callable[[], object]],
+                   device: torch.device) -> tuple[Callable[[], object], float | None, float | None]:
+    """Build one instance of a case, call it (after a warm-up call), and return
+    (the callable, peak MB, resident MB); the suite times the same instance
+    when it needs no rotation copies.
 
-    peak: the caching allocator's peak above what was allocated before the
-    build (weights, inputs, state, outputs and workspace of this case).
+    peak: the caching allocator's peak during the call above what was
+    allocated before the build: what the case keeps (weight in the provider's
+    format, inputs, optimizer state) plus what the call allocates (outputs,
+    workspace). Temporaries of the build itself (the dense weight a provider
+    quantizes from) are freed before the peak is reset, so they do not count.
     resident: device memory in use after the call by ``cudaMemGetInfo``, which
     also sees what torch's allocator does not (CUDA managed memory of the paged
     optimizers, resident on the device). Both None on the CPU."""
     if device.type != "cuda":
-        return None, None
+        fn = build()
+        fn()
+        return fn, None, None
     free_device_memory(device)
     base_alloc = torch.cuda.memory_allocated(device)
     base_free, _ = torch.cuda.mem_get_info(device)
-    torch.cuda.reset_peak_memory_stats(device)
     fn = build()
+    fn()  # warm-up: compilation, autotuning (and its scratch buffers), lazy optimizer state
+    free_device_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
     free_after, _ = torch.cuda.mem_get_info(device)
     resident = max(0, base_free - free_after) / 2**20
-    del fn
-    free_device_memory(device)
-    return peak, resident
+    return fn, peak, resident
 
 
 @dataclasses.dataclass

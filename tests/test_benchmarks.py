@@ -127,3 +127,43 @@ def test_cli_bench_passes_options_through(capsys):
         cli.main(["bench", "--help"])
     assert exc.value.code == 0
     assert "--smoke" in capsys.readouterr().out
+
+
+def test_cli_bench_runs_the_suite(tmp_path):
+    from qlora_triton import cli
+
+    out = tmp_path / "cli"
+    assert cli.main(["bench", "--smoke", "--ops", "quantize", "--providers", "bf16,bitsandbytes",
+                     "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert validate(doc) == []
+    assert {(r["op"], r["provider"]) for r in doc["results"]} == {("quantize", "bf16"), ("quantize", "bitsandbytes")}
+
+
+def test_sweep_matches_bench_matmul():
+    """The suite and the matmul benchmark time the same M sweep and shapes."""
+    if not (REPO / "benchmarks" / "bench_matmul.py").is_file():
+        pytest.skip("benchmarks/bench_matmul.py is not on this branch")
+    from benchmarks import bench_matmul, cases
+
+    assert tuple(bench_matmul.M_VALUES) == cases.M_SWEEP
+    assert set(bench_matmul.SHAPES.values()) == set(cases.SHAPES)
+
+
+def test_missing_or_failing_provider_is_a_row_not_a_crash(monkeypatch):
+    import torch
+
+    from benchmarks import suite
+    from benchmarks.timing import Ceilings, Timer
+
+    case = Case("matmul_fwd", (64, 64), m=2)
+    timer, ceilings = Timer(torch.device("cpu")), Ceilings(1.0, 1.0, 1, 1)
+    row = suite.run_case(case, "torchao", "not installed", timer, ceilings, None)
+    assert (row["status"], row["error"], row["ms"]) == ("not installed", "not installed", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(suite, "build", broken)
+    row = suite.run_case(case, "qlora_triton", None, timer, ceilings, None)
+    assert row["status"] == "error" and row["error"] == "RuntimeError: kernel exploded" and row["ms"] is None
