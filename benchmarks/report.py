@@ -9,7 +9,9 @@ qlora_triton is than bitsandbytes and than dense bf16 (above 1: qlora_triton win
 
 from __future__ import annotations
 
+import math
 import pathlib
+import statistics
 from typing import Any
 
 from .providers import PROVIDERS
@@ -65,6 +67,43 @@ def _table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
     return header, rows, notes
 
 
+def _geomean(xs: list[float]) -> float | None:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per op (and optimizer variant): how many cases qlora_triton ran, the
+    geometric-mean speedup of qlora_triton over each other provider (over the
+    cases both ran), the median and worst distance from the floor."""
+    others = [p for p in doc["providers"] if p != "qlora_triton"]
+    header = ["op", "cases", "qt ok", *[f"{p}/qt" for p in others], "median qt/floor", "worst qt/floor"]
+    groups: dict[str, list[dict[str, dict]]] = {}
+    for _, cells in _cases(doc):
+        first = next(iter(cells.values()))
+        groups.setdefault(" ".join(x for x in (first["op"], first["variant"]) if x), []).append(cells)
+    rows = []
+    for name, case_cells in groups.items():
+        qts = [c["qlora_triton"] for c in case_cells if c.get("qlora_triton", {}).get("status") == "ok"]
+        line = [name, str(len(case_cells)), str(len(qts))]
+        for p in others:
+            ratios = [c[p]["ms"] / c["qlora_triton"]["ms"] for c in case_cells
+                      if c.get(p, {}).get("status") == "ok" and c.get("qlora_triton", {}).get("status") == "ok"]
+            g = _geomean(ratios)
+            line.append(f"{g:.3g}" if g is not None else "")
+        floors = sorted(q["x_floor"] for q in qts if q["x_floor"] is not None)
+        worst = max(qts, key=lambda q: q["x_floor"] or 0.0) if qts else None
+        line.append(f"{statistics.median(floors):.3g}" if floors else "")
+        line.append(f"{worst['x_floor']:.3g} ({worst['case']})" if worst and worst["x_floor"] else "")
+        rows.append(line)
+    return header, rows
+
+
+def _plain_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
 def console_table(doc: dict[str, Any]) -> str:
     header, rows, notes = _table(doc)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -76,6 +115,8 @@ def console_table(doc: dict[str, Any]) -> str:
              "times in ms (median)", "", fmt(header), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in rows]
     lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    lines += ["", "summary (geometric-mean speedup of qlora_triton over each provider; above 1: qlora_triton wins)"]
+    lines += _plain_table(*summary_rows(doc))
     return "\n".join(lines)
 
 
@@ -94,7 +135,11 @@ def markdown(doc: dict[str, Any], plots: list[pathlib.Path]) -> str:
     md += ["", f"Ceilings measured in this run: device copy {ceil['copy_GBps']:.1f} GB/s "
                f"({ceil['copy_bytes'] / 2**20:.0f} MiB read + written), bf16 matmul "
                f"{ceil['matmul_TFLOPs']:.2f} TFLOP/s ({ceil['matmul_size']}^3, random data).", "",
-           "## Time (ms, median of one call)", "",
+           "## Summary", "",
+           "Per op: cases run by qlora_triton, geometric-mean speedup of qlora_triton over each provider "
+           "(over the cases both ran; above 1: qlora_triton wins), median and worst time over the floor.", ""]
+    md += _md_table(*summary_rows(doc))
+    md += ["", "## Time (ms, median of one call)", "",
            "`floor`: max(fewest bytes / copy bandwidth, flops / matmul rate); `qt/floor`: qlora_triton's time "
            "over it; `bnb/qt`, `bf16/qt`: speedup of qlora_triton over bitsandbytes and dense bf16.", ""]
     md += _md_table(header, rows)

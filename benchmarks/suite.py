@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -58,7 +59,8 @@ def gpu_slug(name: str) -> str:
     return slug or "gpu"
 
 
-def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]) -> dict[str, Any]:
+def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str],
+                git_commit: str | None = None) -> dict[str, Any]:
     """What a reader needs to trust or reproduce the numbers."""
     import triton
 
@@ -67,8 +69,9 @@ def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]
     cuda = device.type == "cuda"
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     driver = _capture(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
-    status = _capture(["git", "status", "--porcelain", "--untracked-files=no"])
-    commit = _capture(["git", "rev-parse", "HEAD"])
+    # A copy of the tree without .git (the GPU machine's) gets the commit from --git-commit.
+    commit = git_commit or _capture(["git", "rev-parse", "HEAD"])
+    status = None if git_commit else _capture(["git", "status", "--porcelain", "--untracked-files=no"])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
@@ -83,7 +86,7 @@ def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]
         "torchao": _version("torchao"),
         "qlora_triton": qlora_triton.__version__,
         "git_commit": commit,
-        "git_dirty": (status is not None) if commit else None,
+        "git_dirty": None if git_commit or not commit else status is not None,
         "smoke": smoke,
         "timer": timer.name,
         "command": " ".join(["python -m benchmarks", *argv]),
@@ -137,7 +140,8 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
 
 
 def run_suite(smoke: bool = False, ops: tuple[str, ...] = OPS, providers: tuple[str, ...] = PROVIDERS,
-              timer: Timer | None = None, progress: bool = True, argv: list[str] | None = None) -> dict[str, Any]:
+              timer: Timer | None = None, progress: bool = True, argv: list[str] | None = None,
+              git_commit: str | None = None) -> dict[str, Any]:
     """Run the cases and return the results document (see schema.py)."""
     device = torch.device("cpu" if smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -149,35 +153,13 @@ def run_suite(smoke: bool = False, ops: tuple[str, ...] = OPS, providers: tuple[
     # last case's device memory) cost microseconds, not half a second each.
     gc.freeze()
     try:
-        return _run(smoke, ops, providers, timer, progress, argv or [], statuses)
+        ceilings = measure_ceilings(timer, smoke)
+        rows = _run_cases(all_cases(smoke, ops), providers, statuses, timer, ceilings, progress)
     finally:
         gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
-
-
-def _run(smoke: bool, ops: tuple[str, ...], providers: tuple[str, ...], timer: Timer, progress: bool,
-         argv: list[str], statuses: dict[str, str | None]) -> dict[str, Any]:
-    device = timer.device
-    ceilings = measure_ceilings(timer, smoke)
-    cases = all_cases(smoke, ops)
-    cache, cache_key = WeightCache(), None
-    rows = []
-    from tqdm import tqdm
-
-    bar = tqdm(cases, desc="benchmarks", unit="case", disable=not progress, file=sys.stderr)
-    for case in bar:
-        bar.set_postfix_str(case.id)
-        key = (case.op, case.shape)
-        if key != cache_key:  # a new shape: its weights replace the last shape's
-            cache.clear()
-            free_device_memory(device)
-            cache_key = key
-        torch.manual_seed(0)
-        for provider in providers:
-            rows.append(run_case(case, provider, statuses[provider], timer, ceilings, cache))
-    cache.clear()
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "meta": environment(device, smoke, timer, argv),
+        "meta": environment(device, smoke, timer, argv or [], git_commit),
         "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
                      "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
         "providers": {p: statuses[p] or "ok" for p in providers},
@@ -189,13 +171,34 @@ def _run(smoke: bool, ops: tuple[str, ...], providers: tuple[str, ...], timer: T
     return doc
 
 
-def output_dir(doc: dict[str, Any], out: str | None) -> pathlib.Path:
-    """--out if given; a temp folder for --smoke; else results/<gpu>-<date>/."""
+def _run_cases(cases: list[Case], providers: tuple[str, ...], statuses: dict[str, str | None], timer: Timer,
+               ceilings: Ceilings, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    cache, cache_key, rows = WeightCache(), None, []
+    bar = tqdm(cases, desc="benchmarks", unit="case", disable=not progress, file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.id)
+        key = (case.op, case.shape)
+        if key != cache_key:  # a new shape: its weights replace the last shape's
+            cache.clear()
+            free_device_memory(timer.device)
+            cache_key = key
+        torch.manual_seed(0)
+        for provider in providers:
+            rows.append(run_case(case, provider, statuses[provider], timer, ceilings, cache))
+    cache.clear()
+    return rows
+
+
+def output_dir(doc: dict[str, Any], out: str | None, results_root: str | None = None) -> pathlib.Path:
+    """--out if given; a temp folder for --smoke; else <results root>/<gpu>-<date>/."""
     if out:
         return pathlib.Path(out)
-    if doc["meta"]["smoke"]:
+    if doc["meta"]["smoke"] and not results_root:
         return pathlib.Path(tempfile.mkdtemp(prefix="qlora-bench-smoke-"))
-    return RESULTS / f"{doc['meta']['gpu_slug']}-{doc['meta']['date'][:10]}"
+    root = pathlib.Path(results_root) if results_root else RESULTS
+    return root / f"{doc['meta']['gpu_slug']}-{doc['meta']['date'][:10]}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -204,6 +207,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="every case and provider once at tiny size on the CPU (CI); writes to a temp folder")
     parser.add_argument("--out", help="folder for results.json, results.md and the plots "
                                       "(default: benchmarks/results/<gpu>-<date>/, or a temp folder with --smoke)")
+    parser.add_argument("--results-root", help="write to RESULTS_ROOT/<gpu>-<date>/ instead of benchmarks/results/")
+    parser.add_argument("--git-commit", help="the commit to record, for a copy of the tree without .git")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
@@ -223,16 +228,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    start = time.perf_counter()
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
-        doc = run_suite(args.smoke, args.ops, args.providers, timer, not args.no_progress, argv)
-    out = output_dir(doc, args.out)
+        doc = run_suite(args.smoke, args.ops, args.providers, timer, not args.no_progress, argv, args.git_commit)
+    out = output_dir(doc, args.out, args.results_root)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     plots = [] if args.no_plots else report.write_plots(doc, out)
     (out / "results.md").write_text(report.markdown(doc, plots))
     print(report.console_table(doc))
-    print(f"\nresults: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
+    print(f"\n{len(doc['results'])} rows in {time.perf_counter() - start:.0f} s")
+    print(f"results: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
     return 0
