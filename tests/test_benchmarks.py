@@ -22,9 +22,15 @@ from benchmarks.providers import PROVIDERS  # noqa: E402
 from benchmarks.schema import validate  # noqa: E402
 from benchmarks.suite import gpu_slug  # noqa: E402
 
-# Ops that exist on the branch under test and so must run on qlora_triton;
-# the LoRA layer and the optimizers come from their own branches.
-CORE_OPS = ("quantize", "dequantize", "matmul_fwd", "matmul_grad_input")
+import qlora_triton as qt  # noqa: E402
+
+# Every op whose qlora_triton API exists in this tree must run on qlora_triton
+# (the LoRA layer and the optimizers arrive from their own branches).
+QT_OPS = {"quantize", "dequantize", "matmul_fwd", "matmul_grad_input"}
+if hasattr(qt, "LoRALinear4bit"):
+    QT_OPS.add("lora_fwd_bwd")
+if hasattr(qt, "PagedAdamW") and hasattr(qt, "PagedAdamW8bit"):
+    QT_OPS.add("optimizer_step")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def test_smoke_covers_every_case_and_provider(smoke):
     assert {r["op"] for r in doc["results"]} == set(OPS)
     for (case, provider), row in rows.items():
         installed = doc["providers"][provider] == "ok"
-        if provider == "qlora_triton" and row["op"] in CORE_OPS:
+        if provider == "qlora_triton" and row["op"] in QT_OPS:
             assert row["status"] == "ok", (case, row["error"])
         if provider in ("bitsandbytes", "torchao", "bf16") and installed:
             # every provider that installs on the CPU runs every op it has
