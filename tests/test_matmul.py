@@ -43,28 +43,30 @@ def _case_id(case):
     return f"M{M}-{str(dtype)[6:]}-{N}x{K}-bs{bs}-{'dq' if dq else 'fp32absmax'}-{'bias' if bias else 'nobias'}-{layout}"
 
 
-def _make_input(rows: int, features: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+def _make_input(rows: int, features: int, dtype: torch.dtype, layout: str,
+                device: torch.device) -> torch.Tensor:
     """A fresh random input of ``rows`` rows (``batched``: [2, rows, features])
     in ``layout``."""
     if layout == "2d":
-        return torch.randn(rows, features).to(dtype)
+        return torch.randn(rows, features).to(dtype).to(device)
     if layout == "batched":
-        return torch.randn(2, rows, features).to(dtype)
+        return torch.randn(2, rows, features).to(dtype).to(device)
     if layout == "strided":  # stride 2 along the feature dim
-        return torch.randn(rows, 2 * features).to(dtype)[:, ::2]
+        return torch.randn(rows, 2 * features).to(dtype).to(device)[:, ::2]
     if layout == "transposed":  # column-major
-        return torch.randn(features, rows).to(dtype).t()
+        return torch.randn(features, rows).to(dtype).to(device).t()
     raise AssertionError(layout)
 
 
-def _weight(N: int, K: int, blocksize: int, double_quant: bool) -> qt.NF4Weight:
+def _weight(N: int, K: int, blocksize: int, double_quant: bool, device="cpu") -> qt.NF4Weight:
     # Rows of very different scale, so a wrong scale index shows up.
     w = torch.randn(N, K) * torch.rand(N, 1).pow(3).add(0.05)
-    return qt.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    return qt.quantize_nf4(w.to(device), blocksize=blocksize, double_quant=double_quant)
 
 
 def _dense(qw: qt.NF4Weight) -> torch.Tensor:
-    return reference.nf4_dequantize(qw, torch.float32).double()
+    """The reference weight: dequantized in fp32, as float64 on the CPU."""
+    return reference.nf4_dequantize(qw, torch.float32).double().cpu()
 
 
 def _poison_allocator() -> None:
@@ -74,6 +76,7 @@ def _poison_allocator() -> None:
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out = out.cpu()
     assert out.dtype == dtype and out.shape == ref.shape
     assert not out.isnan().any(), "NaN in the output"
     if ref.numel() == 0:
@@ -83,14 +86,14 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> N
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_forward_matches_reference(backend, case):
+def test_forward_matches_reference(backend, device, case):
     M, dtype, (N, K, bs), dq, has_bias, layout = case
-    qw = _weight(N, K, bs, dq)
-    x = _make_input(M, K, dtype, layout)
-    bias = torch.randn(N).to(dtype) if has_bias else None
-    ref = x.double() @ _dense(qw).t()
+    qw = _weight(N, K, bs, dq, device)
+    x = _make_input(M, K, dtype, layout, device)
+    bias = torch.randn(N).to(dtype).to(device) if has_bias else None
+    ref = x.cpu().double() @ _dense(qw).t()
     if has_bias:
-        ref = ref + bias.double()
+        ref = ref + bias.cpu().double()
     _poison_allocator()
     y = qt.nf4_matmul(x, qw, bias)
     assert y.shape == (*x.shape[:-1], N)
@@ -98,11 +101,11 @@ def test_forward_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_grad_input_matches_reference(backend, case):
+def test_grad_input_matches_reference(backend, device, case):
     M, dtype, (N, K, bs), dq, _, layout = case
-    qw = _weight(N, K, bs, dq)
-    grad_y = _make_input(M, N, dtype, layout)
-    ref = grad_y.double() @ _dense(qw)
+    qw = _weight(N, K, bs, dq, device)
+    grad_y = _make_input(M, N, dtype, layout, device)
+    ref = grad_y.cpu().double() @ _dense(qw)
     _poison_allocator()
     gx = qt.nf4_matmul_grad_input(grad_y, qw)
     assert gx.shape == (*grad_y.shape[:-1], K)
@@ -111,9 +114,9 @@ def test_grad_input_matches_reference(backend, case):
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
 @pytest.mark.parametrize("M", [3, 40])
-def test_non_contiguous_equals_contiguous_copy(backend, M, layout):
-    qw = _weight(70, 200, 64, True)
-    x = _make_input(M, 200, torch.float16, layout)
+def test_non_contiguous_equals_contiguous_copy(backend, device, M, layout):
+    qw = _weight(70, 200, 64, True, device)
+    x = _make_input(M, 200, torch.float16, layout, device)
     assert not x.is_contiguous()
     y, y_contig = qt.nf4_matmul(x, qw), qt.nf4_matmul(x.contiguous(), qw)
     torch.testing.assert_close(y, y_contig, rtol=1e-3, atol=1e-4)
@@ -123,31 +126,31 @@ def test_non_contiguous_equals_contiguous_copy(backend, M, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [0, 3, 130])
-def test_autograd_matches_reference(backend, M, dtype):
+def test_autograd_matches_reference(backend, device, M, dtype):
     N, K = 90, 200
-    qw = _weight(N, K, 64, True)
-    x = torch.randn(2, M, K).to(dtype).requires_grad_()
-    bias = torch.randn(N).to(dtype).requires_grad_()
+    qw = _weight(N, K, 64, True, device)
+    x = torch.randn(2, M, K).to(dtype).to(device).requires_grad_()
+    bias = torch.randn(N).to(dtype).to(device).requires_grad_()
     probe = torch.randn(2, M, N, dtype=torch.float64)  # a dense, random grad_y
 
     y = qt.nf4_matmul(x, qw, bias)
-    (y.double() * probe).sum().backward()
+    (y.double() * probe.to(device)).sum().backward()
 
-    x_ref = x.detach().double().requires_grad_()
-    b_ref = bias.detach().double().requires_grad_()
+    x_ref = x.detach().cpu().double().requires_grad_()
+    b_ref = bias.detach().cpu().double().requires_grad_()
     ((x_ref @ _dense(qw).t() + b_ref) * probe).sum().backward()
     assert x.grad.dtype == dtype and bias.grad.dtype == dtype
     _assert_close(x.grad, x_ref.grad, dtype)
     if M == 0:
-        assert torch.equal(bias.grad, torch.zeros_like(bias))
+        assert torch.equal(bias.grad.cpu(), torch.zeros(N, dtype=dtype))
     else:
         _assert_close(bias.grad, b_ref.grad, dtype)
 
 
-def test_backward_of_sum_with_expanded_grad(backend):
+def test_backward_of_sum_with_expanded_grad(backend, device):
     # y.sum() hands backward an expanded (stride 0) grad_y.
-    qw = _weight(70, 131, 32, False)
-    x = torch.randn(20, 131, requires_grad=True)
+    qw = _weight(70, 131, 32, False, device)
+    x = torch.randn(20, 131, device=device, requires_grad=True)
     qt.nf4_matmul(x, qw).sum().backward()
     _assert_close(x.grad, torch.ones(20, 70, dtype=torch.float64) @ _dense(qw), torch.float32)
 
@@ -169,7 +172,7 @@ def test_select_kernel_by_rows():
 def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
     if not (device.type == "cuda" or _backend.INTERPRET):
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    qw = _weight(40, 96, 32, True).to(device)
+    qw = _weight(40, 96, 32, True, device)
     x = torch.randn(rows, 96, device=device, requires_grad=True)
     with qt.force_backend("triton"):
         before = ops_matmul.launches.copy()
@@ -180,36 +183,37 @@ def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
 
 # -- torch.library ----------------------------------------------------------------
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_opcheck(backend, double_quant):
-    qw = _weight(50, 131, 32, double_quant)
-    for rows in (3, 20):
-        x = torch.randn(2, rows, 131)
+def test_opcheck(backend, device, double_quant):
+    qw = _weight(50, 131, 32, double_quant, device)
+    for rows in (3, 20):  # GEMV and GEMM
+        x = torch.randn(2, rows, 131, device=device)
         torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul.default,
-                              (x, *weight_args(qw)[:6], torch.randn(50), *weight_args(qw)[6:]))
+                              (x, *weight_args(qw)[:6], torch.randn(50, device=device), *weight_args(qw)[6:]))
         torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul.default,
                               (x.half(), *weight_args(qw)[:6], None, *weight_args(qw)[6:]))
         torch.library.opcheck(torch.ops.qlora_triton.nf4_matmul_grad_input.default,
-                              (torch.randn(rows, 50).bfloat16(), *weight_args(qw)))
+                              (torch.randn(rows, 50, device=device).bfloat16(), *weight_args(qw)))
 
 
-def test_torch_compile_fullgraph_forward_and_backward(backend):
-    qw = _weight(60, 200, 64, True)
-
+def test_torch_compile_fullgraph_forward_and_backward(backend, device):
     def layer(x, qw, bias):  # NF4Weight (a dataclass) as an argument
         return torch.nn.functional.gelu(qt.nf4_matmul(x, qw, bias))
 
+    # fullgraph=True: any graph break (e.g. dynamo stepping into the launcher) fails.
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(2, 9, 200)
-    bias = torch.randn(60)
-    probe = torch.randn(2, 9, 60)
-    grads = []
-    for fn in (layer, compiled):
-        xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
-        y = fn(xi, qw, bi)
-        (y * probe).sum().backward()
-        grads.append((y.detach(), xi.grad, bi.grad))
-    for eager, comp in zip(*grads):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    # A second weight of the same shape must be read, not baked in from the first.
+    for qw in (_weight(60, 200, 64, True, device), _weight(60, 200, 64, True, device)):
+        x = torch.randn(2, 9, 200, device=device)
+        bias = torch.randn(60, device=device)
+        probe = torch.randn(2, 9, 60, device=device)
+        results = []
+        for fn in (layer, compiled):
+            xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+            y = fn(xi, qw, bi)
+            (y * probe).sum().backward()
+            results.append((y.detach(), xi.grad, bi.grad))
+        for eager, comp in zip(*results):
+            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
 
 
 # -- bad input --------------------------------------------------------------------
