@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .linear import LoRALinear4bit
+from .linear import Linear4bit, LoRALinear4bit
 
 logger = logging.getLogger("qlora_triton")
 
@@ -40,7 +40,6 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Short suffixes (``["q_proj", "v_proj"]``) when they pick exactly our
     layers among the model's linear layers, else the full module paths."""
     suffixes = sorted({n.rpartition(".")[2] for n in names})
-    from .linear import Linear4bit
     candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))]
     picked = {n for n in candidates if any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if picked == set(names) else sorted(names)

@@ -282,3 +282,18 @@ def test_bad_input_is_named():
         layer(torch.randn(3, 15))
     with pytest.raises(TypeError, match="x must be"):
         layer(torch.ones(3, 16, dtype=torch.int64))
+
+
+def test_torch_compile_with_dropout_and_autocast():
+    # aot_eager: Dynamo + AOTAutograd trace forward and backward (where graph
+    # breaks would show) without paying for Inductor's codegen twice.
+    torch._dynamo.reset()
+    layer = make_layer(48, 64, r=4, dropout=0.2)
+    x = torch.randn(3, 48, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and bool(layer.lora_A.weight.grad.abs().sum() > 0)
