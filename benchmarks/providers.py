@@ -157,63 +157,77 @@ def _dequantize(provider: str, case: Case, device: torch.device, copies: int, ca
 
 
 # -- the matmuls --------------------------------------------------------------------------
-def _matmul_fwd(provider: str, case: Case, device: torch.device, copies: int, cache: WeightCache | None) -> Fn:
-    n, k = case.shape
-    pairs = _cycle(list(zip(_weights(provider, case.shape, device, copies, cache),
-                            [_randn(case.m, k, device=device) for _ in range(copies)])))
+MAX_REL_ERR = 2e-2  # bf16 output against fp32 with the provider's own dequantized weight
+
+
+class Checked:
+    """A case's callable plus ``check()``: the relative error of its output
+    against fp32 arithmetic on the same (dequantized) weight, so that a
+    miscompiled kernel cannot look fast."""
+
+    def __init__(self, run: Fn, check: Callable[[], float]):
+        self.run, self.check = run, check
+
+    def __call__(self) -> object:
+        return self.run()
+
+
+def _dense_fp32(provider: str, w: Any) -> torch.Tensor:
+    """The weight a provider actually multiplies by, in fp32."""
     if provider == "qlora_triton":
         import qlora_triton as qt
 
-        def run():
-            w, x = pairs()
-            return qt.nf4_matmul(x, w)
-    elif provider == "bitsandbytes":
-        import bitsandbytes as bnb
-
-        def run():
-            (packed, state), x = pairs()
-            return bnb.matmul_4bit(x, packed.t(), quant_state=state)
-    elif provider == "torchao":
-        _, linear_nf4 = _torchao_nf4()
-
-        def run():
-            w, x = pairs()
-            return linear_nf4(x, w)
-    else:
-        def run():
-            w, x = pairs()
-            return F.linear(x, w)
-    return run
-
-
-def _matmul_grad_input(provider: str, case: Case, device: torch.device, copies: int, cache: WeightCache | None) -> Fn:
-    """``grad_x = grad_y @ W``. bitsandbytes and torchao have no op of their
-    own for it: their autograd backward dequantizes W to bf16 and multiplies,
-    and that is what is timed for them."""
-    n, k = case.shape
-    pairs = _cycle(list(zip(_weights(provider, case.shape, device, copies, cache),
-                            [_randn(case.m, n, device=device) for _ in range(copies)])))
-    if provider == "qlora_triton":
-        import qlora_triton as qt
-
-        def run():
-            w, gy = pairs()
-            return qt.nf4_matmul_grad_input(gy, w)
-    elif provider == "bitsandbytes":
+        return qt.dequantize_nf4(w, torch.float32)
+    if provider == "bitsandbytes":
         import bitsandbytes.functional as bnbf
 
-        def run():
-            (packed, state), gy = pairs()
-            return gy @ bnbf.dequantize_4bit(packed, state).to(gy.dtype)
-    elif provider == "torchao":
-        def run():
-            w, gy = pairs()
-            return gy @ w.get_original_weight()
-    else:
-        def run():
-            w, gy = pairs()
-            return gy @ w
-    return run
+        return bnbf.dequantize_4bit(*w).float()
+    if provider == "torchao":
+        return w.get_original_weight().float()
+    return w.float()
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _matmul_op(provider: str, grad_input: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """``op(w, a)``: ``a @ W.T`` (forward) or ``a @ W`` (input gradient) on the
+    provider's weight ``w``. bitsandbytes and torchao have no input-gradient op
+    of their own: their autograd backward dequantizes W to bf16 and multiplies,
+    and that is what is timed for them."""
+    if provider == "qlora_triton":
+        import qlora_triton as qt
+
+        return (lambda w, a: qt.nf4_matmul_grad_input(a, w)) if grad_input else (lambda w, a: qt.nf4_matmul(a, w))
+    if provider == "bitsandbytes":
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        if grad_input:
+            return lambda w, a: a @ bnbf.dequantize_4bit(*w).to(a.dtype)
+        return lambda w, a: bnb.matmul_4bit(a, w[0].t(), quant_state=w[1])
+    if provider == "torchao":
+        _, linear_nf4 = _torchao_nf4()
+        return (lambda w, a: a @ w.get_original_weight()) if grad_input else (lambda w, a: linear_nf4(a, w))
+    return (lambda w, a: a @ w) if grad_input else (lambda w, a: F.linear(a, w))
+
+
+def _matmul(provider: str, case: Case, device: torch.device, copies: int, cache: WeightCache | None) -> Fn:
+    """``matmul_fwd``: y = x @ W.T, x [M, K]; ``matmul_grad_input``: grad_x =
+    grad_y @ W, grad_y [M, N]."""
+    n, k = case.shape
+    grad_input = case.op == "matmul_grad_input"
+    weights = _weights(provider, case.shape, device, copies, cache)
+    acts = [_randn(case.m, n if grad_input else k, device=device) for _ in range(copies)]
+    op, pairs = _matmul_op(provider, grad_input), _cycle(list(zip(weights, acts)))
+
+    def check() -> float:
+        w, a = weights[0], acts[0]
+        dense = _dense_fp32(provider, w)
+        return _rel_err(op(w, a), a.float() @ (dense if grad_input else dense.t()))
+
+    return Checked(lambda: op(*pairs()), check)
 
 
 # -- the LoRA layer -----------------------------------------------------------------------
@@ -320,8 +334,8 @@ def _optimizer_step(provider: str, case: Case, device: torch.device, copies: int
 _BUILDERS = {
     "quantize": _quantize,
     "dequantize": _dequantize,
-    "matmul_fwd": _matmul_fwd,
-    "matmul_grad_input": _matmul_grad_input,
+    "matmul_fwd": _matmul,
+    "matmul_grad_input": _matmul,
     "lora_fwd_bwd": _lora_fwd_bwd,
     "optimizer_step": _optimizer_step,
 }

@@ -64,7 +64,7 @@ RESULT = {
     "type": "object",
     "required": ["case", "op", "shape", "n", "k", "m", "params", "variant", "provider", "status", "error",
                  "ms", "peak_mem_MB", "resident_mem_MB", "bytes", "flops", "floor_ms", "bound", "x_floor",
-                 "copies"],
+                 "copies", "rel_err"],
     "additionalProperties": False,
     "properties": {
         "case": _STR,                       # unique per case, e.g. "matmul_fwd-4096x4096-M16"
@@ -87,6 +87,7 @@ RESULT = {
         "bound": {"enum": ["memory", "compute"]},
         "x_floor": _NUM_OR_NULL,            # ms / floor_ms
         "copies": _INT_OR_NULL,             # input sets rotated through to defeat L2
+        "rel_err": _NUM_OR_NULL,            # matmuls: ||out - ref|| / ||ref||, ref in fp32 on the same weight
     },
 }
 

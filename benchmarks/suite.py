@@ -29,7 +29,8 @@ import torch
 
 from . import report
 from .cases import OPS, Case, all_cases
-from .providers import PROVIDERS, NotApplicable, WeightCache, build, provider_status, rotation_bytes
+from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
+                        rotation_bytes)
 from .schema import SCHEMA_VERSION, validate
 from .timing import Ceilings, Timer, free_device_memory, measure_ceilings, measure_memory, rotation_copies
 
@@ -93,6 +94,10 @@ def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]
     }
 
 
+class WrongResult(Exception):
+    """A provider's output disagrees with fp32 arithmetic on its own weight."""
+
+
 def _error_text(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:300]
@@ -109,7 +114,7 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         "m": case.m, "params": case.params, "variant": case.variant, "provider": provider,
         "status": "ok", "error": None, "ms": None, "peak_mem_MB": None, "resident_mem_MB": None,
         "bytes": case.bytes_moved(), "flops": case.flops(), "floor_ms": floor, "bound": bound,
-        "x_floor": None, "copies": None,
+        "x_floor": None, "copies": None, "rel_err": None,
     }
     if status is not None:  # the provider did not import
         row["status"] = "not installed" if status == "not installed" else "error"
@@ -121,6 +126,10 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         # which is also what is timed when the working set already beats L2.
         fn, row["peak_mem_MB"], row["resident_mem_MB"] = measure_memory(lambda: build(provider, case, device),
                                                                          device)
+        if isinstance(fn, Checked):
+            row["rel_err"] = err = fn.check()
+            if not err <= MAX_REL_ERR:  # NaN fails too
+                raise WrongResult(f"rel_err {err:.3g} against fp32 on the same weight (> {MAX_REL_ERR})")
         copies = rotation_copies(rotation_bytes(provider, case), device)
         if copies > 1:
             fn = None

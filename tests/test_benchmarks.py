@@ -173,3 +173,16 @@ def test_missing_or_failing_provider_is_a_row_not_a_crash(monkeypatch):
     monkeypatch.setattr(suite, "build", broken)
     row = suite.run_case(case, "qlora_triton", None, timer, ceilings, None)
     assert row["status"] == "error" and row["error"] == "RuntimeError: kernel exploded" and row["ms"] is None
+
+    # a fast but wrong kernel is an error, not a time
+    for err in (0.5, float("nan")):
+        monkeypatch.setattr(suite, "build", lambda *a, err=err, **k: suite.Checked(lambda: None, lambda: err))
+        row = suite.run_case(case, "qlora_triton", None, timer, ceilings, None)
+        assert row["status"] == "error" and "rel_err" in row["error"] and row["ms"] is None
+
+
+def test_smoke_checks_matmul_results(smoke):
+    doc = smoke[0]
+    for row in doc["results"]:
+        if row["op"].startswith("matmul") and row["status"] == "ok":
+            assert 0 < row["rel_err"] <= 2e-2, row
