@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from benchmarks.cases import all_cases
-from benchmarks.providers import PROVIDERS, NotApplicable, build, provider_status, rotation_bytes
+from benchmarks.providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, build, provider_status,
+                                  rotation_bytes)
 from benchmarks.timing import rotation_copies
 
 pytest.importorskip("pytest_benchmark")
@@ -46,5 +47,8 @@ def test_bench(benchmark, case, provider):
         torch.cuda.synchronize()
 
     call()  # warm-up: compilation and autotuning stay out of the numbers
+    if isinstance(fn, Checked):  # a wrong kernel must not post a time
+        err = fn.check()
+        assert err <= MAX_REL_ERR, f"rel_err {err:.3g} against fp32 on the same weight"
     benchmark.extra_info.update(case=case.id, provider=provider, bytes=case.bytes_moved(), flops=case.flops())
     benchmark.pedantic(call, rounds=20, warmup_rounds=3, iterations=1)
