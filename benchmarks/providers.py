@@ -20,6 +20,7 @@ quantize; torch has no 8-bit AdamW); the suite shows that as "n/a".
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import math
 from typing import Any, Callable
@@ -354,7 +355,7 @@ def rotation_bytes(provider: str, case: Case) -> int:
     """Bytes of the weight (or optimizer state) one call reads, for deciding how
     many copies to rotate. Independent of M, so that one set of weights serves
     the whole M sweep of a shape."""
-    if case.shape is None:
-        return case.bytes_moved()
+    if case.shape is None or case.op in ("quantize", "dequantize"):
+        return case.bytes_moved()  # optimizer state; dense + packed weight
     n, k = case.shape
     return 2 * n * k if provider == "bf16" else nf4_bytes(n, k)

@@ -11,6 +11,7 @@ A provider that is missing or fails shows in its column as "not installed" or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -148,30 +149,42 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
     return row
 
 
-def run_suite(smoke: bool = False, ops: tuple[str, ...] = OPS, providers: tuple[str, ...] = PROVIDERS,
-              timer: Timer | None = None, progress: bool = True, argv: list[str] | None = None,
-              git_commit: str | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class RunOptions:
+    """What to run and how; the command line fills it."""
+
+    smoke: bool = False
+    ops: tuple[str, ...] = OPS
+    providers: tuple[str, ...] = PROVIDERS
+    progress: bool = True
+    argv: list[str] = dataclasses.field(default_factory=list)  # recorded in meta.command
+    git_commit: str | None = None  # for a tree without .git
+    done: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rows kept from an earlier run
+    on_row: Callable[[dict[str, Any]], None] | None = None  # called with each new row as it completes
+
+
+def run_suite(opts: RunOptions, timer: Timer | None = None) -> dict[str, Any]:
     """Run the cases and return the results document (see schema.py)."""
-    device = torch.device("cpu" if smoke else "cuda")
+    device = torch.device("cpu" if opts.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
-    timer = timer or Timer(device, cpu_reps=1 if smoke else 3)
-    statuses = {p: provider_status(p) for p in providers}
+    timer = timer or Timer(device, cpu_reps=1 if opts.smoke else 3)
+    statuses = {p: provider_status(p) for p in opts.providers}
     # Everything imported so far lives for the whole run: take it out of the
     # collector's view, so that the collections between cases (which free the
     # last case's device memory) cost microseconds, not half a second each.
     gc.freeze()
     try:
-        ceilings = measure_ceilings(timer, smoke)
-        rows = _run_cases(all_cases(smoke, ops), providers, statuses, timer, ceilings, progress)
+        ceilings = measure_ceilings(timer, opts.smoke)
+        rows = _run_cases(all_cases(opts.smoke, opts.ops), opts, statuses, timer, ceilings)
     finally:
         gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "meta": environment(device, smoke, timer, argv or [], git_commit),
+        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit),
         "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
                      "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
-        "providers": {p: statuses[p] or "ok" for p in providers},
+        "providers": {p: statuses[p] or "ok" for p in opts.providers},
         "results": rows,
     }
     errors = validate(doc)
@@ -180,34 +193,46 @@ def run_suite(smoke: bool = False, ops: tuple[str, ...] = OPS, providers: tuple[
     return doc
 
 
-def _run_cases(cases: list[Case], providers: tuple[str, ...], statuses: dict[str, str | None], timer: Timer,
-               ceilings: Ceilings, progress: bool) -> list[dict[str, Any]]:
+def _run_cases(cases: list[Case], opts: RunOptions, statuses: dict[str, str | None], timer: Timer,
+               ceilings: Ceilings) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
+    done = {(r["case"], r["provider"]): r for r in opts.done}
     cache, cache_key, rows = WeightCache(), None, []
-    bar = tqdm(cases, desc="benchmarks", unit="case", disable=not progress, file=sys.stderr)
-    for case in bar:
-        bar.set_postfix_str(case.id)
+    todo = [c for c in cases if any((c.id, p) not in done for p in opts.providers)]
+    bar = tqdm(total=len(todo), desc="benchmarks", unit="case", disable=not opts.progress, file=sys.stderr)
+    for case in cases:
+        if case in todo:
+            bar.set_postfix_str(case.id)
         key = (case.op, case.shape)
         if key != cache_key:  # a new shape: its weights replace the last shape's
             cache.clear()
             free_device_memory(timer.device)
             cache_key = key
         torch.manual_seed(0)
-        for provider in providers:
-            rows.append(run_case(case, provider, statuses[provider], timer, ceilings, cache))
+        for provider in opts.providers:
+            row = done.get((case.id, provider))
+            if row is None:
+                row = run_case(case, provider, statuses[provider], timer, ceilings, cache)
+                if opts.on_row:
+                    opts.on_row(row)
+            rows.append(row)
+        if case in todo:
+            bar.update()
+    bar.close()
     cache.clear()
     return rows
 
 
-def output_dir(doc: dict[str, Any], out: str | None, results_root: str | None = None) -> pathlib.Path:
+def output_dir(smoke: bool, out: str | None, results_root: str | None = None) -> pathlib.Path:
     """--out if given; a temp folder for --smoke; else <results root>/<gpu>-<date>/."""
     if out:
         return pathlib.Path(out)
-    if doc["meta"]["smoke"] and not results_root:
+    if smoke and not results_root:
         return pathlib.Path(tempfile.mkdtemp(prefix="qlora-bench-smoke-"))
     root = pathlib.Path(results_root) if results_root else RESULTS
-    return root / f"{doc['meta']['gpu_slug']}-{doc['meta']['date'][:10]}"
+    slug = "cpu" if smoke else gpu_slug(torch.cuda.get_device_name())
+    return root / f"{slug}-{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -223,6 +248,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
+    parser.add_argument("--resume", metavar="ROWS_JSONL",
+                        help="keep the rows of an earlier, cut-short run (its rows.jsonl) and run only the rest")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = parser.parse_args(argv)
@@ -238,17 +265,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.perf_counter()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
+    out = output_dir(args.smoke, args.out, args.results_root)
+    out.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in pathlib.Path(args.resume).read_text().splitlines() if line.strip()] \
+        if args.resume else []
+    # Each row is appended to rows.jsonl as it completes: a run cut short (a time
+    # limit) leaves its rows behind, and --resume rows.jsonl finishes it.
+    rows_file = (out / "rows.jsonl").open("a" if args.resume and pathlib.Path(args.resume) == out / "rows.jsonl"
+                                          else "w")
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows_file.write(json.dumps(row) + "\n")
+        rows_file.flush()
+
+    if done and rows_file.mode == "w":
+        for row in done:
+            on_row(row)
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
-        doc = run_suite(args.smoke, args.ops, args.providers, timer, not args.no_progress, argv, args.git_commit)
-    out = output_dir(doc, args.out, args.results_root)
-    out.mkdir(parents=True, exist_ok=True)
+    opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, progress=not args.no_progress,
+                      argv=argv, git_commit=args.git_commit, done=done, on_row=on_row)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
+            doc = run_suite(opts, timer)
+    finally:
+        rows_file.close()
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     plots = [] if args.no_plots else report.write_plots(doc, out)
     (out / "results.md").write_text(report.markdown(doc, plots))
     print(report.console_table(doc))
-    print(f"\n{len(doc['results'])} rows in {time.perf_counter() - start:.0f} s")
+    print(f"\n{len(doc['results'])} rows ({len(done)} resumed) in {time.perf_counter() - start:.0f} s")
     print(f"results: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
     return 0

@@ -186,3 +186,19 @@ def test_smoke_checks_matmul_results(smoke):
     for row in doc["results"]:
         if row["op"].startswith("matmul") and row["status"] == "ok":
             assert 0 < row["rel_err"] <= 2e-2, row
+
+
+def test_resume_keeps_earlier_rows(tmp_path):
+    from benchmarks.suite import main
+
+    common = ["--smoke", "--providers", "bf16,bitsandbytes", "--no-plots", "--no-progress"]
+    assert main([*common, "--ops", "quantize", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
+    assert len((tmp_path / "a" / "rows.jsonl").read_text().splitlines()) == len(first) == 2
+    assert main([*common, "--ops", "quantize,dequantize", "--out", str(tmp_path / "b"),
+                 "--resume", str(tmp_path / "a" / "rows.jsonl")]) == 0
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert validate(doc) == []
+    assert doc["results"][:2] == first  # kept, not rerun
+    assert [r["op"] for r in doc["results"]] == ["quantize"] * 2 + ["dequantize"] * 2
+    assert len((tmp_path / "b" / "rows.jsonl").read_text().splitlines()) == 4
