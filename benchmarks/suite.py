@@ -212,7 +212,11 @@ def _run_cases(cases: list[Case], opts: RunOptions, statuses: dict[str, str | No
         torch.manual_seed(0)
         for provider in opts.providers:
             row = done.get((case.id, provider))
-            if row is None:
+            if row is not None:  # kept from an earlier run: its floor from this run's ceilings
+                floor, bound = case.floor_ms(ceilings.copy_gbps, ceilings.matmul_tflops)
+                row = dict(row, floor_ms=floor, bound=bound,
+                           x_floor=row["ms"] / floor if row["ms"] is not None and floor > 0 else None)
+            else:
                 row = run_case(case, provider, statuses[provider], timer, ceilings, cache)
                 if opts.on_row:
                     opts.on_row(row)
