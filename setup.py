@@ -1,6 +1,45 @@
-"""Builds the package; the optional CUDA helper in kernels/ is added by a later
-change and only when asked for (no hardware probing at install time)."""
+"""Builds the package. The optional CUDA helper (kernels/managed_alloc.cu, CUDA
+managed memory for the paged optimizers) is compiled with nvcc only when asked:
+
+    QLORA_TRITON_BUILD_CUDA=1 pip install --no-build-isolation -e .
+
+No hardware probing at install time: without the variable nothing native is
+built and the package is pure Python (paged optimizers then need paged=False
+on CUDA). NVCC overrides the compiler path. The library is written next to the
+Python sources (qlora_triton/_managed_alloc.so) so editable installs find it,
+and shipped as package data in wheels.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-setup()
+ROOT = Path(__file__).resolve().parent
+HELPER_SOURCE = ROOT / "kernels" / "managed_alloc.cu"
+HELPER_LIBRARY = ROOT / "qlora_triton" / "_managed_alloc.so"
+
+
+def build_cuda_helper() -> None:
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("QLORA_TRITON_BUILD_CUDA=1 but nvcc was not found: put it on PATH or set NVCC")
+    cmd = [nvcc, "-O2", "-shared", "-Xcompiler", "-fPIC", "-o", str(HELPER_LIBRARY), str(HELPER_SOURCE)]
+    print("building the CUDA managed-memory helper:", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+class BuildPyWithCudaHelper(build_py):
+    def run(self):
+        if os.environ.get("QLORA_TRITON_BUILD_CUDA", "0") not in ("", "0"):
+            build_cuda_helper()
+        super().run()
+
+
+setup(
+    cmdclass={"build_py": BuildPyWithCudaHelper},
+    package_data={"qlora_triton": ["_managed_alloc.so"]},
+)

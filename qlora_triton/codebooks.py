@@ -39,22 +39,30 @@ def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_cpu() -> torch.Tensor:
-    exponent_bits = 7  # signed map: 1 sign bit + 7 bits of exponent tree
+def _dynamic_cpu(signed: bool = True) -> torch.Tensor:
+    # 7 exponent bits of a decimal tree. Signed: 1 sign bit, 2**i fractions per
+    # exponent i, mirrored. Unsigned (second Adam moment, never negative): the
+    # sign bit becomes one more fraction bit, 2**(i+1) fractions per exponent.
+    exponent_bits = 7
     values: list[float] = []
     for i in range(exponent_bits):
-        edges = torch.linspace(0.1, 1.0, 2**i + 1)  # float32
+        fractions = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, fractions + 1)  # float32
         means = (edges[:-1] + edges[1:]) / 2.0
         scaled = means * (10.0 ** (i - (exponent_bits - 1)))
-        values += scaled.tolist() + (-scaled).tolist()
+        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
-    """The signed 8-bit dynamic quantization map: 256 float32 values, sorted,
-    from -0.99296875 to 1.0."""
-    return _dynamic_cpu().to(device) if device is not None else _dynamic_cpu().clone()
+def dynamic_map(device: torch.device | str | None = None, signed: bool = True) -> torch.Tensor:
+    """The 8-bit dynamic quantization map: 256 float32 values, sorted.
+
+    ``signed=True`` (default): from -0.99296875 to 1.0, for double quantization
+    and Adam's first moment. ``signed=False``: from 0.0 to 1.0, for Adam's
+    second moment (bitsandbytes' ``create_dynamic_map(signed=False)``)."""
+    code = _dynamic_cpu(bool(signed))
+    return code.to(device) if device is not None else code.clone()
 
 
 def midpoints(code: torch.Tensor) -> torch.Tensor:

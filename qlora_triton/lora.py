@@ -1,0 +1,146 @@
+"""The LoRA layer on a frozen NF4 weight as ONE ``torch.autograd.Function``.
+
+Forward, for ``x`` of shape ``[..., K]``, a frozen NF4 weight ``W [N, K]``, an
+optional bias ``b [N]``, ``A [r, K]``, ``B [N, r]`` and scaling ``s``::
+
+    m   = bernoulli(1 - p) / (1 - p)         # dropout mask (1 everywhere when p == 0)
+    x_d = x * m                              # [..., K]
+    h   = s * (x_d @ A.T)                    # [..., r]  tiny: r << K
+    y   = x @ W.T + b + h @ B.T              # [..., N]
+
+Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
+plain matmul; nothing ever forms ``W`` densely or the ``[N, K]`` update ``B @ A``)::
+
+    gB      = s * (g @ B)                    # [M, r], shared by dL/dx and dL/dA
+    dL/dx   = g @ W  +  (gB @ A) * m         # fused NF4 transposed kernel + rank-r path
+    dL/dA   = gB.T @ x_d                     # [r, K]  (= s * (g @ B).T @ x_d)
+    dL/dB   = g.T @ h                        # [N, r]  (= s * g.T @ (x_d @ A.T))
+    dL/db   = g.sum(0)
+
+Derivation: ``y`` is linear in each of ``x``, ``A``, ``B``, ``b``. For
+``y_B = h @ B.T``, ``dL/dB = g.T @ h``. For ``y_A = s * (x_d @ A.T) @ B.T``,
+``dL/d(x_d @ A.T) = s * g @ B = gB`` and so ``dL/dA = gB.T @ x_d`` and
+``dL/dx_d = gB @ A``; ``x_d = x * m`` elementwise gives ``dL/dx = (gB @ A) * m``
+for that path. The base path ``x @ W.T`` gives ``g @ W``. ``W`` is frozen, so
+no weight gradient is ever computed.
+
+What is saved for backward, and why:
+
+* ``x`` (not ``x_d``): only when ``A`` needs a gradient. The q/k/v (or gate/up)
+  projections of a transformer block read the same ``x``; saving it shares one
+  storage between them, where each layer's ``x_d`` would be a fresh copy. With
+  dropout the mask is saved as bool (1 byte per element) and ``x_d`` is
+  recomputed in backward (one elementwise multiply).
+* ``h = s * x_d @ A.T`` ``[..., r]``: only when ``B`` needs a gradient.
+* ``A`` and ``B`` (tiny), and the NF4 weight *by reference* on ``ctx`` (not
+  through ``save_for_backward``, so activation-offloading hooks never copy it).
+
+The mask is drawn inside ``forward`` from torch's generator: a seeded run is
+reproducible, and ``torch.utils.checkpoint`` (which restores the RNG state)
+recomputes the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .matmul import nf4_matmul, nf4_matmul_grad_input
+from .weight import NF4Weight
+
+
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    if p <= 0.0:
+        return None
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    if mask is None:
+        return x
+    return x * mask * (1.0 / (1.0 - p))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a ``[M, last]`` view; in-place updates through it reach ``t``."""
+    return t.view(-1, t.shape[-1])
+
+
+def _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, p):
+    """``(y, h)`` of the module docstring; shared by training and inference."""
+    k = x.shape[-1]
+    h = (_dropped(x, mask, p).reshape(-1, k) @ lora_A.t()).mul_(scaling)  # [M, r]
+    y = nf4_matmul(x, qw, bias).contiguous()  # a no-op for a fresh output
+    # In place on the fresh matmul output: no second [M, N] buffer.
+    _rows(y).addmm_(h, lora_B.t())
+    return y, h
+
+
+class LoRANF4Function(torch.autograd.Function):
+    """``y = x @ W.T + b + s * (dropout(x) @ A.T) @ B.T`` with ``W`` in NF4.
+
+    ``apply(x, lora_A, lora_B, bias, qw, scaling, dropout_p)``: ``x``, ``lora_A``,
+    ``lora_B`` and ``bias`` (or ``None``) must share one float dtype; the
+    output has that dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, qw: NF4Weight, scaling: float, dropout_p: float):
+        mask = _dropout_mask(x, dropout_p)
+        y, h = _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, dropout_p)
+        need_x, need_A, need_B, need_b = ctx.needs_input_grad[:4]
+        ctx.qw, ctx.scaling, ctx.dropout_p = qw, scaling, dropout_p
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(
+            x if need_A else None,
+            mask if (need_A or need_x) else None,
+            h if need_B else None,
+            lora_A if need_x else None,
+            lora_B if (need_x or need_A) else None,
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mask, h, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_A, need_B, need_b = ctx.needs_input_grad[:4]
+        p, s = ctx.dropout_p, ctx.scaling
+        k = ctx.x_shape[-1]
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+        grad_x = grad_A = grad_B = grad_b = None
+
+        gB = (g @ lora_B).mul_(s) if (need_x or need_A) else None  # [M, r]
+        if need_x:
+            lora_path = gB @ lora_A  # [M, K]
+            if mask is not None:
+                lora_path = _dropped(lora_path, mask.reshape(-1, k), p)
+            grad_x = nf4_matmul_grad_input(grad_y, ctx.qw).contiguous()
+            _rows(grad_x).add_(lora_path)
+        if need_A:
+            x_d = _dropped(x, mask, p).reshape(-1, k)
+            grad_A = gB.t() @ x_d
+        if need_B:
+            grad_B = g.t() @ h
+        if ctx.has_bias and need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_A, grad_B, grad_b, None, None, None
+
+
+def lora_nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Functional form of :class:`LoRANF4Function`.
+
+    When no gradient can flow (``torch.no_grad`` or nothing requires grad) it
+    runs the same forward without building an autograd node, so nothing is
+    saved. ``dropout_p`` is applied as given: pass 0 in eval mode.
+    """
+    # Non-contiguous x gives bit-identical results to its contiguous copy (BLAS
+    # may round differently on a strided operand); a no-op for the usual case.
+    x = x.contiguous()
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+    if needs_graph:
+        return LoRANF4Function.apply(x, lora_A, lora_B, bias, qw, scaling, dropout_p)
+    mask = _dropout_mask(x, dropout_p)
+    return _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, dropout_p)[0]

@@ -1,0 +1,177 @@
+"""Linear4bit: forward vs the float64 reference, buffers under .to()/.half(),
+and state dicts in bitsandbytes' keys, both ways with bitsandbytes itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora_triton as qt
+
+TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def rel_err(out, ref):
+    err = float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
+    assert err == err, "NaN in the output"
+    return err
+
+
+def ref_forward(layer, x):
+    w = qt.dequantize_nf4(layer.quant_weight, torch.float32).double()
+    y = x.detach().double() @ w.t()
+    return y if layer.bias is None else y + layer.bias.detach().double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,bias", [((3, 77, 45), True), ((1, 64, 33), False), ((2, 5, 130, 96), True)])
+def test_forward_matches_reference(backend, dtype, shape, bias):
+    *lead, k, n = shape
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=bias))
+    x = torch.randn(*lead, k).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert rel_err(y, ref_forward(layer, x)) <= TOL[dtype]
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = qt.dequantize_nf4(layer.quant_weight, torch.float32).double()
+    assert rel_err(x.grad, g.double() @ w) <= TOL[dtype]
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_trainable_bias_gets_a_grad():
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(20, 12))
+    layer.bias.requires_grad_(True)
+    g = torch.randn(4, 12)
+    layer(torch.randn(4, 20)).backward(g)
+    assert torch.allclose(layer.bias.grad, g.sum(0))
+
+
+def test_half_and_to_keep_the_quant_buffers_exact():
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    layer.half()
+    assert layer.bias.dtype == torch.float16
+    for n, b in layer.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    layer.to(torch.float32).to("cpu")
+    assert {n for n, _ in layer.named_buffers()} == set(before)
+    x = torch.randn(2, 40, dtype=torch.float16)
+    assert layer(x).dtype == torch.float16
+
+
+def test_buffers_are_registered():
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24), double_quant=False)
+    names = {n for n, _ in layer.named_buffers()}
+    assert names == {"weight", "weight_absmax", "weight_code"}
+    layer2 = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
+    assert {n for n, _ in layer2.named_buffers()} == names | {"weight_absmax2", "weight_code2", "weight_offset"}
+    assert layer2.weight.shape == (40 * 24 // 2, 1) and layer2.weight.dtype == torch.uint8
+
+
+def _bnb_layer(k, n, bias=True, sd=None):
+    layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4")
+    if sd is None:
+        return layer.to("cpu")  # bitsandbytes quantizes on the move
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
+    if bias:
+        layer.bias = torch.nn.Parameter(sd["bias"].clone(), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
+def test_bitsandbytes_state_dict_loads_into_ours(k, n):
+    theirs = _bnb_layer(k, n)
+    sd = {key: v.clone() for key, v in theirs.state_dict().items()}  # before bnb's CPU repacking
+    ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n), compute_dtype=torch.bfloat16)
+    assert ours.load_state_dict(sd) is not None
+    for key, v in ours.state_dict().items():
+        assert torch.equal(v.reshape(-1), sd[key].reshape(-1)), key
+    # (bitsandbytes' CPU path repacks the weight in eval mode and then needs
+    # N % 32 == 0; training mode keeps its plain dequantize + matmul.)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = theirs(x)
+        got = ours(x)
+    assert got.dtype == want.dtype
+    assert rel_err(got, want) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
+def test_our_state_dict_loads_into_bitsandbytes(k, n):
+    ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16), compute_dtype=torch.bfloat16)
+    sd = ours.state_dict()
+    assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    theirs = _bnb_layer(k, n, sd=sd)
+    for key, v in theirs.state_dict().items():
+        assert torch.equal(v.reshape(-1), sd[key].reshape(-1)), key
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x)) <= TOL[torch.bfloat16]
+
+
+def test_state_dict_round_trip_and_format_change():
+    src = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30), blocksize=128, double_quant=False)
+    dst = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))  # blocksize 64, nested
+    dst.load_state_dict(src.state_dict())
+    assert dst.weight_absmax.dtype == torch.float32 and dst.weight_absmax2 is None
+    assert dst.quant_weight.blocksize == 128
+    x = torch.randn(4, 50)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_dense_state_dict_is_quantized_on_load():
+    linear = torch.nn.Linear(50, 30)
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))
+    layer.load_state_dict(linear.state_dict())
+    x = torch.randn(4, 50)
+    assert torch.equal(layer(x), qt.Linear4bit.from_linear(linear)(x))
+
+
+def test_load_errors_are_clear():
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))
+    other = qt.Linear4bit.from_linear(torch.nn.Linear(50, 31))
+    with pytest.raises(RuntimeError, match="does not match"):
+        layer.load_state_dict(other.state_dict())
+    sd = layer.state_dict()
+    del sd["weight.quant_state.bitsandbytes__nf4"]
+    with pytest.raises(RuntimeError, match="not a bitsandbytes NF4 weight"):
+        layer.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({"bias": torch.zeros(30)})
+    for extra in ("extra", "weight.bogus"):
+        with pytest.raises(RuntimeError, match=f"Unexpected key.*{extra}"):
+            layer.load_state_dict({**layer.state_dict(), extra: torch.zeros(1)})
+
+
+def test_lora_state_dict_and_peft_prefix():
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    sd = layer.state_dict()
+    assert {"weight", "bias", "lora_A.weight", "lora_B.weight"} <= set(sd)
+    # PEFT's layout of the same layer: base_layer.* and per-adapter names.
+    peft_sd = {("base_layer." + k if not k.startswith("lora_") else k.replace(".weight", ".default.weight")): v
+               for k, v in sd.items()}
+    fresh = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4)
+    fresh.load_state_dict(peft_sd)
+    x = torch.randn(3, 40)
+    assert torch.equal(fresh(x), layer(x))
+    model = torch.nn.Sequential(qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4))
+    model.load_state_dict({"0." + k: v for k, v in peft_sd.items()})
+    assert torch.equal(model(x), layer(x))
+
+
+def test_bad_construction():
+    with pytest.raises(TypeError, match="weight"):
+        qt.Linear4bit(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="bias"):
+        qt.Linear4bit(qt.quantize_nf4(torch.randn(6, 8)), bias=torch.zeros(5))
+    with pytest.raises(ValueError, match="2-D"):
+        qt.Linear4bit(qt.quantize_nf4(torch.randn(6, 8, 2)))
+    with pytest.raises(TypeError, match="linear"):
+        qt.Linear4bit.from_linear(torch.nn.Embedding(4, 4))
