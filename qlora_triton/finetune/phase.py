@@ -16,9 +16,9 @@ order; they differ only in what the problem is about:
 
 The 16-bit phase runs first and writes its freshly initialised adapter in
 PEFT's format; the QLoRA phase loads it with ``qt.load_adapter``, so both start
-from the same A (and B = 0). Adapters stay in bf16 in both (PEFT's
-``autocast_adapter_dtype=False``), as our LoRA layer keeps them in the
-compute dtype.
+from the same A (and B = 0). Adapters are fp32 in both (PEFT's default
+``autocast_adapter_dtype=True`` and ``LoRALinear4bit``'s ``lora_dtype``), the
+base compute bf16 in both.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def build_lora16(model, config: dict, targets: list[str], init_adapter: str):
 
     lora_config = LoraConfig(r=config["r"], lora_alpha=config["alpha"], lora_dropout=config["dropout"],
                              target_modules=targets, bias="none", task_type="CAUSAL_LM", use_rslora=False)
-    model = get_peft_model(model, lora_config, autocast_adapter_dtype=False)
+    model = get_peft_model(model, lora_config)
     model.save_pretrained(init_adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, **_optimizer_settings(config))
@@ -53,7 +53,7 @@ def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
     import qlora_triton as qt
 
     qt.replace_linear(model, target_modules=targets, r=config["r"], lora_alpha=config["alpha"],
-                      lora_dropout=config["dropout"])
+                      lora_dropout=config["dropout"], double_quant=True, progress=not config["quiet"])
     qt.load_adapter(model, init_adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, qt.PagedAdamW(params, **_optimizer_settings(config))

@@ -28,7 +28,7 @@ from .model import LLAMA_LINEARS, ModelShape, llama_config
 # task-2 loss.
 DEFAULT_SIZES = {
     "cpu": {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "steps": 100, "pretrain_steps": 300, "batch_size": 16, "seq_len": 64, "eval_every": 20,
+            "steps": 80, "pretrain_steps": 200, "batch_size": 16, "seq_len": 64, "eval_every": 20,
             "eval_windows": 48, "task1_sentences": 20000, "task2_sentences": 8000},
     "cuda": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8,
              "steps": 300, "pretrain_steps": 1500, "batch_size": 32, "seq_len": 256, "eval_every": 25,
@@ -122,12 +122,15 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
         if progress is not None:
             progress.update(1)
     _materialize(model, device, dtype)
-    # The rotary buffers were computed on the meta device: compute them again.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config, device=device)
-    for module in model.modules():
-        if not isinstance(module, qt.LoRALinear4bit):
-            for p in module.parameters(recurse=False):
-                p.requires_grad_(False)
+    # The rotary buffers were computed on the meta device: compute them again
+    # (the device as a context: the constructor's signature differs across
+    # transformers versions).
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    lora = {id(p) for m in model.modules() if isinstance(m, qt.LoRALinear4bit)
+            for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora)
     return model
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ class FinetuneConfig:
     backend: str = "auto"             # auto | triton | torch (the NF4 ops' backend)
     eval_every: int | None = None
     quiet: bool = False
-    # filled in by resolve()
+    # model and data sizes; resolve() fills the device's defaults (presets.DEFAULT_SIZES)
     size: dict = field(default_factory=dict)
 
     def resolve(self) -> "FinetuneConfig":
@@ -63,8 +64,9 @@ class FinetuneConfig:
             raise ValueError("device: cuda was asked for but torch sees no CUDA device")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: expected cpu or cuda, got {self.device!r}")
-        size = presets.DEFAULT_SIZES[device.type]
-        self.size = dict(size)
+        # ``size`` given by the caller overrides single entries (tests use a smaller model).
+        size = {**presets.DEFAULT_SIZES[device.type], **self.size}
+        self.size = size
         for name in ("steps", "pretrain_steps", "batch_size", "seq_len", "eval_every"):
             if getattr(self, name) is None:
                 setattr(self, name, size[name])
@@ -116,6 +118,16 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
     return total / count
 
 
+def cosine_schedule(optimizer, steps: int, floor: float = 0.1):
+    """Cosine decay from the set lr to ``floor`` times it over ``steps`` (no warm-up).
+
+    Decaying makes the final losses settle instead of depending on where the
+    last few large steps happened to land, so two runs compare fairly."""
+    def factor(step: int) -> float:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Tensor, seq_len: int,
                device: torch.device, eval_batches: list[torch.Tensor], eval_every: int,
                desc: str, quiet: bool = False) -> dict:
@@ -127,6 +139,7 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
     losses, eval_steps, eval_losses = [], [0], [evaluate(model, eval_batches, device)]
     train_seconds, tokens = 0.0, 0
     steps = starts.shape[0]
+    schedule = cosine_schedule(optimizer, steps)
     bar = tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True, file=sys.stderr)
     for step in bar:
         batch = stream.batch(starts[step], seq_len).to(device)
@@ -136,6 +149,7 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step()
         sync(device)
         train_seconds += time.perf_counter() - t0
         tokens += batch.numel()
