@@ -68,7 +68,7 @@ def estimate_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> 
     """What the preset run will hold at its peak, roughly (bytes).
 
     NF4 with double quant is 4.127 bits per weight; embeddings and head stay
-    bf16; LoRA params bf16 with fp32 Adam moments and grads; activations with
+    bf16; LoRA params, grads and Adam moments fp32; activations with
     gradient checkpointing: one bf16 hidden state per layer plus one layer's
     full set of activations and the fp32 logits."""
     h, i, v, n_layers = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_hidden_layers
@@ -76,7 +76,7 @@ def estimate_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> 
     parts = {
         "nf4_weights": linear_params(shape) * 4.127 / 8,
         "embed_and_head": 2 * v * h * 2,
-        "lora_and_adam": lora_params(shape, r) * (2 + 2 + 8),
+        "lora_and_adam": lora_params(shape, r) * (4 + 4 + 8),  # fp32 weights, grads, 2 moments
         "one_dense_layer": i * h * 2 * 2,  # the dense weight being quantized, plus its copy in flight
         "activations": tokens * (n_layers * h * 2 + (10 * h + 4 * i) * 2 + v * 4 * 3),
     }
@@ -132,6 +132,10 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
     for p in model.parameters():
         p.requires_grad_(id(p) in lora)
     return model
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size: int | None = None,
@@ -213,8 +217,9 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         result["json"] = str(out / f"preset-{name}.json")
     if not quiet:
         mem = result["memory"]
-        print(f"preset {name} on {result['device_name']}: {result['linear_params'] / 1e9:.2f} B linear params, "
-              f"weights {result['weight_bytes'] / 2**30:.2f} GiB, build {build_seconds:.1f} s, "
+        print(f"preset {name} on {result['device_name']}: {result['linear_params'] / 1e6:,.1f} M linear params, "
+              f"weights {_human(result['weight_bytes'])}, build {build_seconds:.1f} s, "
               f"step {result['step_seconds_median'] * 1e3:.1f} ms (batch {batch_size} x {seq_len}), "
-              f"peak {mem['kind']} {mem['peak_bytes'] / 2**30:.2f} GiB")
+              f"peak {mem['kind']} {_human(mem['peak_bytes'])}"
+              + (f" (wrote {result['json']})" if output_dir else ""))
     return result
