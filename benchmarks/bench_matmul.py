@@ -181,7 +181,7 @@ def format_table(rows: list[dict]) -> str:
         err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
         line = (f"{r['shape']:>11} {r['M']:>5} {r['provider']:>13} {r['time_ms']:>9.4f} "
                 f"{r['tflops']:>8.2f} {r['weight_gbps']:>8.1f} {err:>8}")
-        line += "".join(f" {r.get('vs_' + n, float('nan')):>16.2f}" for n in names)
+        line += "".join(f" {r['vs_' + n]:>16.2f}" if "vs_" + n in r else f" {'-':>16}" for n in names)
         lines.append(line)
     return "\n".join(lines)
 
@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else None
-    rows = run(cases(args.smoke, args.shapes, args.m, getattr(torch, args.dtype)), device, args.providers)
+    rows: list[dict] = []
+    # Case by case, rewriting the JSON each time: a run cut short keeps what it measured.
+    for case in cases(args.smoke, args.shapes, args.m, getattr(torch, args.dtype)):
+        rows += run([case], device, args.providers)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return rows
 
 

@@ -120,7 +120,9 @@ def test_non_contiguous_equals_contiguous_copy(backend, device, M, layout):
     assert not x.is_contiguous()
     y, y_contig = qt.nf4_matmul(x, qw), qt.nf4_matmul(x.contiguous(), qw)
     torch.testing.assert_close(y, y_contig, rtol=1e-3, atol=1e-4)
-    if backend == "triton":  # same tiles, same order of accumulation
+    if backend == "triton" and device.type == "cpu":
+        # Interpreted: same tiles, same order of accumulation. (On the GPU the
+        # split-K GEMV adds partial sums with atomics, in no fixed order.)
         assert torch.equal(y, y_contig)
 
 

@@ -22,6 +22,7 @@ the general path indexes every element.
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 import triton
@@ -137,16 +138,17 @@ def _gemv_configs() -> list:
     return out
 
 
-# Registers per thread left for the accumulator and the decoded W tile (of 255):
-# beyond this a config spills, which the GPU run should confirm (see README).
+# Registers per thread left for the accumulator and the decoded W tile (of 255);
+# an estimate: the GPU run has to confirm which configs spill.
 _REGISTER_BUDGET = 160
 _SMEM_BYTES = 200 * 1024  # H100/H200 allow ~227 KB per block; leave headroom.
 
 
 def _fits(cfg: triton.Config, red_block: str) -> bool:
-    """Whether ``cfg`` fits a Hopper SM: pipelined operand buffers in shared
-    memory, accumulator + decoded tile in registers. ``red_block`` names the
-    reduction tile (BLOCK_K for the forward, BLOCK_N for grad-input)."""
+    """Whether ``cfg`` fits a Hopper SM (a conservative estimate): pipelined
+    operand tiles in shared memory, accumulator + decoded fp32 W tile in
+    registers. ``red_block`` names the reduction tile (BLOCK_K for the forward,
+    BLOCK_N for grad-input)."""
     kw = cfg.kwargs
     m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     smem = cfg.num_stages * (m * kw[red_block] * 2 + n * k * 2)
@@ -177,11 +179,27 @@ def _prune_grad_input(configs, named_args, **kwargs):
     return _prune(configs, named_args, "BLOCK_N", **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _prune_gemv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    K = args["K"]
-    # No split so fine that some programs get no K at all.
-    keep = [c for c in configs if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(K, 64)]
+    N, K = args["N"], args["K"]
+    sms = _num_sms(args["y_ptr"].device)
+
+    def useful(c):
+        split, bn, bk = c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if split * bk > max(K, 64):
+            return False  # some splits would get no K at all
+        # Split K only while the grid is short of ~2 programs per SM: beyond
+        # that a split adds atomics and no parallelism.
+        return split == 1 or triton.cdiv(N, bn) * split // 2 < 2 * sms
+
+    keep = [c for c in configs if useful(c)]
     if args["ALIGNED"]:
         fast = [c for c in keep if c.kwargs["BLOCK_K"] <= args["BLOCKSIZE"]]
         keep = fast or keep
