@@ -1,0 +1,306 @@
+"""The runner: every case on every provider, one JSON document, one folder.
+
+    python -m benchmarks            # full run; needs CUDA; writes benchmarks/results/<gpu>-<date>/
+    python -m benchmarks --smoke    # every case once at tiny size on the CPU; writes to a temp folder
+    qlora-triton bench [...]        # the same, through the package's console script
+
+A provider that is missing or fails shows in its column as "not installed" or
+"error: ...", never as a crash of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import json
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from . import report
+from .cases import OPS, Case, all_cases
+from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
+                        rotation_bytes)
+from .schema import SCHEMA_VERSION, validate
+from .timing import Ceilings, Timer, free_device_memory, measure_ceilings, measure_memory, rotation_copies
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _capture(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def gpu_slug(name: str) -> str:
+    """"NVIDIA H200" -> "h200"; the results folder's prefix."""
+    slug = re.sub(r"^nvidia\s+", "", name.strip().lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
+    return slug or "gpu"
+
+
+def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str],
+                git_commit: str | None = None) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce the numbers."""
+    import triton
+
+    import qlora_triton
+
+    cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    driver = _capture(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
+    # A copy of the tree without .git (the GPU machine's) gets the commit from --git-commit.
+    commit = git_commit or _capture(["git", "rev-parse", "HEAD"])
+    status = None if git_commit else _capture(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "gpu": gpu,
+        "gpu_slug": gpu_slug(gpu) if cuda else "cpu",
+        "driver": driver.splitlines()[0] if driver else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": _version("bitsandbytes"),
+        "torchao": _version("torchao"),
+        "qlora_triton": qlora_triton.__version__,
+        "git_commit": commit,
+        "git_dirty": None if git_commit or not commit else status is not None,
+        "smoke": smoke,
+        "timer": timer.name,
+        "command": " ".join(["python -m benchmarks", *argv]),
+    }
+
+
+class WrongResult(Exception):
+    """A provider's output disagrees with fp32 arithmetic on its own weight."""
+
+
+def _error_text(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilings: Ceilings,
+             cache: WeightCache) -> dict[str, Any]:
+    """One row of the results: time, memory and floor of ``case`` on ``provider``."""
+    device = timer.device
+    floor, bound = case.floor_ms(ceilings.copy_gbps, ceilings.matmul_tflops)
+    row = {
+        "case": case.id, "op": case.op, "shape": case.shape_str,
+        "n": case.shape[0] if case.shape else None, "k": case.shape[1] if case.shape else None,
+        "m": case.m, "params": case.params, "variant": case.variant, "provider": provider,
+        "status": "ok", "error": None, "ms": None, "peak_mem_MB": None, "resident_mem_MB": None,
+        "bytes": case.bytes_moved(), "flops": case.flops(), "floor_ms": floor, "bound": bound,
+        "x_floor": None, "copies": None, "rel_err": None,
+    }
+    if status is not None:  # the provider did not import
+        row["status"] = "not installed" if status == "not installed" else "error"
+        row["error"] = status
+        return row
+    fn = None
+    try:
+        # Memory on a fresh single instance (no rotation copies, no cache),
+        # which is also what is timed when the working set already beats L2.
+        fn, row["peak_mem_MB"], row["resident_mem_MB"] = measure_memory(lambda: build(provider, case, device),
+                                                                         device)
+        if isinstance(fn, Checked):
+            row["rel_err"] = err = fn.check()
+            if not err <= MAX_REL_ERR:  # NaN fails too
+                raise WrongResult(f"rel_err {err:.3g} against fp32 on the same weight (> {MAX_REL_ERR})")
+        copies = rotation_copies(rotation_bytes(provider, case), device)
+        if copies > 1:
+            fn = None
+            free_device_memory(device)
+            fn = build(provider, case, device, copies, cache)
+        row["ms"] = timer(fn)
+        row["copies"] = copies
+        row["x_floor"] = row["ms"] / floor if floor > 0 else None
+    except NotApplicable:
+        row.update(status="n/a", error=None, peak_mem_MB=None, resident_mem_MB=None)
+    except Exception as e:  # one provider failing must not stop the others
+        row.update(status="error", error=_error_text(e), ms=None, x_floor=None, copies=None)
+    finally:
+        fn = None
+        free_device_memory(device)
+    return row
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """What to run and how; the command line fills it."""
+
+    smoke: bool = False
+    ops: tuple[str, ...] = OPS
+    providers: tuple[str, ...] = PROVIDERS
+    progress: bool = True
+    argv: list[str] = dataclasses.field(default_factory=list)  # recorded in meta.command
+    git_commit: str | None = None  # for a tree without .git
+    done: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rows kept from an earlier run
+    on_row: Callable[[dict[str, Any]], None] | None = None  # called with each new row as it completes
+
+
+def run_suite(opts: RunOptions, timer: Timer | None = None) -> dict[str, Any]:
+    """Run the cases and return the results document (see schema.py)."""
+    device = torch.device("cpu" if opts.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
+    timer = timer or Timer(device, cpu_reps=1 if opts.smoke else 3)
+    statuses = {p: provider_status(p) for p in opts.providers}
+    # Everything imported so far lives for the whole run: take it out of the
+    # collector's view, so that the collections between cases (which free the
+    # last case's device memory) cost microseconds, not half a second each.
+    gc.freeze()
+    try:
+        ceilings = measure_ceilings(timer, opts.smoke)
+        rows = _run_cases(all_cases(opts.smoke, opts.ops), opts, statuses, timer, ceilings)
+    finally:
+        gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit),
+        "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
+                     "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
+        "providers": {p: statuses[p] or "ok" for p in opts.providers},
+        "results": rows,
+    }
+    errors = validate(doc)
+    if errors:  # a bug of the suite itself: say so loudly rather than write a bad file
+        raise RuntimeError("results do not match the schema:\n" + "\n".join(errors[:20]))
+    return doc
+
+
+def _run_cases(cases: list[Case], opts: RunOptions, statuses: dict[str, str | None], timer: Timer,
+               ceilings: Ceilings) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    done = {(r["case"], r["provider"]): r for r in opts.done}
+    cache, cache_key, rows = WeightCache(), None, []
+    todo = [c for c in cases if any((c.id, p) not in done for p in opts.providers)]
+    bar = tqdm(total=len(todo), desc="benchmarks", unit="case", disable=not opts.progress, file=sys.stderr)
+    for case in cases:
+        if case in todo:
+            bar.set_postfix_str(case.id)
+        key = (case.op, case.shape)
+        if key != cache_key:  # a new shape: its weights replace the last shape's
+            cache.clear()
+            free_device_memory(timer.device)
+            cache_key = key
+        torch.manual_seed(0)
+        for provider in opts.providers:
+            row = done.get((case.id, provider))
+            if row is not None:  # kept from an earlier run: its floor from this run's ceilings
+                floor, bound = case.floor_ms(ceilings.copy_gbps, ceilings.matmul_tflops)
+                row = dict(row, floor_ms=floor, bound=bound,
+                           x_floor=row["ms"] / floor if row["ms"] is not None and floor > 0 else None)
+            else:
+                row = run_case(case, provider, statuses[provider], timer, ceilings, cache)
+                if opts.on_row:
+                    opts.on_row(row)
+            rows.append(row)
+        if case in todo:
+            bar.update()
+    bar.close()
+    cache.clear()
+    return rows
+
+
+def output_dir(smoke: bool, out: str | None, results_root: str | None = None) -> pathlib.Path:
+    """--out if given; a temp folder for --smoke; else <results root>/<gpu>-<date>/."""
+    if out:
+        return pathlib.Path(out)
+    if smoke and not results_root:
+        return pathlib.Path(tempfile.mkdtemp(prefix="qlora-bench-smoke-"))
+    root = pathlib.Path(results_root) if results_root else RESULTS
+    slug = "cpu" if smoke else gpu_slug(torch.cuda.get_device_name())
+    return root / f"{slug}-{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="every case and provider once at tiny size on the CPU (CI); writes to a temp folder")
+    parser.add_argument("--out", help="folder for results.json, results.md and the plots "
+                                      "(default: benchmarks/results/<gpu>-<date>/, or a temp folder with --smoke)")
+    parser.add_argument("--results-root", help="write to RESULTS_ROOT/<gpu>-<date>/ instead of benchmarks/results/")
+    parser.add_argument("--git-commit", help="the commit to record, for a copy of the tree without .git")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
+    parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
+    parser.add_argument("--resume", metavar="ROWS_JSONL",
+                        help="keep the rows of an earlier, cut-short run (its rows.jsonl) and run only the rest")
+    parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = parser.parse_args(argv)
+    args.ops = tuple(o for o in args.ops.split(",") if o)
+    args.providers = tuple(p for p in args.providers.split(",") if p)
+    bad = [o for o in args.ops if o not in OPS] + [p for p in args.providers if p not in PROVIDERS]
+    if bad:
+        parser.error(f"unknown op or provider: {', '.join(bad)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
+    out = output_dir(args.smoke, args.out, args.results_root)
+    out.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in pathlib.Path(args.resume).read_text().splitlines() if line.strip()] \
+        if args.resume else []
+    # Each row is appended to rows.jsonl as it completes: a run cut short (a time
+    # limit) leaves its rows behind, and --resume rows.jsonl finishes it.
+    rows_file = (out / "rows.jsonl").open("a" if args.resume and pathlib.Path(args.resume) == out / "rows.jsonl"
+                                          else "w")
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows_file.write(json.dumps(row) + "\n")
+        rows_file.flush()
+
+    if done and rows_file.mode == "w":
+        for row in done:
+            on_row(row)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
+    opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, progress=not args.no_progress,
+                      argv=argv, git_commit=args.git_commit, done=done, on_row=on_row)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
+            doc = run_suite(opts, timer)
+    finally:
+        rows_file.close()
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plots = [] if args.no_plots else report.write_plots(doc, out)
+    (out / "results.md").write_text(report.markdown(doc, plots))
+    print(report.console_table(doc))
+    print(f"\n{len(doc['results'])} rows ({len(done)} resumed) in {time.perf_counter() - start:.0f} s")
+    print(f"results: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
+    return 0

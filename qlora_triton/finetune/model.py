@@ -1,0 +1,84 @@
+"""The small LLaMA-style model of the default run, and loading a local one.
+
+The default is a ``transformers.LlamaForCausalLM`` built from a config with
+random weights (no download): the same blocks as LLaMA (RMSNorm, rotary
+attention, SwiGLU MLP), only small enough to train on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# The linear layers of a LLaMA block: LoRA goes on all of them (the QLoRA
+# paper's choice), never on the output head.
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+
+
+def llama_config(shape: ModelShape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**asdict(shape), num_key_value_heads=shape.num_attention_heads,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, use_cache=False,
+                       attn_implementation="sdpa")
+
+
+def build_llama(shape: ModelShape, seed: int, device: torch.device | str = "cpu"):
+    """A randomly initialised ``LlamaForCausalLM`` in fp32 (seeded)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(shape)).to(device)
+
+
+def load_model(folder: str, dtype: torch.dtype, device: torch.device | str):
+    """A local Hugging Face causal-LM folder (``config.json`` + weights)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"model: {folder!r} is not a Hugging Face model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def lora_targets(model) -> list[str]:
+    """The LLaMA linear names present in ``model`` (the LoRA targets)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [n for n in LLAMA_LINEARS if n in names]
+    if not targets:
+        raise ValueError("model: no LLaMA-style linear layers (q_proj, ..., down_proj) found to put LoRA on")
+    return targets
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of every parameter, buffer and NF4 weight: the weights' footprint.
+
+    An NF4 weight may be held as a plain attribute rather than as buffers, so
+    module attributes of type ``NF4Weight`` are counted too."""
+    from ..weight import NF4Weight
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, NF4Weight):
+                tensors.extend(value.tensors().values())
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

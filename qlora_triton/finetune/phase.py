@@ -1,0 +1,115 @@
+"""One fine-tuning phase, run as its own process: ``python -m qlora_triton.finetune.phase SPEC OUT``.
+
+A fresh process per phase makes each phase's peak memory its own (see
+``memory.py``). Both phases load the same pre-trained weights in bf16, put
+LoRA with the same r, alpha, dropout and targets on the same linear layers,
+start from the same adapter weights, and read the same batches in the same
+order; they differ only in what the problem is about:
+
+* ``lora16``: the dense bf16 model with PEFT's ``LoraConfig`` /
+  ``get_peft_model`` and ``torch.optim.AdamW``. PEFT rather than our own LoRA
+  layer on a dense base because the baseline should be independent of the code
+  under test: if our LoRA math were wrong, a baseline built from it would be
+  wrong the same way and the comparison would still look fine.
+* ``qlora``: ``qt.replace_linear`` (NF4 with double quantization, LoRA on
+  top) and ``qt.PagedAdamW``.
+
+The 16-bit phase runs first and writes its freshly initialised adapter in
+PEFT's format; the QLoRA phase loads it with ``qt.load_adapter``, so both start
+from the same A (and B = 0). Adapters are fp32 in both (PEFT's default
+``autocast_adapter_dtype=True`` and ``LoRALinear4bit``'s ``lora_dtype``), the
+base compute bf16 in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .memory import PeakMemory
+
+
+def _optimizer_settings(config: dict) -> dict:
+    # One place for both phases: only the implementation differs.
+    return {"lr": config["lr"], "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+
+
+def build_lora16(model, config: dict, targets: list[str], init_adapter: str):
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(r=config["r"], lora_alpha=config["alpha"], lora_dropout=config["dropout"],
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM", use_rslora=False)
+    model = get_peft_model(model, lora_config)
+    model.save_pretrained(init_adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, **_optimizer_settings(config))
+
+
+def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
+    import qlora_triton as qt
+
+    qt.replace_linear(model, target_modules=targets, r=config["r"], lora_alpha=config["alpha"],
+                      lora_dropout=config["dropout"], double_quant=True, progress=not config["quiet"])
+    qt.load_adapter(model, init_adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, qt.PagedAdamW(params, **_optimizer_settings(config))
+
+
+def run_phase(spec: dict) -> dict:
+    from . import data as data_mod
+    from .model import load_model, lora_targets, tensor_bytes
+    from .train import train_loop
+    import qlora_triton as qt
+
+    config, method = spec["config"], spec["method"]
+    device = torch.device(config["device"])
+    # Import what either phase loads lazily before the baseline is taken, so
+    # that 'delta' is the model's and the training's, not libraries'.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    qt.nf4_codebook()
+    if method == "lora16":
+        import peft  # noqa: F401
+    memory = PeakMemory(device)
+    memory.start()
+
+    torch.manual_seed(config["seed"] + 5)
+    blob = torch.load(spec["data_path"])
+    train = data_mod.TokenStream(blob["train"])
+    held_out = data_mod.TokenStream(blob["eval"])
+    model = load_model(spec["model_dir"], torch.bfloat16, device)
+    targets = lora_targets(model)
+    backend = qt.force_backend(spec["backend"]) if spec["backend"] else contextlib.nullcontext()
+    with backend:
+        build = build_lora16 if method == "lora16" else build_qlora
+        model, optimizer = build(model, config, targets, spec["init_adapter"])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        weight_bytes = tensor_bytes(model)
+        title = "16-bit LoRA (bf16, PEFT)" if method == "lora16" else "QLoRA (NF4 + DQ, qt)"
+        result = train_loop(model, optimizer, train, blob["starts"], config["seq_len"], device,
+                            held_out.eval_batches(config["seq_len"], config["batch_size"],
+                                                  config["size"]["eval_windows"]),
+                            eval_every=config["eval_every"], desc=title, quiet=config["quiet"])
+        if method == "qlora" and config.get("save_adapter"):
+            qt.save_adapter(model, config["save_adapter"])
+    result.update(method=method, title=title, targets=targets, trainable_params=trainable,
+                  weight_bytes=weight_bytes, memory=memory.result())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m qlora_triton.finetune.phase SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    result = run_phase(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Sizes: the default run's per-device size, and the LLaMA-shaped ``--preset`` runs.
+
+``--preset NAME`` builds a ``LlamaForCausalLM`` with LLaMA-1's shapes and
+random weights, quantized layer by layer straight to NF4 (double quant): the
+model skeleton is made on the meta device (no storage), then each linear
+layer gets a dense random weight on the target device, is turned into a
+``qt.LoRALinear4bit`` and the dense weight is dropped before the next one is
+made. The dense model never exists, so the peak while building is the NF4
+model plus one dense layer. A few LoRA training steps on random tokens then
+measure step time and peak memory at that scale.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .memory import PeakMemory, available_bytes
+from .model import LLAMA_LINEARS, ModelShape, llama_config
+
+# The default run (no --preset), by device: model size, data and steps chosen
+# so the CPU run finishes in a few minutes and fine-tuning clearly lowers the
+# task-2 loss.
+DEFAULT_SIZES = {
+    "cpu": {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "steps": 80, "pretrain_steps": 200, "batch_size": 16, "seq_len": 64, "eval_every": 20,
+            "eval_windows": 48, "task1_sentences": 20000, "task2_sentences": 8000},
+    "cuda": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8,
+             "steps": 300, "pretrain_steps": 1500, "batch_size": 32, "seq_len": 256, "eval_every": 25,
+             "eval_windows": 256, "task1_sentences": 200000, "task2_sentences": 50000},
+}
+
+
+def bundled_shape(size: dict, vocab_size: int, seq_len: int) -> ModelShape:
+    return ModelShape(hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+                      num_attention_heads=size["num_attention_heads"],
+                      num_hidden_layers=size["num_hidden_layers"], vocab_size=vocab_size,
+                      max_position_embeddings=max(seq_len, 128))
+
+
+# LLaMA-1 shapes (Touvron et al. 2023, table 2; intermediate sizes of the released checkpoints).
+LLAMA_SHAPES = {
+    "tiny": ModelShape(128, 344, 4, 2, 1024, 2048),
+    "7b": ModelShape(4096, 11008, 32, 32, 32000, 2048),
+    "13b": ModelShape(5120, 13824, 40, 40, 32000, 2048),
+    "33b": ModelShape(6656, 17920, 52, 60, 32000, 2048),
+    "65b": ModelShape(8192, 22016, 64, 80, 32000, 2048),
+}
+
+
+def linear_params(shape: ModelShape) -> int:
+    h, i = shape.hidden_size, shape.intermediate_size
+    return shape.num_hidden_layers * (4 * h * h + 3 * h * i)
+
+
+def lora_params(shape: ModelShape, r: int) -> int:
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_layer = 4 * r * (h + h) + 2 * r * (h + i) + r * (i + h)
+    return shape.num_hidden_layers * per_layer
+
+
+def estimate_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> dict:
+    """What the preset run will hold at its peak, roughly (bytes).
+
+    NF4 with double quant is 4.127 bits per weight; embeddings and head stay
+    bf16; LoRA params, grads and Adam moments fp32; activations with
+    gradient checkpointing: one bf16 hidden state per layer plus one layer's
+    full set of activations and the fp32 logits."""
+    h, i, v, n_layers = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_hidden_layers
+    tokens = batch_size * seq_len
+    parts = {
+        "nf4_weights": linear_params(shape) * 4.127 / 8,
+        "embed_and_head": 2 * v * h * 2,
+        "lora_and_adam": lora_params(shape, r) * (4 + 4 + 8),  # fp32 weights, grads, 2 moments
+        "one_dense_layer": i * h * 2 * 2,  # the dense weight being quantized, plus its copy in flight
+        "activations": tokens * (n_layers * h * 2 + (10 * h + 4 * i) * 2 + v * 4 * 3),
+    }
+    parts["total"] = sum(parts.values())
+    return {k: int(val) for k, val in parts.items()}
+
+
+def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give the parameters still on the meta device (embeddings, norms, head) real storage."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            real = torch.empty(param.shape, device=device, dtype=dtype)
+            if name == "weight" and param.dim() == 1:
+                real.fill_(1.0)  # RMSNorm gains
+            else:
+                real.normal_(0.0, 0.02)
+            setattr(sub, name, torch.nn.Parameter(real, requires_grad=False))
+
+
+def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha: float,
+                          dtype: torch.dtype = torch.bfloat16, progress=None):
+    """A LLaMA model of ``shape`` with NF4 + LoRA linears, built layer by layer."""
+    import qlora_triton as qt
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = llama_config(shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS]
+    for name, meta_linear in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        dense = torch.nn.Linear(meta_linear.in_features, meta_linear.out_features, bias=False,
+                                device=device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.normal_(0.0, 0.02)
+        lora = qt.LoRALinear4bit.from_linear(dense, r=r, lora_alpha=alpha, lora_dropout=0.0)
+        setattr(parent, name.rsplit(".", 1)[-1], lora)
+        del dense, lora
+        if progress is not None:
+            progress.update(1)
+    _materialize(model, device, dtype)
+    # The rotary buffers were computed on the meta device: compute them again
+    # (the device as a context: the constructor's signature differs across
+    # transformers versions).
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    lora = {id(p) for m in model.modules() if isinstance(m, qt.LoRALinear4bit)
+            for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora)
+    return model
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size: int | None = None,
+               seq_len: int | None = None, r: int = 8, alpha: float = 16.0, lr: float = 2e-4,
+               seed: int = 0, output_dir: str | None = None, quiet: bool = False) -> dict:
+    """Build the preset's NF4 LLaMA and time ``steps`` LoRA steps (the first is warm-up)."""
+    import contextlib
+
+    import qlora_triton as qt
+    from tqdm.auto import tqdm
+
+    if name not in LLAMA_SHAPES:
+        raise ValueError(f"preset: expected one of {sorted(LLAMA_SHAPES)}, got {name!r}")
+    if steps < 2:
+        raise ValueError(f"steps: a preset run needs at least 2 (one warm-up), got {steps}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shape = LLAMA_SHAPES[name]
+    batch_size = batch_size or (1 if dev.type == "cuda" else 2)
+    seq_len = seq_len or (512 if dev.type == "cuda" else 64)
+    estimate = estimate_bytes(shape, r, batch_size, seq_len)
+    free = available_bytes(dev)
+    if estimate["total"] > free:
+        raise MemoryError(
+            f"preset {name}: needs about {estimate['total'] / 2**30:.1f} GiB on {dev} "
+            f"(NF4 weights {estimate['nf4_weights'] / 2**30:.1f} GiB), but only {free / 2**30:.1f} GiB "
+            f"is available; use a smaller preset, or a GPU with more memory")
+
+    torch.manual_seed(seed)
+    memory = PeakMemory(dev)
+    memory.start()
+    # The CPU runs the plain-torch reference even under TRITON_INTERPRET=1 (see train.pick_backend).
+    backend = qt.force_backend("torch") if dev.type == "cpu" else contextlib.nullcontext()
+    with backend:
+        n_linear = shape.num_hidden_layers * len(LLAMA_LINEARS)
+        t0 = time.perf_counter()
+        with tqdm(total=n_linear, desc=f"build {name} in NF4", disable=quiet) as bar:
+            model = build_quantized_llama(shape, dev, r, alpha, progress=bar)
+        build_seconds = time.perf_counter() - t0
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        built = memory.result()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = qt.PagedAdamW(params, lr=lr)
+        step_seconds, losses = [], []
+        for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
+            batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            step_seconds.append(time.perf_counter() - t)
+            losses.append(loss.item())
+    timed = step_seconds[1:]
+    from .model import tensor_bytes
+
+    result = {
+        "preset": name, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "shape": asdict(shape),
+        "linear_params": linear_params(shape), "lora_params": sum(p.numel() for p in params),
+        "weight_bytes": tensor_bytes(model), "batch_size": batch_size, "seq_len": seq_len,
+        "steps": steps, "build_seconds": build_seconds,
+        "step_seconds": step_seconds, "step_seconds_median": statistics.median(timed),
+        "tokens_per_s": batch_size * seq_len / statistics.median(timed),
+        "losses": losses, "memory_after_build": built, "memory": memory.result(),
+        "estimate_bytes": estimate, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"preset-{name}.json").write_text(json.dumps(result, indent=2))
+        result["json"] = str(out / f"preset-{name}.json")
+    if not quiet:
+        mem = result["memory"]
+        print(f"preset {name} on {result['device_name']}: {result['linear_params'] / 1e6:,.1f} M linear params, "
+              f"weights {_human(result['weight_bytes'])}, build {build_seconds:.1f} s, "
+              f"step {result['step_seconds_median'] * 1e3:.1f} ms (batch {batch_size} x {seq_len}), "
+              f"peak {mem['kind']} {_human(mem['peak_bytes'])}"
+              + (f" (wrote {result['json']})" if output_dir else ""))
+    return result

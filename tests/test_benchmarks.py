@@ -1,0 +1,205 @@
+"""The benchmark suite cannot rot: ``python -m benchmarks --smoke`` runs every
+case on every provider at tiny size on the CPU, and its JSON must match the
+documented schema (benchmarks/schema.py, benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not installed
+
+from benchmarks import report  # noqa: E402
+from benchmarks.cases import OPS, Case, all_cases  # noqa: E402
+from benchmarks.providers import PROVIDERS  # noqa: E402
+from benchmarks.schema import validate  # noqa: E402
+from benchmarks.suite import gpu_slug  # noqa: E402
+
+import qlora_triton as qt  # noqa: E402
+
+# Every op whose qlora_triton API exists in this tree must run on qlora_triton
+# (the LoRA layer and the optimizers arrive from their own branches).
+QT_OPS = {"quantize", "dequantize", "matmul_fwd", "matmul_grad_input"}
+if hasattr(qt, "LoRALinear4bit"):
+    QT_OPS.add("lora_fwd_bwd")
+if hasattr(qt, "PagedAdamW") and hasattr(qt, "PagedAdamW8bit"):
+    QT_OPS.add("optimizer_step")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, pathlib.Path, str]:
+    out = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), out, proc.stdout
+
+
+def test_smoke_matches_schema(smoke):
+    doc, _, _ = smoke
+    assert validate(doc) == []
+    assert doc["meta"]["smoke"] is True and doc["meta"]["device"] == "cpu"
+    assert doc["meta"]["gpu_slug"] == "cpu"
+    assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
+
+
+def test_smoke_covers_every_case_and_provider(smoke):
+    doc, _, _ = smoke
+    rows = {(r["case"], r["provider"]): r for r in doc["results"]}
+    expected = {(c.id, p) for c in all_cases(smoke=True) for p in PROVIDERS}
+    assert set(rows) == expected
+    assert {r["op"] for r in doc["results"]} == set(OPS)
+    for (case, provider), row in rows.items():
+        installed = doc["providers"][provider] == "ok"
+        if provider == "qlora_triton" and row["op"] in QT_OPS:
+            assert row["status"] == "ok", (case, row["error"])
+        if provider in ("bitsandbytes", "torchao", "bf16") and installed:
+            # every provider that installs on the CPU runs every op it has
+            assert row["status"] in ("ok", "n/a"), (case, provider, row["error"])
+        if row["status"] == "ok":
+            assert row["ms"] > 0 and row["x_floor"] > 0
+
+
+def test_smoke_writes_readable_results(smoke):
+    doc, out, stdout = smoke
+    md = (out / "results.md").read_text()
+    assert doc["meta"]["torch"] in md and "| op | shape | M |" in md
+    assert (out / "matmul_fwd_speedup.png").stat().st_size > 0
+    for provider in PROVIDERS:
+        assert provider in stdout  # the table's columns
+    assert "results:" in stdout
+
+
+def test_memory_plot_and_table(smoke, tmp_path):
+    """CUDA-only numbers (memory) drawn from a smoke document with them filled in."""
+    doc = copy.deepcopy(smoke[0])
+    for i, row in enumerate(doc["results"]):
+        if row["status"] == "ok":
+            row["peak_mem_MB"], row["resident_mem_MB"] = 1.0 + i, 2.0 + i
+    assert validate(doc) == []
+    plots = report.write_plots(doc, tmp_path)
+    assert tmp_path / "memory.png" in plots
+    assert "## Peak memory (MB)" in report.markdown(doc, plots)
+
+
+def test_validator_rejects_broken_documents(smoke):
+    doc = smoke[0]
+    broken = copy.deepcopy(doc)
+    del broken["meta"]["git_commit"]
+    broken["results"][0]["status"] = "fine"
+    broken["results"][1]["ms"] = "fast"
+    broken["results"][2]["extra"] = 1
+    errors = validate(broken)
+    assert any("git_commit" in e for e in errors)
+    assert any("'fine'" in e for e in errors)
+    assert any("ms" in e for e in errors)
+    assert any("extra" in e for e in errors)
+    ok_row = next(i for i, r in enumerate(doc["results"]) if r["status"] == "ok")
+    no_time = copy.deepcopy(doc)
+    no_time["results"][ok_row]["ms"] = None
+    assert any("positive ms" in e for e in validate(no_time))
+    dup = copy.deepcopy(doc)
+    dup["results"].append(dup["results"][0])
+    assert any("duplicate" in e for e in validate(dup))
+
+
+def test_floors():
+    # matmul at M=1 is memory-bound on the packed weight, at M=4096 compute-bound
+    small, big = Case("matmul_fwd", (4096, 4096), m=1), Case("matmul_fwd", (4096, 4096), m=4096)
+    assert small.floor_ms(4300.0, 790.0)[1] == "memory"
+    assert big.floor_ms(4300.0, 790.0)[1] == "compute"
+    assert big.flops() == 2 * 4096**3
+    # 4096x4096 NF4 + double quant: 8 MiB codes, 256 Ki uint8 scales, 1 Ki fp32 second-level scales
+    assert small.bytes_moved() == 2 * (4096 + 4096) + 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024
+    assert Case("optimizer_step", params=10, tensors=1, variant="32bit").bytes_moved() == 280
+
+
+def test_gpu_slug():
+    assert gpu_slug("NVIDIA H200") == "h200"
+    assert gpu_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
+
+
+def test_cli_bench_passes_options_through(capsys):
+    from qlora_triton import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
+
+
+def test_cli_bench_runs_the_suite(tmp_path):
+    from qlora_triton import cli
+
+    out = tmp_path / "cli"
+    assert cli.main(["bench", "--smoke", "--ops", "quantize", "--providers", "bf16,bitsandbytes",
+                     "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert validate(doc) == []
+    assert {(r["op"], r["provider"]) for r in doc["results"]} == {("quantize", "bf16"), ("quantize", "bitsandbytes")}
+
+
+def test_sweep_matches_bench_matmul():
+    """The suite and the matmul benchmark time the same M sweep and shapes."""
+    if not (REPO / "benchmarks" / "bench_matmul.py").is_file():
+        pytest.skip("benchmarks/bench_matmul.py is not on this branch")
+    from benchmarks import bench_matmul, cases
+
+    assert tuple(bench_matmul.M_VALUES) == cases.M_SWEEP
+    assert set(bench_matmul.SHAPES.values()) == set(cases.SHAPES)
+
+
+def test_missing_or_failing_provider_is_a_row_not_a_crash(monkeypatch):
+    import torch
+
+    from benchmarks import suite
+    from benchmarks.timing import Ceilings, Timer
+
+    case = Case("matmul_fwd", (64, 64), m=2)
+    timer, ceilings = Timer(torch.device("cpu")), Ceilings(1.0, 1.0, 1, 1)
+    row = suite.run_case(case, "torchao", "not installed", timer, ceilings, None)
+    assert (row["status"], row["error"], row["ms"]) == ("not installed", "not installed", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(suite, "build", broken)
+    row = suite.run_case(case, "qlora_triton", None, timer, ceilings, None)
+    assert row["status"] == "error" and row["error"] == "RuntimeError: kernel exploded" and row["ms"] is None
+
+    # a fast but wrong kernel is an error, not a time
+    for err in (0.5, float("nan")):
+        monkeypatch.setattr(suite, "build", lambda *a, err=err, **k: suite.Checked(lambda: None, lambda: err))
+        row = suite.run_case(case, "qlora_triton", None, timer, ceilings, None)
+        assert row["status"] == "error" and "rel_err" in row["error"] and row["ms"] is None
+
+
+def test_smoke_checks_matmul_results(smoke):
+    doc = smoke[0]
+    for row in doc["results"]:
+        if row["op"].startswith("matmul") and row["status"] == "ok":
+            assert 0 < row["rel_err"] <= 2e-2, row
+
+
+def test_resume_keeps_earlier_rows(tmp_path):
+    from benchmarks.suite import main
+
+    common = ["--smoke", "--providers", "bf16,bitsandbytes", "--no-plots", "--no-progress"]
+    assert main([*common, "--ops", "quantize", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
+    assert len((tmp_path / "a" / "rows.jsonl").read_text().splitlines()) == len(first) == 2
+    assert main([*common, "--ops", "quantize,dequantize", "--out", str(tmp_path / "b"),
+                 "--resume", str(tmp_path / "a" / "rows.jsonl")]) == 0
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert validate(doc) == []
+    kept = ("ms", "status", "peak_mem_MB", "rel_err")  # kept, not rerun (floors follow the new ceilings)
+    assert [{k: r[k] for k in kept} for r in doc["results"][:2]] == [{k: r[k] for k in kept} for r in first]
+    assert [r["op"] for r in doc["results"]] == ["quantize"] * 2 + ["dequantize"] * 2
+    assert len((tmp_path / "b" / "rows.jsonl").read_text().splitlines()) == 4
