@@ -7,6 +7,7 @@ from .codebooks import dynamic_map, nf4_codebook
 from .convert import merge_and_unload, replace_linear
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
+from .optim import PagedAdamW, PagedAdamW8bit
 from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
 from .weight import NF4Weight
 
@@ -16,6 +17,8 @@ __all__ = [
     "Linear4bit",
     "LoRALinear4bit",
     "NF4Weight",
+    "PagedAdamW",
+    "PagedAdamW8bit",
     "dequantize_blockwise_8bit",
     "dequantize_nf4",
     "dynamic_map",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .codebooks import midpoints
+from .adamw_scalars import AdamWScalars
+from .codebooks import dynamic_map, midpoints
 from .weight import NF4Weight
 
 
@@ -71,3 +72,35 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     """``grad_y @ W``, the input gradient of ``x @ W.T``; output in ``grad_y.dtype``."""
     w = nf4_dequantize(qw, torch.float32)
     return (grad_y.float() @ w).to(grad_y.dtype)
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               scalars: AdamWScalars, exp_avg_absmax: torch.Tensor | None = None,
+               exp_avg_sq_absmax: torch.Tensor | None = None) -> None:
+    """One AdamW update in place, torch.optim.AdamW's single-tensor ops in fp32.
+
+    32-bit: fp32 moments. 8-bit (uint8 ``exp_avg``): codes into the signed /
+    unsigned dynamic maps with one absmax per 256 elements, dequantized, updated
+    and requantized (see ops/optimizer.py)."""
+    s = scalars
+    eight_bit = exp_avg.dtype == torch.uint8
+    if eight_bit:
+        signed, unsigned = dynamic_map(param.device, signed=True), dynamic_map(param.device, signed=False)
+        m = blockwise_8bit_dequantize(exp_avg, exp_avg_absmax, signed, 256)
+        v = blockwise_8bit_dequantize(exp_avg_sq, exp_avg_sq_absmax, unsigned, 256)
+    else:
+        m, v = exp_avg.view(-1), exp_avg_sq.view(-1)
+    p = param.view(-1).float()  # the param itself when fp32
+    g = grad.reshape(-1).float()
+    p.mul_(s.decay)
+    m.lerp_(g, 1 - s.beta1)
+    v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+    denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+    p.addcdiv_(m, denom, value=-s.step_size)
+    if p.dtype != param.dtype:
+        param.view(-1).copy_(p)
+    if eight_bit:
+        for x, codes, absmax, code in ((m, exp_avg, exp_avg_absmax, signed), (v, exp_avg_sq, exp_avg_sq_absmax, unsigned)):
+            q, a = blockwise_8bit_quantize(x, code, 256)
+            codes.view(-1).copy_(q)
+            absmax.copy_(a)

@@ -1,0 +1,337 @@
+"""Paged AdamW optimizers: ``PagedAdamW`` (fp32 moments) and ``PagedAdamW8bit``
+(blockwise 8-bit moments, bitsandbytes' 8-bit optimizer format).
+
+Both apply ``torch.optim.AdamW``'s update (decoupled weight decay, bias
+correction) with one fused kernel launch per parameter (ops/optimizer.py; the
+plain-torch reference on the torch backend). On CUDA with ``paged=True`` the
+states live in CUDA unified memory (qlora_triton/paged.py): before an update the
+states are prefetched to the device; with ``evict_after_step=True`` they are
+evicted to host memory after it, so forward/backward get that device memory
+back. :meth:`prefetch` / :meth:`evict` page by hand, and
+:meth:`device_resident_bytes` reports what the optimizer holds on the device.
+
+State layout (``optimizer.state[p]`` and ``state_dict()["state"][i]``):
+
+* ``PagedAdamW``: ``step`` (fp32 scalar tensor on the CPU), ``exp_avg`` and
+  ``exp_avg_sq`` (fp32, the parameter's shape): torch.optim.AdamW's layout, so
+  state dicts load either way (torch casts the moments to a bf16/fp16
+  parameter's dtype; here they stay fp32 whatever the parameter dtype).
+* ``PagedAdamW8bit``: ``step``; ``exp_avg_codes`` / ``exp_avg_sq_codes``
+  (uint8, the parameter's shape) index the signed / unsigned 8-bit dynamic
+  maps (``qt.dynamic_map(signed=...)``); ``exp_avg_absmax`` /
+  ``exp_avg_sq_absmax`` (fp32 ``[ceil(numel / 256)]``) scale each block of 256
+  consecutive elements. ``state_dict()`` adds ``exp_avg`` / ``exp_avg_sq``
+  dequantized to fp32, so torch.optim.AdamW (or PagedAdamW) can load it;
+  ``load_state_dict`` takes the codes when present (exact continuation) and
+  otherwise quantizes ``exp_avg`` / ``exp_avg_sq``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import paged as _paged
+from . import reference
+from .adamw_scalars import AdamWScalars
+from .backend import use_triton
+from .codebooks import dynamic_map
+from .quantization import dequantize_blockwise_8bit, quantize_blockwise_8bit
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QBLOCK = 256  # elements per absmax block of the 8-bit states
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    def number(name: str, x: Any) -> float:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+        if not math.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x}")
+        return float(x)
+
+    if number("lr", lr) < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= number(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+    if number("eps", eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if number("weight_decay", weight_decay) < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+class _PagedAdamWBase(torch.optim.Optimizer):
+    """AdamW with states in CUDA unified memory; subclasses choose the state format."""
+
+    _MOMENT_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 paged: bool = True, evict_after_step: bool = False):
+        _check_hyper(lr, betas, eps, weight_decay)
+        for name, flag in (("paged", paged), ("evict_after_step", evict_after_step)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.paged = paged
+        self.evict_after_step = evict_after_step
+        # "device" / "host" for each parameter whose states are in managed
+        # memory: where the last prefetch / evict put them.
+        self._placement: dict[torch.Tensor, str] = {}
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    # -- parameter groups ------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **param_group}
+        _check_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"params must be float32, bfloat16 or float16 tensors, got one of {p.dtype}")
+            if isinstance(p, torch.Tensor) and self._is_paged(p):
+                _paged.helper()  # fail now, saying how to build it, not at the first step
+        super().add_param_group(param_group)
+
+    def _is_paged(self, p: torch.Tensor) -> bool:
+        return self.paged and p.device.type == "cuda"
+
+    # -- states ----------------------------------------------------------------
+
+    def _alloc(self, p: torch.Tensor, shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
+        if self._is_paged(p):
+            return _paged.managed_empty(shape, dtype, p.device)
+        return torch.empty(tuple(shape), dtype=dtype, device=p.device)
+
+    def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh states of ``p`` (zero moments), written on p's device so that
+        managed pages start out resident there."""
+        raise NotImplementedError
+
+    def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _moments(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [state[k] for k in self._MOMENT_KEYS]
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self._new_state(p)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)  # as torch.optim.AdamW, on the CPU
+        return state
+
+    # -- paging ------------------------------------------------------------------
+
+    def _page(self, params: Iterable[torch.Tensor], to: str) -> None:
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        moved = []
+        for p in params:
+            if self._placement.get(p, to) != to:
+                by_device[p.device] += self._moments(self.state[p])
+                moved.append(p)
+        for tensors in by_device.values():
+            if to == "device":
+                _paged.prefetch_to_device(tensors)
+            else:
+                _paged.evict_to_host(tensors)
+        for p in moved:
+            self._placement[p] = to
+
+    def prefetch(self) -> None:
+        """Bring every paged state to its device (checked against free device
+        memory; ordered on the current stream). ``step`` does it by itself."""
+        self._page(list(self._placement), "device")
+
+    def evict(self) -> None:
+        """Move every paged state to host memory (ordered on the current stream),
+        giving its device memory back until the next prefetch or step."""
+        self._page(list(self._placement), "host")
+
+    def device_resident_bytes(self) -> int:
+        """Bytes of optimizer state on a CUDA device: paged states the last
+        prefetch / evict left there plus every non-paged CUDA state."""
+        total = 0
+        for p, state in self.state.items():
+            if self._placement.get(p, "device") == "device":
+                total += sum(t.nbytes for t in self._moments(state) if t.device.type == "cuda")
+        return total
+
+    # -- the update ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+                    raise TypeError(f"grad must match its parameter: got {grad.dtype} {tuple(grad.shape)} on "
+                                    f"{grad.device} for a {p.dtype} {tuple(p.shape)} parameter on {p.device}")
+                if not self.state[p]:
+                    self.state[p].update(self._init_state(p))
+                    if self._is_paged(p):
+                        self._placement[p] = "device"
+                work.append((p, group))
+        self._page([p for p, _ in work], "device")
+        for p, group in work:
+            state = self.state[p]
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            scalars = AdamWScalars(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                   weight_decay=group["weight_decay"], step=state["step"].item())
+            target = p if p.is_contiguous() else p.contiguous()
+            if use_triton(p.device):
+                from .ops.optimizer import adamw_step
+            else:
+                adamw_step = reference.adamw_step
+            adamw_step(target, p.grad.contiguous(), scalars=scalars, **self._kernel_states(state))
+            if target is not p:
+                p.copy_(target)
+        if self.evict_after_step:
+            self._page([p for p, _ in work], "host")
+        return loss
+
+    def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state arguments of the step functions (ops.optimizer / reference ``adamw_step``)."""
+        raise NotImplementedError
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class, of the other paged class, or of
+        torch.optim.AdamW; states are copied into fresh (managed, when paged)
+        tensors in this optimizer's format."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, "
+                             f"the optimizer has {len(self.param_groups)}")
+        by_index: dict[int, torch.Tensor] = {}
+        groups = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"parameter group {i} has {len(group['params'])} parameters, "
+                                 f"the state_dict's has {len(saved['params'])}")
+            for flag in ("amsgrad", "maximize"):
+                if saved.get(flag):
+                    raise ValueError(f"state_dict's parameter group {i} has {flag}=True, which PagedAdamW does "
+                                     "not implement")
+            merged = {**saved, "params": group["params"]}
+            _check_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+            groups.append(merged)
+            by_index.update(zip(saved["params"], group["params"]))
+        states: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        placement = {}
+        for index, saved in state_dict["state"].items():
+            if index not in by_index:
+                raise ValueError(f"state_dict has state for parameter {index}, which no parameter group holds")
+            p = by_index[index]
+            state = self._init_state(p)
+            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            self._load_moments(p, state, saved)
+            states[p] = state
+            if self._is_paged(p):
+                placement[p] = "device"
+        self.state, self.param_groups, self._placement = states, groups, placement
+
+
+def _check_saved(name: str, saved: dict[str, Any], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    if name not in saved:
+        raise ValueError(f"state_dict entry lacks {name!r}")
+    t = saved[name]
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"state_dict's {name!r} must be a tensor of shape {tuple(shape)}, got {got}")
+    return t
+
+
+class PagedAdamW(_PagedAdamWBase):
+    """AdamW (torch.optim.AdamW's math) with fp32 moments in CUDA unified memory.
+
+    Args:
+        params: parameters (fp32, bf16 or fp16) or parameter groups.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        paged: on CUDA, keep the states in managed memory (needs the helper built
+            with ``QLORA_TRITON_BUILD_CUDA=1``); ignored on the CPU.
+        evict_after_step: evict the states to host memory after every step.
+    """
+
+    _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: self._alloc(p, p.shape, torch.float32).zero_() for k in self._MOMENT_KEYS}
+
+    def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"])
+
+    def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+        for key in self._MOMENT_KEYS:
+            state[key].copy_(_check_saved(key, saved, p.shape))
+
+
+class PagedAdamW8bit(_PagedAdamWBase):
+    """AdamW with blockwise 8-bit moments (dynamic maps, 256 elements per fp32
+    absmax, as bitsandbytes' 8-bit optimizers) in CUDA unified memory: 2 bytes
+    per parameter of state (+ 1/32) instead of 8. Arguments as :class:`PagedAdamW`.
+    The update itself runs in fp32 on the dequantized moments, which are then
+    requantized in the same kernel."""
+
+    _MOMENT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+    _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+
+    def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        nblocks = -(-p.numel() // QBLOCK)
+        state = {}
+        for moment, signed in self._SIGNED.items():
+            zero_code = int((dynamic_map(signed=signed) == 0).nonzero()[0])  # 127 signed, 0 unsigned
+            state[f"{moment}_codes"] = self._alloc(p, p.shape, torch.uint8).fill_(zero_code)
+            state[f"{moment}_absmax"] = self._alloc(p, (nblocks,), torch.float32).zero_()
+        return state
+
+    def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(exp_avg=state["exp_avg_codes"], exp_avg_sq=state["exp_avg_sq_codes"],
+                    exp_avg_absmax=state["exp_avg_absmax"], exp_avg_sq_absmax=state["exp_avg_sq_absmax"])
+
+    def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+        nblocks = -(-p.numel() // QBLOCK)
+        for moment, signed in self._SIGNED.items():
+            if f"{moment}_codes" in saved:
+                codes = _check_saved(f"{moment}_codes", saved, p.shape)
+                absmax = _check_saved(f"{moment}_absmax", saved, (nblocks,))
+                if codes.dtype != torch.uint8:
+                    raise TypeError(f"state_dict's {moment}_codes must be uint8, got {codes.dtype}")
+            else:
+                x = _check_saved(moment, saved, p.shape).to(device=p.device, dtype=torch.float32)
+                codes, absmax = quantize_blockwise_8bit(x, dynamic_map(p.device, signed=signed), QBLOCK)
+            state[f"{moment}_codes"].copy_(codes.reshape(p.shape))
+            state[f"{moment}_absmax"].copy_(absmax)
+
+    def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of ``p`` as fp32 tensors of p's shape."""
+        state = self.state[p]
+        return tuple(
+            dequantize_blockwise_8bit(state[f"{m}_codes"], state[f"{m}_absmax"],
+                                      dynamic_map(p.device, signed=signed), QBLOCK).reshape(p.shape)
+            for m, signed in self._SIGNED.items())
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        states = {}
+        for index, state in sd["state"].items():
+            exp_avg, exp_avg_sq = self.dequantized_moments(params[index])
+            states[index] = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        sd["state"] = states
+        return sd
