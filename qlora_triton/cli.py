@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MemoryError) as err:
         print(f"qlora-triton {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
