@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import qlora_triton as qt
 from qlora_triton.cli import main as cli_main
 from qlora_triton.finetune import FinetuneConfig, run, run_preset
 from qlora_triton.finetune import data as D
@@ -23,9 +22,6 @@ from qlora_triton.finetune import presets
 from qlora_triton.finetune.report import COMPARISON_KEYS, PHASE_KEYS, SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-needs_paged_adamw = pytest.mark.skipif(
-    not hasattr(qt, "PagedAdamW"), reason="qt.PagedAdamW (the paged-optimizer issue) is not in this checkout yet")
 
 # A model small enough that three processes (pre-train + two phases) take seconds.
 TEST_SIZE = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 2, "num_hidden_layers": 2,
@@ -57,7 +53,6 @@ def test_read_jsonl_needs_text(tmp_path):
         D.read_text_file(__file__)
 
 
-@needs_paged_adamw
 def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
     config = FinetuneConfig(device="cpu", steps=12, pretrain_steps=15, batch_size=8, seq_len=32, lr=1e-2,
                             eval_every=6, output_dir=str(tmp_path / "run"), save_adapter="", quiet=True,
@@ -83,7 +78,6 @@ def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
     assert summary["comparison"]["eval_loss_ratio"] == pytest.approx(q["final_eval_loss"] / l["final_eval_loss"])
 
 
-@needs_paged_adamw
 def test_preset_tiny_on_cpu(tmp_path):
     result = run_preset("tiny", device="cpu", steps=2, output_dir=str(tmp_path), quiet=True)
     saved = json.loads((tmp_path / "preset-tiny.json").read_text())

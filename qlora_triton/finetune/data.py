@@ -9,8 +9,9 @@ a seeded ``random.Random``, so every run sees the same text.
   ``a red fox was chased by the old cat at dawn .``: new function words
   (``was``, ``by``, ``at``), new verb forms (participles) and a new word order.
   The pre-trained model already spells the nouns and adjectives, so the task is
-  related; the new template is what fine-tuning has to learn, and it does, in
-  a hundred LoRA steps (the eval loss falls by about half on the default run).
+  related; the new template is what fine-tuning has to learn, and it does:
+  on the default CPU run the held-out loss falls from about 3.0 to about 1.15
+  in 120 LoRA steps.
 
 The text is tokenized per character over printable ASCII, so the bundled
 model can also read a user's ``--data`` file. A Hugging Face model folder

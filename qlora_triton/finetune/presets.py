@@ -27,8 +27,8 @@ from .model import LLAMA_LINEARS, ModelShape, llama_config
 # so the CPU run finishes in a few minutes and fine-tuning clearly lowers the
 # task-2 loss.
 DEFAULT_SIZES = {
-    "cpu": {"hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "steps": 80, "pretrain_steps": 200, "batch_size": 16, "seq_len": 64, "eval_every": 20,
+    "cpu": {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 3,
+            "steps": 120, "pretrain_steps": 400, "batch_size": 16, "seq_len": 96, "eval_every": 20,
             "eval_windows": 48, "task1_sentences": 20000, "task2_sentences": 8000},
     "cuda": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8,
              "steps": 300, "pretrain_steps": 1500, "batch_size": 32, "seq_len": 256, "eval_every": 25,
