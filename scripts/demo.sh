@@ -6,15 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip
 # A CPU build of torch, pinned, when there is no CUDA GPU (an unpinned torch
-# pulls a multi-GB CUDA build); on a GPU machine an existing CUDA torch stays.
+# pulls a multi-GB CUDA build); on a GPU machine the venv sees the system's
+# packages, so an installed CUDA torch (and Triton) is used as it is.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV"
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
         || "$PY" -m pip install -q torch
 else
+    [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[finetune]"
