@@ -126,10 +126,13 @@ class Case:
         return (mem_ms, "memory") if mem_ms >= compute_ms else (compute_ms, "compute")
 
 
-def all_cases(smoke: bool = False, ops: tuple[str, ...] = OPS) -> list[Case]:
+def all_cases(smoke: bool = False, ops: tuple[str, ...] = OPS, shapes: tuple[tuple[int, int], ...] | None = None,
+              ms: tuple[int, ...] | None = None) -> list[Case]:
     """Every case of the suite, grouped by op then shape (so that a weight is
-    quantized once per shape and reused over the M sweep)."""
-    shapes = SMOKE_SHAPES if smoke else SHAPES
+    quantized once per shape and reused over the M sweep). ``shapes`` and ``ms``
+    keep a subset of the run's shapes and of its M values (the matmul and LoRA
+    sweeps; ops without activations are not filtered by M)."""
+    all_shapes = SMOKE_SHAPES if smoke else SHAPES
     sweep = SMOKE_M_SWEEP if smoke else M_SWEEP
     lora_m = SMOKE_LORA_M if smoke else LORA_M
     params = SMOKE_OPTIMIZER_PARAMS if smoke else OPTIMIZER_PARAMS
@@ -137,16 +140,28 @@ def all_cases(smoke: bool = False, ops: tuple[str, ...] = OPS) -> list[Case]:
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"ops must be among {OPS}, got {sorted(unknown)}")
+    if shapes is not None:
+        bad = [s for s in shapes if s not in all_shapes]
+        if bad:
+            raise ValueError(f"shapes must be among {', '.join(f'{n}x{k}' for n, k in all_shapes)} for this run, "
+                             f"got {', '.join(f'{n}x{k}' for n, k in bad)}")
+        all_shapes = tuple(s for s in all_shapes if s in shapes)
+    if ms is not None:
+        bad = [m for m in ms if m not in sweep + lora_m]
+        if bad:
+            raise ValueError(f"M values must be among {', '.join(map(str, sorted(set(sweep + lora_m))))} "
+                             f"for this run, got {', '.join(map(str, bad))}")
+        sweep, lora_m = tuple(m for m in sweep if m in ms), tuple(m for m in lora_m if m in ms)
     cases: list[Case] = []
     for op in OPS:
         if op not in ops:
             continue
         if op in ("quantize", "dequantize"):
-            cases += [Case(op, shape=s) for s in shapes]
+            cases += [Case(op, shape=s) for s in all_shapes]
         elif op in ("matmul_fwd", "matmul_grad_input"):
-            cases += [Case(op, shape=s, m=m) for s in shapes for m in sweep]
+            cases += [Case(op, shape=s, m=m) for s in all_shapes for m in sweep]
         elif op == "lora_fwd_bwd":
-            cases += [Case(op, shape=s, m=m) for s in shapes for m in lora_m]
+            cases += [Case(op, shape=s, m=m) for s in all_shapes for m in lora_m]
         else:
             cases += [Case(op, params=params, tensors=tensors, variant=v) for v in OPTIMIZER_VARIANTS]
     return cases

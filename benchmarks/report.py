@@ -98,6 +98,54 @@ def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def rates(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(TFLOP/s, GB/s) of an "ok" row: its flops, and the case's fewest bytes
+    (the weight counted in its packed NF4 form, for every provider), over its
+    time; the GB/s compares directly with the measured copy ceiling. None
+    where there is no time (or, for TFLOP/s, no matrix product)."""
+    if row["status"] != "ok" or not row["ms"]:
+        return None, None
+    seconds = row["ms"] * 1e-3
+    return (row["flops"] / seconds / 1e12 if row["flops"] else None), row["bytes"] / seconds / 1e9
+
+
+def rates_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One line per (case, provider): time, TFLOP/s, GB/s, rel_err, time over
+    the floor, and ``vs <p>`` = p's time / this time (above 1: this one is
+    faster) for each other provider; the per-op scripts print this table."""
+    providers = list(doc["providers"])
+    header = ["op", "shape", "M", "provider", "ms", "TFLOP/s", "GB/s", "rel_err", "x_floor",
+              *[f"vs {p}" for p in providers]]
+    rows = []
+    for _, cells in _cases(doc):
+        for p, row in cells.items():
+            tflops, gbps = rates(row)
+            line = [row["op"], row["shape"], str(row["m"]) if row["m"] is not None else row["variant"], p,
+                    _fmt_ms(row["ms"]) if row["status"] == "ok" else row["status"],
+                    f"{tflops:.3g}" if tflops is not None else "", f"{gbps:.4g}" if gbps is not None else "",
+                    f"{row['rel_err']:.2g}" if row["rel_err"] is not None else "",
+                    f"{row['x_floor']:.3g}" if row["x_floor"] is not None else ""]
+            line += ["" if other == p else _ratio(cells.get(other), row) for other in providers]
+            rows.append(line)
+    return header, rows
+
+
+def per_provider_console(doc: dict[str, Any]) -> str:
+    """The per-op scripts' table: one line per (case, provider), then the summary."""
+    meta, ceil = doc["meta"], doc["ceilings"]
+    lines = [f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}",
+             f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s; "
+             "GB/s: the case's fewest bytes (weight packed) over the time; vs <p>: p's time / this time", ""]
+    lines += _plain_table(*rates_table(doc))
+    lines += _summary_lines(doc)
+    return "\n".join(lines)
+
+
+def _summary_lines(doc: dict[str, Any]) -> list[str]:
+    return ["", "summary (geometric-mean speedup of qlora_triton over each provider; above 1: qlora_triton wins)",
+            *_plain_table(*summary_rows(doc))]
+
+
 def _plain_table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
@@ -115,8 +163,7 @@ def console_table(doc: dict[str, Any]) -> str:
              "times in ms (median)", "", fmt(header), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in rows]
     lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
-    lines += ["", "summary (geometric-mean speedup of qlora_triton over each provider; above 1: qlora_triton wins)"]
-    lines += _plain_table(*summary_rows(doc))
+    lines += _summary_lines(doc)
     return "\n".join(lines)
 
 
@@ -145,6 +192,11 @@ def markdown(doc: dict[str, Any], plots: list[pathlib.Path]) -> str:
     md += _md_table(header, rows)
     if notes:
         md += ["", "Errors:", ""] + [f"{i + 1}. `{n}`" for i, n in enumerate(notes)]
+    md += ["", "## Rates (per provider)", "",
+           "TFLOP/s: matrix flops over the time; GB/s: the case's fewest bytes (the weight counted packed, "
+           "for every provider) over the time, comparable with the copy ceiling; `vs <p>`: p's time over "
+           "this row's time (above 1: this row is faster).", ""]
+    md += _md_table(*rates_table(doc))
     mem = _memory_rows(doc)
     if mem:
         md += ["", "## Peak memory (MB)", "",

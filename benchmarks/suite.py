@@ -3,6 +3,8 @@
     python -m benchmarks            # full run; needs CUDA; writes benchmarks/results/<gpu>-<date>/
     python -m benchmarks --smoke    # every case once at tiny size on the CPU; writes to a temp folder
     qlora-triton bench [...]        # the same, through the package's console script
+    python benchmarks/bench_matmul.py [...]     # the same runner, restricted to one op family
+    python benchmarks/bench_optimizer.py [...]  # (see ``main``'s ``ops``)
 
 A provider that is missing or fails shows in its column as "not installed" or
 "error: ...", never as a crash of the run.
@@ -29,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from . import report
-from .cases import OPS, Case, all_cases
+from .cases import OPS, SHAPES, SMOKE_SHAPES, Case, all_cases
 from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
                         rotation_bytes)
 from .schema import SCHEMA_VERSION, validate
@@ -62,7 +64,7 @@ def gpu_slug(name: str) -> str:
 
 
 def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str],
-                git_commit: str | None = None) -> dict[str, Any]:
+                git_commit: str | None = None, prog: str = "python -m benchmarks") -> dict[str, Any]:
     """What a reader needs to trust or reproduce the numbers."""
     import triton
 
@@ -91,7 +93,7 @@ def environment(device: torch.device, smoke: bool, timer: Timer, argv: list[str]
         "git_dirty": None if git_commit or not commit else status is not None,
         "smoke": smoke,
         "timer": timer.name,
-        "command": " ".join(["python -m benchmarks", *argv]),
+        "command": " ".join([prog, *argv]),
     }
 
 
@@ -156,6 +158,9 @@ class RunOptions:
     smoke: bool = False
     ops: tuple[str, ...] = OPS
     providers: tuple[str, ...] = PROVIDERS
+    shapes: tuple[tuple[int, int], ...] | None = None  # a subset of the run's shapes (None: all)
+    ms: tuple[int, ...] | None = None  # a subset of the run's M values (None: all)
+    prog: str = "python -m benchmarks"  # recorded in meta.command
     progress: bool = True
     argv: list[str] = dataclasses.field(default_factory=list)  # recorded in meta.command
     git_commit: str | None = None  # for a tree without .git
@@ -176,12 +181,12 @@ def run_suite(opts: RunOptions, timer: Timer | None = None) -> dict[str, Any]:
     gc.freeze()
     try:
         ceilings = measure_ceilings(timer, opts.smoke)
-        rows = _run_cases(all_cases(opts.smoke, opts.ops), opts, statuses, timer, ceilings)
+        rows = _run_cases(all_cases(opts.smoke, opts.ops, opts.shapes, opts.ms), opts, statuses, timer, ceilings)
     finally:
         gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit),
+        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit, opts.prog),
         "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
                      "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
         "providers": {p: statuses[p] or "ok" for p in opts.providers},
@@ -228,28 +233,47 @@ def _run_cases(cases: list[Case], opts: RunOptions, statuses: dict[str, str | No
     return rows
 
 
-def output_dir(smoke: bool, out: str | None, results_root: str | None = None) -> pathlib.Path:
-    """--out if given; a temp folder for --smoke; else <results root>/<gpu>-<date>/."""
+def output_dir(smoke: bool, out: str | None, results_root: str | None = None, tag: str = "") -> pathlib.Path:
+    """--out if given; a temp folder for --smoke; else <results root>/<gpu>-<date>[-<tag>]/
+    (a per-op script's tag keeps it from overwriting the whole suite's folder)."""
     if out:
         return pathlib.Path(out)
     if smoke and not results_root:
         return pathlib.Path(tempfile.mkdtemp(prefix="qlora-bench-smoke-"))
     root = pathlib.Path(results_root) if results_root else RESULTS
     slug = "cpu" if smoke else gpu_slug(torch.cuda.get_device_name())
-    return root / f"{slug}-{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}"
+    return root / f"{slug}-{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}" \
+        f"{'-' + tag if tag else ''}"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+def _shape(text: str) -> tuple[int, int]:
+    n, _, k = text.lower().partition("x")
+    try:
+        return int(n), int(k)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is NxK (out x in features), got {text!r}") from None
+
+
+def parse_args(argv: list[str], prog: str = "python -m benchmarks", ops: tuple[str, ...] = OPS,
+               default_ops: tuple[str, ...] | None = None) -> argparse.Namespace:
+    """The options; ``ops`` are the ops this entry point may run (the per-op
+    scripts narrow them), ``default_ops`` what runs without ``--ops`` (all of them)."""
+    default_ops = default_ops or ops
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="every case and provider once at tiny size on the CPU (CI); writes to a temp folder")
-    parser.add_argument("--out", help="folder for results.json, results.md and the plots "
+    parser.add_argument("--out", help="folder for results.json, results.md, rows.jsonl and the plots "
                                       "(default: benchmarks/results/<gpu>-<date>/, or a temp folder with --smoke)")
     parser.add_argument("--results-root", help="write to RESULTS_ROOT/<gpu>-<date>/ instead of benchmarks/results/")
     parser.add_argument("--git-commit", help="the commit to record, for a copy of the tree without .git")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--ops", default=",".join(default_ops), help=f"comma-separated subset of {','.join(ops)}")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--shapes", help="comma-separated subset of the run's NxK weight shapes, e.g. 4096x4096 "
+                                         "(full run: " + ",".join(f"{n}x{k}" for n, k in SHAPES) + "; --smoke: "
+                                         + ",".join(f"{n}x{k}" for n, k in SMOKE_SHAPES) + ")")
+    parser.add_argument("--m", help="comma-separated subset of the run's M values (rows of x) for the matmul "
+                                    "and LoRA cases, e.g. 1,16,4096")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
     parser.add_argument("--resume", metavar="ROWS_JSONL",
@@ -259,19 +283,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.ops = tuple(o for o in args.ops.split(",") if o)
     args.providers = tuple(p for p in args.providers.split(",") if p)
-    bad = [o for o in args.ops if o not in OPS] + [p for p in args.providers if p not in PROVIDERS]
+    bad = [o for o in args.ops if o not in ops] + [p for p in args.providers if p not in PROVIDERS]
     if bad:
         parser.error(f"unknown op or provider: {', '.join(bad)}")
+    try:
+        args.shapes = tuple(_shape(t) for t in args.shapes.split(",") if t) if args.shapes else None
+        args.m = tuple(int(t) for t in args.m.split(",") if t) if args.m else None
+        all_cases(args.smoke, args.ops, args.shapes, args.m)  # unknown shapes or M values fail here
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        parser.error(str(e))
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks", ops: tuple[str, ...] = OPS,
+         default_ops: tuple[str, ...] | None = None, tag: str = "", per_provider: bool = False) -> int:
+    """The command line. The per-op scripts call it with their ``ops``, a
+    ``tag`` for their default results folder, and ``per_provider`` for their
+    table (one line per case and provider, with TFLOP/s and GB/s)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog, ops, default_ops)
     start = time.perf_counter()
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("the full benchmark needs a CUDA device; on the CPU run `python -m benchmarks --smoke`")
-    out = output_dir(args.smoke, args.out, args.results_root)
+        raise SystemExit(f"the full benchmark needs a CUDA device; on the CPU run `{prog} --smoke`")
+    out = output_dir(args.smoke, args.out, args.results_root, tag)
     out.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in pathlib.Path(args.resume).read_text().splitlines() if line.strip()] \
         if args.resume else []
@@ -289,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             on_row(row)
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
-    opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, progress=not args.no_progress,
-                      argv=argv, git_commit=args.git_commit, done=done, on_row=on_row)
+    opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, shapes=args.shapes, ms=args.m,
+                      progress=not args.no_progress, argv=argv, prog=prog, git_commit=args.git_commit, done=done,
+                      on_row=on_row)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library chatter (bnb on the CPU, torchao) would bury the table
@@ -300,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     plots = [] if args.no_plots else report.write_plots(doc, out)
     (out / "results.md").write_text(report.markdown(doc, plots))
-    print(report.console_table(doc))
+    print(report.per_provider_console(doc) if per_provider else report.console_table(doc))
     print(f"\n{len(doc['results'])} rows ({len(done)} resumed) in {time.perf_counter() - start:.0f} s")
     print(f"results: {out}/results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
     return 0

@@ -70,7 +70,7 @@ def test_smoke_covers_every_case_and_provider(smoke):
 def test_smoke_writes_readable_results(smoke):
     doc, out, stdout = smoke
     md = (out / "results.md").read_text()
-    assert doc["meta"]["torch"] in md and "| op | shape | M |" in md
+    assert doc["meta"]["torch"] in md and "| op | shape | M |" in md and "## Rates (per provider)" in md
     assert (out / "matmul_fwd_speedup.png").stat().st_size > 0
     for provider in PROVIDERS:
         assert provider in stdout  # the table's columns
@@ -146,14 +146,22 @@ def test_cli_bench_runs_the_suite(tmp_path):
     assert {(r["op"], r["provider"]) for r in doc["results"]} == {("quantize", "bf16"), ("quantize", "bitsandbytes")}
 
 
-def test_sweep_matches_bench_matmul():
-    """The suite and the matmul benchmark time the same M sweep and shapes."""
-    if not (REPO / "benchmarks" / "bench_matmul.py").is_file():
-        pytest.skip("benchmarks/bench_matmul.py is not on this branch")
-    from benchmarks import bench_matmul, cases
+def test_case_filters():
+    """--shapes and --m keep a subset of the run's cases; values outside the run are refused."""
+    cases = all_cases(False, ("matmul_fwd", "lora_fwd_bwd", "optimizer_step"), ((4096, 11008),), (16, 512))
+    assert [c.id for c in cases] == ["matmul_fwd-4096x11008-M16", "lora_fwd_bwd-4096x11008-M512",
+                                     "optimizer_step-32bit-1000000000-params", "optimizer_step-8bit-1000000000-params"]
+    with pytest.raises(ValueError, match="4096x4096"):
+        all_cases(True, shapes=((4096, 4096),))
+    with pytest.raises(ValueError, match="got 3"):
+        all_cases(False, ms=(3,))
 
-    assert tuple(bench_matmul.M_VALUES) == cases.M_SWEEP
-    assert set(bench_matmul.SHAPES.values()) == set(cases.SHAPES)
+
+def test_rates():
+    row = {"status": "ok", "ms": 2.0, "flops": 8 * 10**12, "bytes": 6 * 10**9}
+    assert report.rates(row) == (4000.0, 3000.0)  # TFLOP/s, GB/s
+    assert report.rates(dict(row, flops=0)) == (None, 3000.0)
+    assert report.rates(dict(row, status="n/a", ms=None)) == (None, None)
 
 
 def test_missing_or_failing_provider_is_a_row_not_a_crash(monkeypatch):
