@@ -38,3 +38,29 @@ def backend(request, device):
 def _fresh_seed(request):
     # A different but reproducible seed per test: fresh inputs, replayable failures.
     torch.manual_seed(hash(request.node.nodeid) % 2**31)
+
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "backend" in callspec.params:
+        report.user_properties.append(("backend", callspec.params["backend"]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many tests ran on each backend, so the log shows the Triton
+    kernels themselves ran (interpreted on the CPU), not only the reference."""
+    counts: dict[tuple[str, str], int] = {}
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            name = dict(getattr(report, "user_properties", ())).get("backend")
+            if name is not None and (report.when == "call" or outcome == "skipped"):
+                counts[(name, outcome)] = counts.get((name, outcome), 0) + 1
+    mode = "compiled (CUDA)" if torch.cuda.is_available() else (
+        "interpreted (TRITON_INTERPRET=1)" if _backend.INTERPRET else "not run (no CUDA, no interpreter)")
+    terminalreporter.write_sep("-", "backends")
+    for name, label in (("triton", f"Triton kernels, {mode}"), ("torch", "plain-torch reference")):
+        parts = ", ".join(f"{counts.get((name, o), 0)} {o}" for o in ("passed", "failed", "skipped"))
+        terminalreporter.write_line(f"backend={name}: {parts}  ({label})")
