@@ -4,6 +4,9 @@
 # Triton kernels under the interpreter (TRITON_INTERPRET=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Idle OpenMP threads sleep instead of spinning: with another job on a 2-core
+# machine, torch CPU training ran 13x faster (measured 2026-11-29).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
