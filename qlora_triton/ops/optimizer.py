@@ -33,6 +33,7 @@ from ..adamw_scalars import AdamWScalars
 from ..backend import INTERPRET
 from ..codebooks import dynamic_map, midpoints
 from .cast import cast_rtne
+from .quantize import nearest_code_256
 
 # Elements per 8-bit absmax block (bitsandbytes' 8-bit optimizers use 256).
 QBLOCK = 256
@@ -57,12 +58,7 @@ def _quantize_moment(x, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, blo
     # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes.
     absmax = tl.max(tl.abs(x), axis=1)
     inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
-    scaled = x * inv[:, None]
-    # Number of midpoints (255, sorted) strictly below `scaled` = nearest code.
-    q = tl.zeros(x.shape, tl.int32)
-    for step in tl.static_range(8):
-        probe = q + (128 >> step)
-        q = tl.where(scaled > tl.load(bounds_ptr + probe - 1), probe, q)
+    q = nearest_code_256(x * inv[:, None], bounds_ptr)
     tl.store(codes_ptr + idx, q.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax, mask=block_mask)
 

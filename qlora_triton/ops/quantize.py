@@ -69,6 +69,18 @@ def _nf4_quantize_kernel(
 
 
 @triton.jit
+def nearest_code_256(scaled, bounds_ptr):
+    """Index (int32) of the nearest of 256 sorted codes, a tie going to the lower
+    one: the number of the 255 midpoints at ``bounds_ptr`` strictly below
+    ``scaled``, found by an 8-step binary search."""
+    q = tl.zeros(scaled.shape, tl.int32)
+    for step in tl.static_range(8):
+        probe = q + (128 >> step)
+        q = tl.where(scaled > tl.load(bounds_ptr + probe - 1), probe, q)
+    return q
+
+
+@triton.jit
 def _blockwise_8bit_quantize_kernel(
     # pointers
     x_ptr,          # [n] fp32/fp16/bf16
@@ -88,14 +100,7 @@ def _blockwise_8bit_quantize_kernel(
     absmax = tl.max(tl.abs(x), axis=1)
     safe = tl.maximum(absmax, 1e-38)
     inv = tl.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), safe)
-    scaled = x * inv[:, None]
-    # Binary search for the number of midpoints below `scaled` (255 sorted
-    # bounds, 8 steps): q ends as the index of the nearest code.
-    q = tl.zeros_like(idx)
-    for step in tl.static_range(8):
-        probe = q + (128 >> step)
-        bound = tl.load(bounds_ptr + probe - 1)
-        q = tl.where(scaled > bound, probe, q)
+    q = nearest_code_256(x * inv[:, None], bounds_ptr)
     tl.store(q_ptr + idx, q.to(tl.uint8), mask=idx < n)
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
 
