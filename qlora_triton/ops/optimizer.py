@@ -56,7 +56,10 @@ def _dequantize_moment(codes_ptr, absmax_ptr, code_ptr, idx, block, mask, block_
 def _quantize_moment(x, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, block_mask):
     # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes.
     absmax = tl.max(tl.abs(x), axis=1)
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    # An fp32 clamp, not the literal 1e-38 (subnormal in fp32: Triton 3.6 types
+    # it fp64 and div_rn then fails to compile).
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)
     scaled = x * inv[:, None]
     # Number of midpoints (255, sorted) strictly below `scaled` = nearest code.
     q = tl.zeros(x.shape, tl.int32)
