@@ -27,8 +27,10 @@ path K (and with it the row stride) is not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import io
 import json
 import os
 import re
@@ -286,6 +288,10 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
     log = r.stderr + r.stdout
     if r.returncode != 0:
         return {"ptxas_error": log[-2000:]}
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> dict:
     regs, spill, stack = _REGS.search(log), _SPILL.search(log), _STACK.search(log)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_stores": int(spill.group(1)) if spill else None,
@@ -302,22 +308,37 @@ def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
     from triton.compiler import ASTSource
 
     row: dict[str, Any] = {"family": v.family, "label": v.label, "kernel": v.kernel,
-                           "num_warps": v.num_warps, "num_stages": v.num_stages,
+                           "num_warps": v.num_warps, "num_stages": v.num_stages, "spill_ok": v.spill_ok,
                            "constexprs": {k: v_ for k, v_ in v.constexprs.items()}}
     t0 = time.perf_counter()
     try:
         fn = _jit_fn(getattr(importlib.import_module(v.module), v.kernel))
         attrs = {(fn.arg_names.index(a),): _DIV16 for a in v.divisible}
         src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-        c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
-                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        # Triton runs ptxas -v itself when it builds the cubin; keep its log
+        # (the exact ptxas invocation of the GPU machine) instead of running
+        # ptxas twice (a plain ``ptxas -v`` lacks Triton's flags and reports
+        # other numbers). Always compile: a cache hit would run no ptxas.
+        log = io.StringIO()
+        try:
+            from triton import knobs
+
+            knobs.nvidia.dump_ptxas_log = True
+            knobs.compilation.always_compile = True
+        except (ImportError, AttributeError):  # older Triton: fall back to ptxas -v below
+            pass
+        with contextlib.redirect_stdout(log):
+            c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                               options={"num_warps": v.num_warps, "num_stages": v.num_stages})
         row["ok"] = bool(c.asm.get("cubin"))
         row["shared"] = int(c.metadata.shared)
         row["smem_fits"] = row["shared"] <= SMEM_LIMIT
-        if ptxas:
-            row.update(ptxas_usage(c.asm["ptx"], ptxas))
-            if "ptxas_error" in row:
-                row["ok"] = False
+        usage = parse_ptxas_log(log.getvalue())
+        if usage["registers"] is None and ptxas:
+            usage = ptxas_usage(c.asm["ptx"], ptxas)
+        row.update(usage)
+        if "ptxas_error" in row:
+            row["ok"] = False
     except Exception as e:  # noqa: BLE001 - a compile failure is a result, not a crash
         row["ok"] = False
         row["error"] = f"{type(e).__name__}: {e}"[-4000:]
