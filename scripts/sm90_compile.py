@@ -351,23 +351,34 @@ def _worker(args):
     return compile_variant(v, ptxas)
 
 
-def run(variants: list[Variant], jobs: int = 1, progress: bool = False) -> list[dict]:
+def run(variants: list[Variant], jobs: int = 1, progress: bool = False,
+        partial: Path | None = None) -> list[dict]:
+    """Compile ``variants`` in ``jobs`` processes; rows in order. ``partial``: a
+    JSON-lines file each row is appended to as it completes (a long run that
+    is stopped still leaves its results)."""
     ptxas = find_ptxas()
     items = [(v, ptxas) for v in variants]
-    if jobs <= 1:
-        rows = []
-        for i, it in enumerate(items):
-            rows.append(_worker(it))
-            if progress:
-                print(f"[{i + 1}/{len(items)}] {rows[-1]['family']} {rows[-1]['label']}", file=sys.stderr)
-        return rows
-    with ProcessPoolExecutor(jobs) as pool:
-        rows = []
-        for i, r in enumerate(pool.map(_worker, items, chunksize=1)):
+    sink = open(partial, "w") if partial else None  # noqa: SIM115 - closed below
+    rows = []
+    try:
+        if jobs <= 1:
+            results = map(_worker, items)
+        else:
+            pool = ProcessPoolExecutor(jobs)
+            results = pool.map(_worker, items, chunksize=1)
+        for i, r in enumerate(results):
             rows.append(r)
-            if progress and (i + 1) % 25 == 0:
-                print(f"[{i + 1}/{len(items)}]", file=sys.stderr)
-        return rows
+            if sink:
+                sink.write(json.dumps(r) + "\n")
+                sink.flush()
+            if progress and ((i + 1) % 25 == 0 or jobs <= 1):
+                print(f"[{i + 1}/{len(items)}] {r['family']} {r['label']}", file=sys.stderr)
+        if jobs > 1:
+            pool.shutdown()
+    finally:
+        if sink:
+            sink.close()
+    return rows
 
 
 def environment() -> dict:
@@ -426,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = [v for v in all_variants(args.subset) if args.filter in f"{v.family} {v.label}"]
     t0 = time.perf_counter()
-    rows = run(variants, args.jobs, progress=True)
+    partial = Path(args.json + ".partial.jsonl") if args.json and args.json != "-" else None
+    rows = run(variants, args.jobs, progress=True, partial=partial)
     env = dict(environment(), wall_seconds=round(time.perf_counter() - t0, 1), subset=args.subset)
     summary = summarize(rows)
     if not args.quiet:
@@ -440,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        partial.unlink(missing_ok=True)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
