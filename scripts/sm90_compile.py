@@ -434,12 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--filter", default="", help="only variants whose family or label contains this")
     p.add_argument("--quiet", action="store_true", help="summary only, no per-variant table")
+    p.add_argument("--range", default=":", metavar="A:B",
+                   help="only variants A..B-1 of the enumeration (split a long run over processes)")
+    p.add_argument("--merge", nargs="+", metavar="JSONL",
+                   help="compile nothing: build the report from these partial files (rows of runs "
+                        "over disjoint --range slices, in enumeration order)")
     args = p.parse_args(argv)
     variants = [v for v in all_variants(args.subset) if args.filter in f"{v.family} {v.label}"]
+    a, b = (int(x) if x else None for x in args.range.split(":"))
+    variants = variants[a:b]
     t0 = time.perf_counter()
     partial = Path(args.json + ".partial.jsonl") if args.json and args.json != "-" else None
-    rows = run(variants, args.jobs, progress=True, partial=partial)
-    env = dict(environment(), wall_seconds=round(time.perf_counter() - t0, 1), subset=args.subset)
+    if args.merge:
+        rows = [json.loads(line) for f in args.merge for line in Path(f).read_text().splitlines()]
+        partial = None
+    else:
+        rows = run(variants, args.jobs, progress=True, partial=partial)
+    env = dict(environment(), wall_seconds=round(time.perf_counter() - t0, 1), subset=args.subset,
+               compile_seconds=round(sum(r["seconds"] for r in rows), 1))
     summary = summarize(rows)
     if not args.quiet:
         print(format_table(rows))
@@ -452,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        partial.unlink(missing_ok=True)
+        if partial:
+            partial.unlink(missing_ok=True)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
