@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = variants[a:b]
     t0 = time.perf_counter()
     partial = Path(args.json + ".partial.jsonl") if args.json and args.json != "-" else None
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         rows = [json.loads(line) for f in args.merge for line in Path(f).read_text().splitlines()]
         partial = None
