@@ -439,10 +439,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", nargs="+", metavar="JSONL",
                    help="compile nothing: build the report from these partial files (rows of runs "
                         "over disjoint --range slices, in enumeration order)")
+    p.add_argument("--resume", nargs="+", metavar="JSONL",
+                   help="partial files of a stopped run: their variants are not compiled again")
     args = p.parse_args(argv)
     variants = [v for v in all_variants(args.subset) if args.filter in f"{v.family} {v.label}"]
     a, b = (int(x) if x else None for x in args.range.split(":"))
     variants = variants[a:b]
+    order = {(v.family, v.label): i for i, v in enumerate(variants)}
+    done = []
+    for f in args.resume or []:
+        done += [json.loads(line) for line in Path(f).read_text().splitlines()]
+    if done:  # rows of a stopped run: reuse those of variants still enumerated
+        want = {(v.family, v.label) for v in variants}
+        done = {(r["family"], r["label"]): r for r in done if (r["family"], r["label"]) in want}
+        variants = [v for v in variants if (v.family, v.label) not in done]
     t0 = time.perf_counter()
     partial = Path(args.json + ".partial.jsonl") if args.json and args.json != "-" else None
     if partial:
@@ -452,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         partial = None
     else:
         rows = run(variants, args.jobs, progress=True, partial=partial)
+        if done:
+            rows = sorted([*done.values(), *rows], key=lambda r: order[(r["family"], r["label"])])
     env = dict(environment(), wall_seconds=round(time.perf_counter() - t0, 1), subset=args.subset,
                compile_seconds=round(sum(r["seconds"] for r in rows), 1))
     summary = summarize(rows)
