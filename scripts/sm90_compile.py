@@ -425,7 +425,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "max_registers": max(regs) if regs else None,
                     "spilling": sum(1 for r in ok if (r.get("spill_stores") or 0) > 0),
                     "max_spill_stores": max((r.get("spill_stores") or 0 for r in ok), default=0),
-                    "max_shared": max((r.get("shared", 0) for r in ok), default=0)})
+                    "max_shared": max((r.get("shared", 0) for r in ok), default=0),
+                    "over_smem_limit": sum(1 for r in ok if not r.get("smem_fits", True))})
     return out
 
 
