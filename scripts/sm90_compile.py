@@ -255,7 +255,8 @@ def optimizer_variants(subset: bool = False) -> list[Variant]:
             ptrs = [k for k, v in types.items() if v.startswith("*")]
             out.append(Variant("adamw", f"{dt} {'8-bit' if eight_bit else '32-bit'} "
                                f"per_prog={ce['QBLOCKS_PER_PROG']}",
-                               opt.__name__, "_adamw_step_kernel", _sig(fn, types, ce), ce, ptrs))
+                               opt.__name__, "_adamw_step_kernel", _sig(fn, types, ce), ce, ptrs,
+                               num_warps=opt._NUM_WARPS))
     return out
 
 
