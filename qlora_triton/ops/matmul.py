@@ -119,10 +119,14 @@ def _tile_configs() -> list:
     config there would take minutes); it runs the same code with larger tiles."""
     if INTERPRET:
         return [_config(64, 64, 64, 4, 1, GROUP_M=4)]
+    # No BLOCK_K = 128 tile: compiled for sm_90 (scripts/sm90_compile.py,
+    # benchmarks/results/sm90-compile-*), 128x128x128 w8 s3 and 64x128x128 w4 s3
+    # need 442-655 KB of shared memory for blocksize-64 weights (limit 227 KB:
+    # they can never launch) and spill up to 3.5 KB at 255 registers.
     tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
         (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-        (32, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3),
+        (32, 128, 64, 4, 4),
     ]
     return [_config(*t, GROUP_M=8) for t in tiles]
 
@@ -131,8 +135,9 @@ def _gemv_configs() -> list:
     if INTERPRET:
         return [_config(GEMV_MAX_M, 128, 64, 4, 1, SPLIT_K=2)]
     out = []
-    for bn, bk, warps in [(64, 64, 4), (128, 64, 4), (256, 64, 8), (128, 128, 4), (64, 128, 4),
-                          (32, 64, 2)]:
+    # No BLOCK_K = 128 tile: for sm_90, 16x128x128 and 16x64x128 need 430-475 KB
+    # of shared memory (> 227 KB) and spill up to 4 KB (sm90_compile report).
+    for bn, bk, warps in [(64, 64, 4), (128, 64, 4), (256, 64, 8), (32, 64, 2)]:
         for split in (1, 2, 4, 8, 16):
             out.append(_config(GEMV_MAX_M, bn, bk, warps, 3, SPLIT_K=split))
     return out
@@ -156,10 +161,54 @@ def _fits(cfg: triton.Config, red_block: str) -> bool:
     return smem <= _SMEM_BYTES and regs <= _REGISTER_BUDGET
 
 
+# Compiled for sm_90 with Triton 3.6 and 3.9 (scripts/sm90_compile.py; reports
+# in benchmarks/results/sm90-compile-*): the tiles below are the ones whose
+# general-path decode (K % blocksize != 0, or BLOCK_K > blocksize) needs at most
+# 227 KB of shared memory and spills nothing, for fp32/fp16/bf16 x with and
+# without double quantization. That path gathers every element's byte and
+# scale, and the software pipeliner stages those gathers in shared memory: the
+# other tiles need 237-557 KB (they cannot launch: OutOfResources) or spill
+# 12 B-2.3 KB at 255 registers. Keys: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages);
+# GEMV tiles without BLOCK_M (always 16) and SPLIT_K (same code).
+_GENERAL_PATH_TILES = {
+    # 128x128x32 w8 s4: 222 regs, 224 KB; 64x64x64 w4 s4: 207 regs, 224 KB.
+    "forward": {(128, 128, 32, 8, 4), (64, 64, 64, 4, 4)},
+    # 128x64x64 w4 s3: 253 regs, 208 KB; 64x64x64 w4 s4: 204 regs, 224 KB.
+    "grad_input": {(128, 64, 64, 4, 3), (64, 64, 64, 4, 4)},
+    # 16x64x64 w4: 164 regs, 120 KB; 16x32x64 w2: 200 regs, 64 KB.
+    "gemv": {(64, 64, 4, 3), (32, 64, 2, 3)},
+}
+# The aligned grad-input path: tiles measured over 227 KB of shared memory
+# (128x256x64: 234-394 KB for every dtype; 256x128x64: 325 KB and 64x256x64:
+# 266 KB with fp32 grad_y) or spilling (32x128x64 w4: 255 regs, 112 B on 3.6).
+_GRAD_INPUT_ALIGNED_BAD = {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+                           (32, 128, 64, 4, 4)}
+
+
+def _tile_key(cfg: triton.Config, with_m: bool = True) -> tuple:
+    kw = cfg.kwargs
+    head = (kw["BLOCK_M"],) if with_m else ()
+    return (*head, kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def _compiles_well(cfg: triton.Config, args: dict, kernel: str) -> bool:
+    """Whether ``cfg`` launches without spilling on sm_90 for this weight's decode
+    path (measured, see _GENERAL_PATH_TILES)."""
+    general = not args["ALIGNED"] or cfg.kwargs["BLOCK_K"] > args["BLOCKSIZE"]
+    key = _tile_key(cfg, with_m=kernel != "gemv")
+    if general:
+        return key in _GENERAL_PATH_TILES[kernel]
+    return not (kernel == "grad_input" and key in _GRAD_INPUT_ALIGNED_BAD)
+
+
 def _prune(configs, named_args, red_block, **kwargs):
     args = {**named_args, **kwargs}
     bucket, blocksize, aligned = args["m_bucket"], args["BLOCKSIZE"], args["ALIGNED"]
     keep = [c for c in configs if _fits(c, red_block)]
+    # A hard limit first (the interpreter's single config is not in the measured
+    # sets and falls through unchanged).
+    kernel = "grad_input" if red_block == "BLOCK_N" else "forward"
+    keep = [c for c in keep if _compiles_well(c, args, kernel)] or keep
     # Tiles taller than the (bucketed) M only multiply zeros.
     short = [c for c in keep if c.kwargs["BLOCK_M"] <= max(GEMV_MAX_M, bucket)]
     keep = short or keep
@@ -200,6 +249,7 @@ def _prune_gemv(configs, named_args, **kwargs):
         return split == 1 or triton.cdiv(N, bn) * split // 2 < 2 * sms
 
     keep = [c for c in configs if useful(c)]
+    keep = [c for c in keep if _compiles_well(c, args, "gemv")] or keep
     if args["ALIGNED"]:
         fast = [c for c in keep if c.kwargs["BLOCK_K"] <= args["BLOCKSIZE"]]
         keep = fast or keep

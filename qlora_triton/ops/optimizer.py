@@ -44,6 +44,11 @@ QBLOCK = 256
 # compute a mostly masked 2**20 tile. Only the tile size differs; the kernel
 # code is the same.
 _TILE = 2**20 if INTERPRET else 4096
+# Warps per program on the GPU (the interpreter ignores it). With Triton's
+# default 4, a 4096-element program holds 32 elements of p, g, m, v per thread:
+# compiled for sm_90 with fp32 params it hits 255 registers and spills 12 B
+# (32-bit) / 72 B (8-bit) on Triton 3.6 (scripts/sm90_compile.py).
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -57,7 +62,10 @@ def _dequantize_moment(codes_ptr, absmax_ptr, code_ptr, idx, block, mask, block_
 def _quantize_moment(x, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, block_mask):
     # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes.
     absmax = tl.max(tl.abs(x), axis=1)
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    # An fp32 clamp, not the literal 1e-38 (subnormal in fp32: Triton 3.6 types
+    # it fp64 and div_rn then fails to compile).
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe)
     q = nearest_code_256(x * inv[:, None], bounds_ptr)
     tl.store(codes_ptr + idx, q.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax, mask=block_mask)
@@ -164,4 +172,5 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         s.decay, 1 - s.beta1, s.beta2, 1 - s.beta2, -s.step_size, s.bias_correction2_sqrt, s.eps,
         n,
         QBLOCK=QBLOCK, QBLOCKS_PER_PROG=per_prog, EIGHT_BIT=eight_bit,
+        num_warps=_NUM_WARPS,
     )

@@ -50,7 +50,9 @@ def _nf4_quantize_kernel(
     lo = tl.load(x_ptr + first + 1, mask=first + 1 < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(hi), axis=1), tl.max(tl.abs(lo), axis=1))
     partial = (block + 1) * BLOCKSIZE > n
-    safe = tl.maximum(absmax, 1e-38)
+    # The clamp is an fp32 tensor, not the literal 1e-38: below fp32's smallest
+    # normal, Triton 3.6 types that literal fp64 and div_rn then fails to compile.
+    safe = tl.maximum(absmax, tl.full([BLOCKS_PER_PROG], 1e-38, tl.float32))
     inv = tl.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), safe)
     hi_s = tl.where(partial[:, None], tl.div_rn(hi, safe[:, None]), hi * inv[:, None])
     lo_s = tl.where(partial[:, None], tl.div_rn(lo, safe[:, None]), lo * inv[:, None])
@@ -98,7 +100,7 @@ def _blockwise_8bit_quantize_kernel(
     idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)
-    safe = tl.maximum(absmax, 1e-38)
+    safe = tl.maximum(absmax, tl.full([BLOCKS_PER_PROG], 1e-38, tl.float32))  # fp32, see above
     inv = tl.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), safe)
     q = nearest_code_256(x * inv[:, None], bounds_ptr)
     tl.store(q_ptr + idx, q.to(tl.uint8), mask=idx < n)
