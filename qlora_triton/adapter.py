@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from .linear import Linear4bit, LoRALinear4bit
+from .linear import Linear4bit, LoRALinear4bit, check_lora_args
 
 logger = logging.getLogger("qlora_triton")
 
@@ -115,10 +114,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{config_path}: bias must be 'none', got {config.get('bias')!r}")
     r, lora_alpha = config.get("r"), config.get("lora_alpha")
     use_rslora = bool(config.get("use_rslora", False))
-    lora_dropout = float(config.get("lora_dropout", 0.0))
-    if not isinstance(r, int) or r < 1 or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-        raise ValueError(f"{config_path}: r and lora_alpha must be a positive int and a number, "
-                         f"got {r!r}, {lora_alpha!r}")
+    lora_dropout = config.get("lora_dropout", 0.0)
+    try:  # the same rules as the layers' own constructor
+        check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from e
+    lora_dropout = float(lora_dropout)
 
     tensors = load_file(weights_path)
     expected = {f"{KEY_PREFIX}{name}.{part}.weight": (name, part)

@@ -35,7 +35,8 @@ def _nf4_cpu() -> torch.Tensor:
 
 def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
     """The 16 NF4 values, float32, sorted ascending from -1.0 to 1.0."""
-    return _nf4_cpu().to(device) if device is not None else _nf4_cpu().clone()
+    # Always a copy: the cached table must never be shared by (and written through) a weight.
+    return _nf4_cpu().to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +63,7 @@ def dynamic_map(device: torch.device | str | None = None, signed: bool = True) -
     and Adam's first moment. ``signed=False``: from 0.0 to 1.0, for Adam's
     second moment (bitsandbytes' ``create_dynamic_map(signed=False)``)."""
     code = _dynamic_cpu(bool(signed))
-    return code.to(device) if device is not None else code.clone()
+    return code.to(device, copy=True)
 
 
 def midpoints(code: torch.Tensor) -> torch.Tensor:

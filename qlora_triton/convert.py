@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .linear import Linear4bit, LoRALinear4bit, _check_compute_dtype, _check_lora_args
+from .linear import Linear4bit, LoRALinear4bit, _check_compute_dtype, check_lora_args
 from .weight import check_blocksize
 
 logger = logging.getLogger("qlora_triton")
@@ -111,7 +111,7 @@ def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = _check_targets(target_modules)
-    _check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
+    check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     check_blocksize(blocksize)
     _check_compute_dtype(compute_dtype)
 
@@ -171,5 +171,5 @@ def _dense(layer: Linear4bit) -> nn.Linear:
                           device="meta")
         dense.weight = nn.Parameter(weight, requires_grad=False)
         if layer.bias is not None:
-            dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+            dense.bias = nn.Parameter(layer.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
     return dense

@@ -243,7 +243,7 @@ class Linear4bit(nn.Module):
         return NF4Weight.from_state_dict(sd, "weight")
 
 
-def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, use_rslora: Any) -> None:
+def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, use_rslora: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) \
@@ -272,7 +272,7 @@ class LoRALinear4bit(Linear4bit):
                  lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
                  compute_dtype: torch.dtype | None = None,
                  lora_dtype: torch.dtype = torch.float32) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
+        check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
         if lora_dtype not in FLOAT_DTYPES:
             raise TypeError(f"lora_dtype must be one of {FLOAT_DTYPES}, got {lora_dtype!r}")
         super().__init__(weight, bias, compute_dtype)
@@ -291,7 +291,7 @@ class LoRALinear4bit(Linear4bit):
                     lora_dtype: torch.dtype = torch.float32) -> "LoRALinear4bit":
         """Quantize ``linear`` on its device (or on ``device``) and add fresh adapters."""
         _check_linear(linear)
-        _check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
+        check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
         _check_compute_dtype(compute_dtype)
         qw, bias = _quantize_linear(linear, blocksize, double_quant, device)
         return cls(qw, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

@@ -38,7 +38,9 @@ class NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2):
-        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+        # The frozen weight is kept by reference, not through save_for_backward,
+        # so activation-offloading hooks (save_on_cpu) never copy it.
+        ctx.weight = (packed, absmax, code, absmax2, code2, offset)
         ctx.sizes = (n, k, blocksize, blocksize2)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return _ops.nf4_matmul(x, packed, absmax, code, absmax2, code2, offset, bias,
@@ -51,7 +53,7 @@ class NF4Matmul(torch.autograd.Function):
         n = ctx.sizes[0]
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _ops.nf4_matmul_grad_input(grad_y, *ctx.saved_tensors, *ctx.sizes)
+            grad_x = _ops.nf4_matmul_grad_input(grad_y, *ctx.weight, *ctx.sizes)
         if ctx.needs_input_grad[1]:
             grad_b = grad_y.reshape(-1, n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (grad_x, grad_b) + (None,) * 10

@@ -97,7 +97,8 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 raise TypeError(f"params must be float32, bfloat16 or float16 tensors, got one of {p.dtype}")
             if isinstance(p, torch.Tensor) and self._is_paged(p):
                 _paged.helper()  # fail now, saying how to build it, not at the first step
-        super().add_param_group(param_group)
+        # The list, not the caller's (possibly exhausted) generator.
+        super().add_param_group({**param_group, "params": params})
 
     def _is_paged(self, p: torch.Tensor) -> bool:
         return self.paged and p.device.type == "cuda"

@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
-# A CPU build of torch, pinned, when there is no CUDA GPU (an unpinned torch
-# pulls a multi-GB CUDA build); on a GPU machine the venv sees the system's
-# packages, so an installed CUDA torch (and Triton) is used as it is.
+# torch 2.13.0, pinned, when there is no CUDA GPU (a CPU build on local disk on the
+# development machines; an unpinned torch pulls a multi-GB CUDA build); on a GPU
+# machine the venv sees the system's packages, so an installed CUDA torch (and
+# Triton) is used as it is.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV"
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \

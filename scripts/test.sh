@@ -11,7 +11,8 @@ VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
-# torch first and pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build).
+# torch first and pinned: the development and CI machines find a CPU build of
+# 2.13.0 on local disk (an unpinned torch pulls a multi-GB CUDA build from PyPI).
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q "triton==3.9.0" -e ".[test]"
 export TRITON_INTERPRET=1

@@ -129,6 +129,13 @@ def test_load_adapter_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type"):
         qt.load_adapter(model, tmp_path)
+    # The layers' own rules apply to the file's settings (dropout 1.0 would
+    # divide by zero in the first training step).
+    for bad, word in [({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_alpha": -2}, "lora_alpha"),
+                      ({"r": 0}, "r must")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises(ValueError, match=word):
+            qt.load_adapter(model, tmp_path)
 
 
 def test_target_modules_fall_back_to_full_paths(tmp_path):

@@ -31,10 +31,16 @@ def test_dynamic_map_bytes_and_range():
     assert dyn.min() == torch.tensor(-0.99296875) and dyn.max() == 1.0
 
 
-def test_codebooks_are_fresh_copies():
-    a = qt.nf4_codebook()
-    a.fill_(3.0)
-    assert float(qt.nf4_codebook()[0]) == -1.0
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_codebooks_are_fresh_copies(device):
+    # Each weight owns its codebooks: writing one (or saving a model with
+    # safetensors, which refuses shared storage) must not touch another.
+    for make in (qt.nf4_codebook, qt.dynamic_map):
+        a, b = make(device), make(device)
+        assert a.data_ptr() != b.data_ptr()
+        first = float(b[0])
+        a.fill_(3.0)
+        assert float(make(device)[0]) == first == float(b[0])
 
 
 def test_midpoints_lie_between_codes():

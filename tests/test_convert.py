@@ -142,6 +142,17 @@ def test_merge_and_unload_of_plain_linear4bit():
     assert torch.equal(dense.bias, linear.bias.detach())
 
 
+def test_merge_and_unload_after_half():
+    """.half() keeps the NF4 scales fp32 but makes the bias fp16: the merged
+    layer must still be one dtype."""
+    layer = qt.LoRALinear4bit.from_linear(nn.Linear(30, 20), r=4).half()
+    nn.init.normal_(layer.lora_B.weight)
+    dense = qt.merge_and_unload(layer)
+    assert dense.weight.dtype == dense.bias.dtype
+    x = torch.randn(5, 30, dtype=dense.weight.dtype)
+    assert torch.isfinite(dense(x)).all()
+
+
 def test_bnb_checkpoint_in_transformers_layout_loads():
     """A transformers bnb-4bit checkpoint stores each quantized Linear under
     bitsandbytes' keys; the converted model loads it with only LoRA keys missing."""

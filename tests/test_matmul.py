@@ -243,3 +243,34 @@ def test_bad_input_raises_naming_the_argument(what, call, error, match):
     qw = _weight(30, 64, 64, True)
     with pytest.raises(error, match=match):
         call(torch.randn(4, 64), qw)
+
+
+def test_int32_row_chunks_split_only_past_the_int32_range():
+    from qlora_triton.ops.matmul import _int32_row_chunks
+
+    small = torch.empty(4096, 4096)
+    assert _int32_row_chunks(small, 11008) is None
+    # Meta tensors stand for huge inputs without memory.
+    big = torch.empty(200_000, 4096, device="meta")       # the output would overflow
+    big_rows = torch.empty(600_000, 4096, device="meta")  # the input itself would
+    assert _int32_row_chunks(big, 11008) == (2**31 - 1) // 11008
+    assert _int32_row_chunks(big[:1000], 11008) is None
+    assert _int32_row_chunks(big_rows, 16) == (2**31 - 1) // 4096
+    rows = _int32_row_chunks(big_rows, 11008)
+    assert rows * 11008 < 2**31 and rows * 4096 < 2**31
+
+
+def test_row_chunked_launches_match_one_launch(backend, device, monkeypatch):
+    """The split the launchers make past int32 offsets, run at a small limit."""
+    from qlora_triton.ops import matmul as ops_matmul
+
+    qw = qt.quantize_nf4(torch.randn(40, 96, device=device))
+    x = torch.randn(70, 96, device=device)
+    g = torch.randn(70, 40, device=device)
+    bias = torch.randn(40, device=device)
+    whole = qt.nf4_matmul(x, qw, bias), qt.nf4_matmul_grad_input(g, qw)
+    monkeypatch.setattr(ops_matmul, "INT32_LIMIT", 30 * 96)  # 30 rows per launch
+    chunked = qt.nf4_matmul(x, qw, bias), qt.nf4_matmul_grad_input(g, qw)
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 import qlora_triton as qt
 from qlora_triton import backend as _backend
@@ -292,3 +293,14 @@ def test_8bit_state_maps_match_bitsandbytes(signed):
     assert torch.equal(ours, bnb_functional.create_dynamic_map(signed=signed))
     assert ours.numel() == 256 and (ours.diff() > 0).all() and ours[-1] == 1.0
     assert (ours.min() == 0.0) if not signed else (ours.min() < 0)
+
+
+@pytest.mark.parametrize("opt_cls", [qt.PagedAdamW, qt.PagedAdamW8bit], ids=lambda c: c.__name__)
+def test_param_groups_from_generators_keep_their_params(opt_cls):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    opt = opt_cls([{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[1].parameters()}])
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

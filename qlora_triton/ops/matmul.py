@@ -442,12 +442,31 @@ def _weight_meta(qw: NF4Weight) -> dict:
                 ALIGNED=K % qw.blocksize == 0)
 
 
+INT32_LIMIT = 2**31  # element offsets in the kernels are int32
+
+
+def _int32_row_chunks(a: torch.Tensor, out_cols: int) -> int | None:
+    """Rows per launch so that every element offset of ``a`` [M, cols] and of the
+    [M, out_cols] output fits the kernels' int32 arithmetic; ``None`` when one
+    launch fits (the usual case). Beyond that (e.g. M >= 195k tokens against
+    N = 11008) the launchers split the rows rather than wrap around."""
+    M, cols = a.shape
+    reach = (M - 1) * a.stride(0) + (cols - 1) * a.stride(1) + 1
+    if max(reach, M * out_cols) < INT32_LIMIT:
+        return None
+    return max(1, (INT32_LIMIT - 1) // max(cols, out_cols))
+
+
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x`` [M, K] (any strides) and ``qw`` of shape
     [N, K]; returns a contiguous [M, N] tensor of ``x.dtype``. Inputs are assumed
     checked (see :mod:`qlora_triton.matmul`)."""
     M, K = x.shape
     N = qw.shape[0]
+    rows = _int32_row_chunks(x, N)
+    if rows is not None:
+        x = x.contiguous()
+        return torch.cat([nf4_matmul(x[i:i + rows], qw, bias) for i in range(0, M, rows)])
     kernel = select_kernel(M, N, K)
     if M == 0:
         return x.new_empty((0, N))
@@ -472,6 +491,10 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     [M, K] tensor of ``grad_y.dtype``."""
     M, N = grad_y.shape
     K = qw.shape[1]
+    rows = _int32_row_chunks(grad_y, K)
+    if rows is not None:
+        grad_y = grad_y.contiguous()
+        return torch.cat([nf4_matmul_grad_input(grad_y[i:i + rows], qw) for i in range(0, M, rows)])
     if M == 0:
         return grad_y.new_empty((0, K))
     launches["grad_input"] += 1
