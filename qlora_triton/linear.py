@@ -100,9 +100,10 @@ class Linear4bit(nn.Module):
         if bias is None:
             self.register_parameter("bias", None)
         else:
-            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
-                raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got "
-                                 f"{getattr(bias, 'shape', type(bias).__name__)}")
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().to(weight.device).clone(), requires_grad=False)
 
     @classmethod

@@ -175,3 +175,11 @@ def test_bad_construction():
         qt.Linear4bit(qt.quantize_nf4(torch.randn(6, 8, 2)))
     with pytest.raises(TypeError, match="linear"):
         qt.Linear4bit.from_linear(torch.nn.Embedding(4, 4))
+
+
+def test_bias_argument_checks():
+    qw = qt.quantize_nf4(torch.randn(6, 8))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        qt.Linear4bit(qw, bias=[0.0] * 6)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        qt.Linear4bit(qw, bias=torch.randn(5))
