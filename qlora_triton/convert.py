@@ -82,6 +82,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def freeze_all_but_lora(model: nn.Module) -> None:
+    """Make the LoRA adapters the model's only trainable parameters."""
+    lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
+                   for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora_params)
+
+
 def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
                    lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
                    blocksize: int = 64, double_quant: bool = True,
@@ -133,10 +141,7 @@ def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None 
         setattr(parent, child, new)  # drops the last reference to the dense layer
         del new
 
-    lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear4bit)
-                   for p in (m.lora_A.weight, m.lora_B.weight)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in lora_params)
+    freeze_all_but_lora(model)
     trainable, total = count_parameters(model)
     report = ConversionReport(replaced=names, trainable_params=trainable, total_params=total)
     logger.info("%s", report)

@@ -70,3 +70,9 @@ def available_bytes(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer or a memory reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

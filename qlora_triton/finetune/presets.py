@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .memory import PeakMemory, available_bytes
+from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
 
 # The default run (no --preset), by device: model size, data and steps chosen
@@ -102,6 +102,7 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
                           dtype: torch.dtype = torch.bfloat16, progress=None):
     """A LLaMA model of ``shape`` with NF4 + LoRA linears, built layer by layer."""
     import qlora_triton as qt
+    from ..convert import freeze_all_but_lora
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -127,10 +128,7 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
     # transformers versions).
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    lora = {id(p) for m in model.modules() if isinstance(m, qt.LoRALinear4bit)
-            for p in (m.lora_A.weight, m.lora_B.weight)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in lora)
+    freeze_all_but_lora(model)
     return model
 
 
@@ -173,9 +171,8 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         t0 = time.perf_counter()
         with tqdm(total=n_linear, desc=f"build {name} in NF4", disable=quiet) as bar:
             model = build_quantized_llama(shape, dev, r, alpha, progress=bar)
+        sync(dev)
         build_seconds = time.perf_counter() - t0
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
         built = memory.result()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -184,15 +181,13 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync(dev)
             t = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync(dev)
             step_seconds.append(time.perf_counter() - t)
             losses.append(loss.item())
     timed = step_seconds[1:]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import presets
+from .memory import sync
 from .model import build_llama
 
 METHODS = ("lora16", "qlora")
@@ -96,11 +97,6 @@ def pick_backend(config: FinetuneConfig) -> str | None:
     if config.backend == "auto":
         return "torch" if torch.device(config.device).type == "cpu" else None
     return config.backend
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
