@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# Elements per absmax block of PagedAdamW8bit's moments (as bitsandbytes' 8-bit
+# optimizers); the optimizer, its kernel and the reference all read it here.
+STATE_BLOCKSIZE = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class AdamWScalars:

@@ -36,13 +36,13 @@ import torch
 
 from . import paged as _paged
 from . import reference
+from .adamw_scalars import STATE_BLOCKSIZE as QBLOCK
 from .adamw_scalars import AdamWScalars
 from .backend import use_triton
 from .codebooks import dynamic_map
 from .quantization import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QBLOCK = 256  # elements per absmax block of the 8-bit states
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

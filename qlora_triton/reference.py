@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw_scalars import AdamWScalars
+from .adamw_scalars import STATE_BLOCKSIZE, AdamWScalars
 from .codebooks import dynamic_map, midpoints
 from .weight import NF4Weight
 
@@ -86,8 +86,8 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     eight_bit = exp_avg.dtype == torch.uint8
     if eight_bit:
         signed, unsigned = dynamic_map(param.device, signed=True), dynamic_map(param.device, signed=False)
-        m = blockwise_8bit_dequantize(exp_avg, exp_avg_absmax, signed, 256)
-        v = blockwise_8bit_dequantize(exp_avg_sq, exp_avg_sq_absmax, unsigned, 256)
+        m = blockwise_8bit_dequantize(exp_avg, exp_avg_absmax, signed, STATE_BLOCKSIZE)
+        v = blockwise_8bit_dequantize(exp_avg_sq, exp_avg_sq_absmax, unsigned, STATE_BLOCKSIZE)
     else:
         m, v = exp_avg.view(-1), exp_avg_sq.view(-1)
     p = param.view(-1).float()  # the param itself when fp32
@@ -101,6 +101,6 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         param.view(-1).copy_(p)
     if eight_bit:
         for x, codes, absmax, code in ((m, exp_avg, exp_avg_absmax, signed), (v, exp_avg_sq, exp_avg_sq_absmax, unsigned)):
-            q, a = blockwise_8bit_quantize(x, code, 256)
+            q, a = blockwise_8bit_quantize(x, code, STATE_BLOCKSIZE)
             codes.view(-1).copy_(q)
             absmax.copy_(a)

@@ -29,14 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..adamw_scalars import AdamWScalars
+from ..adamw_scalars import STATE_BLOCKSIZE, AdamWScalars
 from ..backend import INTERPRET
 from ..codebooks import dynamic_map, midpoints
 from .cast import cast_rtne
 from .quantize import nearest_code_256
 
-# Elements per 8-bit absmax block (bitsandbytes' 8-bit optimizers use 256).
-QBLOCK = 256
+QBLOCK = STATE_BLOCKSIZE  # elements per absmax block of the 8-bit moments
+
 # Elements one program updates. On the GPU 4096 (16 absmax blocks) keeps enough
 # loads in flight; the interpreter steps through programs one by one in Python,
 # so there one program takes up to 2**20 elements (a 1024x4097 parameter: 5
