@@ -89,7 +89,6 @@ class LoRANF4Function(torch.autograd.Function):
         y, h = _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, dropout_p)
         need_x, need_A, need_B, need_b = ctx.needs_input_grad[:4]
         ctx.qw, ctx.scaling, ctx.dropout_p = qw, scaling, dropout_p
-        ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         ctx.save_for_backward(
             x if need_A else None,
@@ -121,7 +120,7 @@ class LoRANF4Function(torch.autograd.Function):
             grad_A = gB.t() @ x_d
         if need_B:
             grad_B = g.t() @ h
-        if ctx.has_bias and need_b:
+        if need_b:  # False when bias is None
             grad_b = g.sum(0)
         return grad_x, grad_A, grad_B, grad_b, None, None, None
 

@@ -64,17 +64,9 @@ def lora_targets(model) -> list[str]:
 
 
 def tensor_bytes(model) -> int:
-    """Bytes of every parameter, buffer and NF4 weight: the weights' footprint.
-
-    An NF4 weight may be held as a plain attribute rather than as buffers, so
-    module attributes of type ``NF4Weight`` are counted too."""
-    from ..weight import NF4Weight
-
+    """Bytes of every parameter and buffer (Linear4bit keeps its NF4 tensors as
+    buffers): the weights' footprint; shared storage is counted once."""
     tensors = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, NF4Weight):
-                tensors.extend(value.tensors().values())
     seen, total = set(), 0
     for t in tensors:
         if t.device.type == "meta" or t.data_ptr() in seen:
