@@ -172,10 +172,12 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                                    (True, False), (True, False), (None,)))
     # Every constexpr branch once (aligned/general x double quant on/off, bf16
     # and fp32), each with the largest tile the pruner can choose for that
-    # decode path (ops/matmul.py _compiles_well): the one most likely to spill.
+    # decode path (ops/matmul.py _compiles_well and _fits): the one most likely to spill.
     def largest(configs, aligned, kernel):
+        red_block = {"forward": "BLOCK_K", "grad_input": "BLOCK_N"}.get(kernel)
         ok = [c for c in configs
-              if mm._compiles_well(c, {"ALIGNED": aligned, "BLOCKSIZE": 64}, kernel)]
+              if mm._compiles_well(c, {"ALIGNED": aligned, "BLOCKSIZE": 64}, kernel)
+              and (red_block is None or mm._fits(c, red_block))]
         return max(ok, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
                                       c.kwargs.get("SPLIT_K", 1)))
 
