@@ -11,6 +11,7 @@ current directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -20,37 +21,46 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="local .txt, or .jsonl with a 'text' field (default: the bundled task 2)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default 16)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per method (default: by device)")
     p.add_argument("--pretrain-steps", type=int, help="fp32 pre-training steps of the bundled model")
     p.add_argument("--batch-size", type=int, help="sequences per step (default: by device)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: by device)")
-    p.add_argument("--lr", type=float, default=5e-3, help="fine-tuning learning rate (default 5e-3)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default 5e-3; 2e-4 with --preset)")
     p.add_argument("--output-dir", help="where summary.json and loss.png go (default runs/finetune-<time>)")
     p.add_argument("--save-adapter", nargs="?", const="", default=None, metavar="DIR",
                    help="save the QLoRA adapter in PEFT format (default DIR: <output-dir>/adapter)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
-                   help="NF4 ops: auto = Triton on CUDA, the torch reference on the CPU")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"),
+                   help="NF4 ops: auto (default) = Triton on CUDA, the torch reference on the CPU")
     p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b"),
                    help="instead: build a LLaMA-1-shaped NF4 model of this size and time a few LoRA steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
 
+# Options of the fine-tune that a --preset run has no use for (it builds a random-weight
+# model of the preset's shape, on the default backend of its device).
+PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend")
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, run, run_preset
 
+    # Options left out (None) take the defaults of FinetuneConfig / run_preset.
+    given = {name: value for name, value in vars(args).items() if value is not None}
     if args.preset:
+        unused = [f"--{name.replace('_', '-')}" for name in PRESET_UNUSED if name in given]
+        if unused:
+            raise ValueError(f"--preset builds its own random-weight model and times LoRA steps on it; "
+                             f"it does not take {', '.join(unused)}")
         run_preset(args.preset, device=args.device, steps=args.steps or 4, batch_size=args.batch_size,
                    seq_len=args.seq_len, r=args.r, alpha=args.alpha, seed=args.seed,
-                   output_dir=args.output_dir or "runs", quiet=args.quiet)
+                   output_dir=args.output_dir or "runs", quiet=args.quiet,
+                   **({"lr": args.lr} if args.lr is not None else {}))
         return 0
-    config = FinetuneConfig(model=args.model, data=args.data, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                            steps=args.steps, pretrain_steps=args.pretrain_steps, batch_size=args.batch_size,
-                            seq_len=args.seq_len, lr=args.lr, output_dir=args.output_dir,
-                            save_adapter=args.save_adapter, device=args.device, seed=args.seed,
-                            backend=args.backend, quiet=args.quiet)
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    config = FinetuneConfig(**{name: value for name, value in given.items() if name in fields})
     summary = run(config)
     print(f"wrote {config.output_dir}/summary.json and {config.output_dir}/{summary['plot']}")
     return 0

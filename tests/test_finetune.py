@@ -117,3 +117,33 @@ def test_cli_help(capsys):
     proc = subprocess.run([sys.executable, "-m", "qlora_triton.finetune", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--preset" in proc.stdout
+
+
+def test_cli_passes_given_options_and_keeps_defaults(monkeypatch):
+    import qlora_triton.finetune as F
+
+    seen = {}
+
+    def fake_run(config):
+        seen["config"] = config
+        return {"plot": "loss.png"}
+
+    def fake_run_preset(name, **kwargs):
+        seen["preset"] = name, kwargs
+
+    monkeypatch.setattr(F, "run", fake_run)
+    monkeypatch.setattr(F, "run_preset", fake_run_preset)
+    assert cli_main(["finetune", "--device", "cpu", "--output-dir", "o", "--lr", "0.03", "--r", "4"]) == 0
+    config = seen["config"]
+    assert (config.lr, config.r, config.dropout, config.backend) == (0.03, 4, 0.0, "auto")
+    assert cli_main(["finetune", "--preset", "tiny", "--lr", "0.001", "--steps", "3"]) == 0
+    name, kwargs = seen["preset"]
+    assert (name, kwargs["lr"], kwargs["steps"]) == ("tiny", 0.001, 3)
+
+
+@pytest.mark.parametrize("option", [["--data", "x.txt"], ["--model", "m"], ["--dropout", "0.1"],
+                                    ["--pretrain-steps", "5"], ["--save-adapter"], ["--backend", "torch"]])
+def test_preset_refuses_options_it_does_not_use(option, capsys):
+    assert cli_main(["finetune", "--preset", "tiny", *option]) == 2
+    err = capsys.readouterr().err
+    assert "--preset" in err and option[0] in err
