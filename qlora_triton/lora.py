@@ -121,7 +121,7 @@ class LoRANF4Function(torch.autograd.Function):
         if need_B:
             grad_B = g.t() @ h
         if need_b:  # False when bias is None
-            grad_b = g.sum(0)
+            grad_b = g.sum(0, dtype=torch.float32).to(g.dtype)  # as NF4Matmul: summed in fp32
         return grad_x, grad_A, grad_B, grad_b, None, None, None
 
 
