@@ -68,7 +68,6 @@ class Variant:
     divisible: list         # arg names specialized as multiples of 16
     num_warps: int = 4
     num_stages: int = 3
-    spill_budget: int = 0   # spill bytes accepted (a measured, small, known spill)
 
 
 def _require_compiled_mode() -> None:
@@ -148,14 +147,8 @@ def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opt
                             div += [row_stride]  # grad_y's row stride is N
                         label = (f"{cfg_label} {dt} {'aligned' if aligned else 'general'} "
                                  f"dq={int(dq)}" + (f" bias={int(bias)}" if family != "grad_input" else ""))
-                        # The 128x256x64 forward tile runs at 255 registers:
-                        # Triton 3.9's ptxas spills 8-24 B on the aligned path
-                        # (3.6: none); small, so the tile stays.
-                        budget = 32 if (family == "gemm" and aligned
-                                        and tile == "128x256x64") else 0
                         out.append(Variant(family, label, "qlora_triton.ops.matmul", kernel_name,
-                                           _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages,
-                                           budget))
+                                           _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages))
     return out
 
 
@@ -325,7 +318,7 @@ def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
     from triton.compiler import ASTSource
 
     row: dict[str, Any] = {"family": v.family, "label": v.label, "kernel": v.kernel,
-                           "num_warps": v.num_warps, "num_stages": v.num_stages, "spill_budget": v.spill_budget,
+                           "num_warps": v.num_warps, "num_stages": v.num_stages,
                            "constexprs": {k: v_ for k, v_ in v.constexprs.items()}}
     t0 = time.perf_counter()
     try:

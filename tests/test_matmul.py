@@ -170,6 +170,59 @@ def test_select_kernel_by_rows():
     assert [ops_matmul.select_kernel(m, 4096, 4096) for m in (17, 64, 4096)] == ["gemm"] * 3
 
 
+# -- autotune pruning (the GPU config lists; pure functions, checked here on the CPU) --
+PRUNE_BLOCKSIZES = [32, 64, 128, 256, 4096]
+
+
+def _tile(cfg) -> str:
+    kw = cfg.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+@pytest.mark.parametrize("kernel", ["forward", "grad_input"])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("blocksize", PRUNE_BLOCKSIZES)
+def test_tile_pruning_keeps_only_tiles_that_fit_and_compile(kernel, aligned, blocksize):
+    # The GPU list, whatever this process's mode: every pruned set must be one
+    # whose tiles launch on sm_90 without spilling (measured: _fits and
+    # _compiles_well), never the fallback to an unmeasured tile.
+    configs = ops_matmul._tile_configs(interpret=False)
+    prune, red = ((ops_matmul._prune_forward, "BLOCK_K") if kernel == "forward"
+                  else (ops_matmul._prune_grad_input, "BLOCK_N"))
+    for m in (17, 32, 64, 100, 1000, 5000):
+        args = {"m_bucket": ops_matmul._m_bucket(m), "BLOCKSIZE": blocksize, "ALIGNED": aligned}
+        kept = prune(configs, {}, **args)
+        assert kept, (m, args)
+        for cfg in kept:
+            assert ops_matmul._fits(cfg, red) and ops_matmul._compiles_well(cfg, args, kernel), (m, _tile(cfg))
+        if aligned and any(c.kwargs["BLOCK_K"] <= blocksize for c in kept):
+            # the fast path (one scale per row of the tile) wins whenever a tile allows it
+            assert all(c.kwargs["BLOCK_K"] <= blocksize for c in kept), (m, [_tile(c) for c in kept])
+
+
+def test_tile_pruning_drops_tiles_taller_than_the_rows():
+    configs = ops_matmul._tile_configs(interpret=False)
+    kept = ops_matmul._prune_forward(configs, {}, m_bucket=32, BLOCKSIZE=64, ALIGNED=True)
+    assert kept and all(c.kwargs["BLOCK_M"] <= 32 for c in kept), [_tile(c) for c in kept]
+    tall = ops_matmul._prune_forward(configs, {}, m_bucket=4096, BLOCKSIZE=64, ALIGNED=True)
+    assert max(c.kwargs["BLOCK_M"] for c in tall) > 32
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("blocksize", PRUNE_BLOCKSIZES)
+def test_gemv_pruning_keeps_useful_splits_that_compile(aligned, blocksize):
+    configs = ops_matmul._gemv_configs(interpret=False)
+    y = torch.empty(1)  # a CPU tensor: the pruner then counts one SM
+    for N, K in [(4096, 4096), (11008, 4096), (96, 64), (50, 8192)]:
+        args = {"N": N, "K": K, "BLOCKSIZE": blocksize, "ALIGNED": aligned, "y_ptr": y}
+        kept = ops_matmul._prune_gemv(configs, {}, **args)
+        assert kept, args
+        for cfg in kept:
+            split, bk = cfg.kwargs["SPLIT_K"], cfg.kwargs["BLOCK_K"]
+            assert ops_matmul._compiles_well(cfg, args, "gemv"), (N, K, _tile(cfg))
+            assert split * bk <= max(K, 64), (N, K, split)  # no split without K to reduce
+
+
 @pytest.mark.parametrize("rows, kernel", [(1, "gemv"), (16, "gemv"), (17, "gemm"), (100, "gemm")])
 def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
     if not (device.type == "cuda" or _backend.INTERPRET):

@@ -77,8 +77,7 @@ def test_every_variant_compiles_to_a_cubin(report):
 def test_no_spills_and_shared_memory_fits(report):
     bad = {}
     for r in report["variants"]:
-        budget = r.get("spill_budget", 0)  # a few bytes on a known 255-register tile
-        if r.get("spill_stores") is None or r["spill_stores"] > budget or r["spill_loads"] > budget:
+        if r.get("spill_stores") is None or r["spill_stores"] > 0 or r["spill_loads"] > 0:
             bad[f"{r['family']} {r['label']}"] = (f"{r.get('registers')} registers, spills "
                                                   f"{r.get('spill_stores')}/{r.get('spill_loads')} B")
         if not r.get("smem_fits"):

@@ -114,25 +114,26 @@ def _config(bm, bn, bk, warps, stages, **extra):
                          num_warps=warps, num_stages=stages)
 
 
-def _tile_configs() -> list:
+def _tile_configs(interpret: bool = INTERPRET) -> list:
     """GEMM and grad-input tiles. The interpreter gets exactly one (timing every
     config there would take minutes); it runs the same code with larger tiles."""
-    if INTERPRET:
+    if interpret:
         return [_config(64, 64, 64, 4, 1, GROUP_M=4)]
     # No BLOCK_K = 128 tile: compiled for sm_90 (scripts/sm90_compile.py,
     # benchmarks/results/sm90-compile-*), 128x128x128 w8 s3 and 64x128x128 w4 s3
     # need 442-655 KB of shared memory for blocksize-64 weights (limit 227 KB:
-    # they can never launch) and spill up to 3.5 KB at 255 registers.
+    # they can never launch) and spill up to 3.5 KB at 255 registers. No
+    # 128x256x64 tile either: it runs at 255 registers (Triton 3.9 spills 8-24 B)
+    # and _fits never kept it.
     tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-        (32, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4),
     ]
     return [_config(*t, GROUP_M=8) for t in tiles]
 
 
-def _gemv_configs() -> list:
-    if INTERPRET:
+def _gemv_configs(interpret: bool = INTERPRET) -> list:
+    if interpret:
         return [_config(GEMV_MAX_M, 128, 64, 4, 1, SPLIT_K=2)]
     out = []
     # No BLOCK_K = 128 tile: for sm_90, 16x128x128 and 16x64x128 need 430-475 KB
@@ -179,10 +180,9 @@ _GENERAL_PATH_TILES = {
     "gemv": {(64, 64, 4, 3), (32, 64, 2, 3)},
 }
 # The aligned grad-input path: tiles measured over 227 KB of shared memory
-# (128x256x64: 234-394 KB for every dtype; 256x128x64: 325 KB and 64x256x64:
-# 266 KB with fp32 grad_y) or spilling (32x128x64 w4: 255 regs, 112 B on 3.6).
-_GRAD_INPUT_ALIGNED_BAD = {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-                           (32, 128, 64, 4, 4)}
+# (256x128x64: 325 KB and 64x256x64: 266 KB with fp32 grad_y) or spilling
+# (32x128x64 w4: 255 regs, 112 B on 3.6).
+_GRAD_INPUT_ALIGNED_BAD = {(256, 128, 64, 8, 3), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4)}
 
 
 def _tile_key(cfg: triton.Config, with_m: bool = True) -> tuple:
