@@ -23,7 +23,8 @@ State layout (``optimizer.state[p]`` and ``state_dict()["state"][i]``):
   consecutive elements. ``state_dict()`` adds ``exp_avg`` / ``exp_avg_sq``
   dequantized to fp32, so torch.optim.AdamW (or PagedAdamW) can load it;
   ``load_state_dict`` takes the codes when present (exact continuation) and
-  otherwise quantizes ``exp_avg`` / ``exp_avg_sq``.
+  otherwise quantizes ``exp_avg`` / ``exp_avg_sq``. A parameter with fewer
+  than ``min_8bit_size`` (default 4096) elements has PagedAdamW's fp32 layout.
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
 
 class _PagedAdamWBase(torch.optim.Optimizer):
     """AdamW with states in CUDA unified memory; subclasses choose the state format."""
-
-    _MOMENT_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -119,7 +118,7 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _moments(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [state[k] for k in self._MOMENT_KEYS]
+        return [t for k, t in state.items() if k != "step"]
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self._new_state(p)
@@ -258,6 +257,9 @@ def _check_saved(name: str, saved: dict[str, Any], shape: torch.Size | tuple[int
     return t
 
 
+_FP32_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 class PagedAdamW(_PagedAdamWBase):
     """AdamW (torch.optim.AdamW's math) with fp32 moments in CUDA unified memory.
 
@@ -269,30 +271,46 @@ class PagedAdamW(_PagedAdamWBase):
         evict_after_step: evict the states to host memory after every step.
     """
 
-    _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: self._alloc(p, p.shape, torch.float32).zero_() for k in self._MOMENT_KEYS}
+        return {k: self._alloc(p, p.shape, torch.float32).zero_() for k in _FP32_MOMENTS}
 
     def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"])
+        return {k: state[k] for k in _FP32_MOMENTS}
 
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
-        for key in self._MOMENT_KEYS:
+        for key in _FP32_MOMENTS:
             state[key].copy_(_check_saved(key, saved, p.shape))
 
 
-class PagedAdamW8bit(_PagedAdamWBase):
+class PagedAdamW8bit(PagedAdamW):
     """AdamW with blockwise 8-bit moments (dynamic maps, 256 elements per fp32
     absmax, as bitsandbytes' 8-bit optimizers) in CUDA unified memory: 2 bytes
-    per parameter of state (+ 1/32) instead of 8. Arguments as :class:`PagedAdamW`.
-    The update itself runs in fp32 on the dequantized moments, which are then
-    requantized in the same kernel."""
+    per parameter of state (+ 1/32) instead of 8. The update itself runs in fp32
+    on the dequantized moments, which are then requantized in the same kernel.
 
-    _MOMENT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+    Arguments as :class:`PagedAdamW`, plus ``min_8bit_size``: parameters with
+    fewer elements keep fp32 moments, exactly as :class:`PagedAdamW` (as
+    bitsandbytes' 8-bit optimizers, whose default is also 4096): on a small
+    tensor, 8-bit state saves little memory and costs the most accuracy.
+    """
+
     _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 paged: bool = True, evict_after_step: bool = False, min_8bit_size: int = 4096):
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = min_8bit_size
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, paged=paged,
+                         evict_after_step=evict_after_step)
+
+    def _is_8bit(self, p: torch.Tensor) -> bool:
+        return p.numel() >= self.min_8bit_size
+
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._is_8bit(p):
+            return super()._new_state(p)
         nblocks = -(-p.numel() // QBLOCK)
         state = {}
         for moment, signed in self._SIGNED.items():
@@ -302,10 +320,14 @@ class PagedAdamW8bit(_PagedAdamWBase):
         return state
 
     def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "exp_avg" in state:  # a parameter under min_8bit_size
+            return super()._kernel_states(state)
         return dict(exp_avg=state["exp_avg_codes"], exp_avg_sq=state["exp_avg_sq_codes"],
                     exp_avg_absmax=state["exp_avg_absmax"], exp_avg_sq_absmax=state["exp_avg_sq_absmax"])
 
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+        if not self._is_8bit(p):
+            return super()._load_moments(p, state, saved)  # state_dict() always has the fp32 moments
         nblocks = -(-p.numel() // QBLOCK)
         for moment, signed in self._SIGNED.items():
             if f"{moment}_codes" in saved:
@@ -322,6 +344,8 @@ class PagedAdamW8bit(_PagedAdamWBase):
     def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp_avg, exp_avg_sq)`` of ``p`` as fp32 tensors of p's shape."""
         state = self.state[p]
+        if "exp_avg" in state:
+            return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
         return tuple(
             dequantize_blockwise_8bit(state[f"{m}_codes"], state[f"{m}_absmax"],
                                       dynamic_map(p.device, signed=signed), QBLOCK).reshape(p.shape)
@@ -332,7 +356,9 @@ class PagedAdamW8bit(_PagedAdamWBase):
         params = [p for group in self.param_groups for p in group["params"]]
         states = {}
         for index, state in sd["state"].items():
-            exp_avg, exp_avg_sq = self.dequantized_moments(params[index])
-            states[index] = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            if "exp_avg" not in state:  # 8-bit: add the fp32 moments
+                exp_avg, exp_avg_sq = self.dequantized_moments(params[index])
+                state = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            states[index] = state
         sd["state"] = states
         return sd

@@ -93,7 +93,7 @@ def test_8bit_tracks_fp32_adamw(backend, shape):
     p0 = torch.randn(shape)
     grads = _grads(shape, torch.float32)
     ref, _ = _run(torch.optim.AdamW, p0, grads)
-    out, opt = _run(qt.PagedAdamW8bit, p0, grads)
+    out, opt = _run(qt.PagedAdamW8bit, p0, grads, min_8bit_size=0)  # 1024x1 too
     assert torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / (ref.double() - p0.double()).norm()
     assert err <= EIGHT_BIT_UPDATE_RTOL, err
@@ -117,7 +117,7 @@ def test_8bit_kernel_matches_reference(shape, dtype):
     runs = {}
     for backend in ("triton", "torch"):
         with qt.force_backend(backend):
-            runs[backend] = _run(qt.PagedAdamW8bit, p0, grads)
+            runs[backend] = _run(qt.PagedAdamW8bit, p0, grads, min_8bit_size=0)
     (pt, ot), (pr, orf) = runs["triton"], runs["torch"]
     # Where a moment code flipped, that element's later updates move by about
     # lr x one code step (~2%): measured up to 1.2e-4 here (2 of 160 seeded runs
@@ -195,6 +195,51 @@ def test_state_dict_is_torch_adamw_layout(backend):
     assert ((exp_avg - sd["state"][0]["exp_avg"]).abs() <= 0.02 * scale).all()
 
 
+def test_8bit_keeps_fp32_moments_under_min_8bit_size(backend):
+    # bitsandbytes' rule: tensors under min_8bit_size elements (default 4096) keep
+    # 32-bit state. In one model: the small ones step exactly as PagedAdamW,
+    # the large one has 8-bit codes; the state dict round trip continues identically.
+    shapes = [(64, 64), (64, 63), (7,)]  # 4096 (8-bit), 4032 and 7 (fp32)
+    p0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+
+    def run(cls, reload_at=None):
+        ps = [p.clone().requires_grad_() for p in p0]
+        opt = cls(ps, **HYPER)
+        for i, gs in enumerate(grads):
+            if i == reload_at:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = cls(ps, **HYPER)
+                opt.load_state_dict(torch.load(buf))
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in ps], opt
+
+    ours, opt = run(qt.PagedAdamW8bit)
+    fp32, _ = run(qt.PagedAdamW)
+    states = [opt.state[p] for p in opt.param_groups[0]["params"]]
+    assert states[0]["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in states[0]
+    for state, shape in zip(states[1:], shapes[1:]):
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and state["exp_avg"].shape == shape
+    assert not torch.equal(ours[0], fp32[0])  # 8-bit moments round the update
+    assert all(torch.equal(a, b) for a, b in zip(ours[1:], fp32[1:]))
+    sd = opt.state_dict()
+    assert set(sd["state"][2]) == {"step", "exp_avg", "exp_avg_sq"}
+    reloaded, _ = run(qt.PagedAdamW8bit, reload_at=3)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded, ours))
+    every, _ = run(lambda ps, **kw: qt.PagedAdamW8bit(ps, min_8bit_size=0, **kw))
+    assert not torch.equal(every[2], fp32[2])  # min_8bit_size=0: the small ones are 8-bit too
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "4096", True])
+def test_bad_min_8bit_size(value):
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        qt.PagedAdamW8bit([torch.randn(3, requires_grad=True)], min_8bit_size=value)
+
+
 def _train(opt_factory, steps=200):
     """(initial, final) training loss of a small MLP regression (1024 samples,
     8 -> 32 -> 1, no biases) on a smooth target plus noise of variance 0.01:
@@ -224,7 +269,8 @@ def test_trains_like_torch_adamw(backend, opt_cls):
     # Measured (200 steps, lr 1e-2): loss 0.645 -> torch.optim.AdamW 0.01037,
     # PagedAdamW 0.01037, PagedAdamW8bit 0.01038 (+0.1%).
     initial, ref = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2))
-    _, ours = _train(lambda ps: opt_cls(ps, lr=1e-2, weight_decay=1e-2))
+    extra = {"min_8bit_size": 0} if opt_cls is qt.PagedAdamW8bit else {}  # the MLP's tensors are small
+    _, ours = _train(lambda ps: opt_cls(ps, lr=1e-2, weight_decay=1e-2, **extra))
     print(f"loss {initial:.5f} -> torch.optim.AdamW {ref:.5f}, {opt_cls.__name__} {ours:.5f}")
     assert ref < 0.1 * initial  # it did train
     assert abs(ours - ref) <= 0.02 * ref, (ours, ref)

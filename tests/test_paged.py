@@ -136,7 +136,7 @@ def test_oversubscription_is_refused():
 @pytest.mark.gpu
 @gpu
 def test_managed_states_are_ordinary_cuda_tensors(tmp_path):
-    p = torch.randn(1000, device="cuda", requires_grad=True)
+    p = torch.randn(5000, device="cuda", requires_grad=True)  # >= min_8bit_size: 8-bit state
     p.grad = torch.randn_like(p)
     opt = qt.PagedAdamW8bit([p], evict_after_step=True)
     opt.step()
