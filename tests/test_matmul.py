@@ -166,8 +166,8 @@ def test_weight_is_frozen():
 
 # -- the dispatcher ---------------------------------------------------------------
 def test_select_kernel_by_rows():
-    assert [ops_matmul.select_kernel(m, 4096, 4096) for m in (1, 2, 8, 16)] == ["gemv"] * 4
-    assert [ops_matmul.select_kernel(m, 4096, 4096) for m in (17, 64, 4096)] == ["gemm"] * 3
+    assert [ops_matmul.select_kernel(m) for m in (1, 2, 8, 16)] == ["gemv"] * 4
+    assert [ops_matmul.select_kernel(m) for m in (17, 64, 4096)] == ["gemm"] * 3
 
 
 # -- autotune pruning (the GPU config lists; pure functions, checked here on the CPU) --

@@ -42,9 +42,10 @@ GEMV_MAX_M = 16
 launches: collections.Counter = collections.Counter()
 
 
-def select_kernel(M: int, N: int, K: int) -> str:
-    """The forward kernel for an ``[M, K] @ [K, N]`` product: ``"gemv"`` for
-    decode-sized M (memory-bound: the floor is the packed bytes), ``"gemm"`` otherwise."""
+def select_kernel(M: int) -> str:
+    """The forward kernel for ``M`` rows of x: ``"gemv"`` for decode-sized M
+    (memory-bound: the floor is the packed bytes), ``"gemm"`` otherwise. By M
+    alone: the autotuners pick tiles and splits for N and K."""
     return "gemv" if M <= GEMV_MAX_M else "gemm"
 
 
@@ -467,7 +468,7 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if rows is not None:
         x = x.contiguous()
         return torch.cat([nf4_matmul(x[i:i + rows], qw, bias) for i in range(0, M, rows)])
-    kernel = select_kernel(M, N, K)
+    kernel = select_kernel(M)
     if M == 0:
         return x.new_empty((0, N))
     meta = _weight_meta(qw)
