@@ -68,7 +68,8 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
 
 
 class _PagedAdamWBase(torch.optim.Optimizer):
-    """AdamW with states in CUDA unified memory; subclasses choose the state format."""
+    """AdamW with states in CUDA unified memory: the step loop and the paging;
+    subclasses choose the state format."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -305,11 +306,8 @@ class PagedAdamW8bit(PagedAdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, paged=paged,
                          evict_after_step=evict_after_step)
 
-    def _is_8bit(self, p: torch.Tensor) -> bool:
-        return p.numel() >= self.min_8bit_size
-
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self._is_8bit(p):
+        if p.numel() < self.min_8bit_size:  # fp32 moments; the other methods read the state's keys
             return super()._new_state(p)
         nblocks = -(-p.numel() // QBLOCK)
         state = {}
@@ -326,8 +324,8 @@ class PagedAdamW8bit(PagedAdamW):
                     exp_avg_absmax=state["exp_avg_absmax"], exp_avg_sq_absmax=state["exp_avg_sq_absmax"])
 
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
-        if not self._is_8bit(p):
-            return super()._load_moments(p, state, saved)  # state_dict() always has the fp32 moments
+        if "exp_avg" in state:  # under min_8bit_size; a state_dict always has the fp32 moments
+            return super()._load_moments(p, state, saved)
         nblocks = -(-p.numel() // QBLOCK)
         for moment, signed in self._SIGNED.items():
             if f"{moment}_codes" in saved:
