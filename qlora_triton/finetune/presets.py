@@ -22,6 +22,7 @@ import torch
 
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
+from .step import timed_step
 
 # The default run (no --preset), by device: model size, data and steps chosen
 # so the CPU run finishes in a few minutes and fine-tuning clearly lowers the
@@ -181,14 +182,8 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
-            sync(dev)
-            t = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(dev)
-            step_seconds.append(time.perf_counter() - t)
+            loss, seconds = timed_step(model, batch, optimizer, dev)
+            step_seconds.append(seconds)
             losses.append(loss.item())
     timed = step_seconds[1:]
     from .model import tensor_bytes

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import presets
-from .memory import sync
 from .model import build_llama
+from .step import timed_step
 
 METHODS = ("lora16", "qlora")
 
@@ -139,15 +139,9 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
     bar = tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True, file=sys.stderr)
     for step in bar:
         batch = stream.batch(starts[step], seq_len).to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, seconds = timed_step(model, batch, optimizer, device)
         schedule.step()
-        sync(device)
-        train_seconds += time.perf_counter() - t0
+        train_seconds += seconds
         tokens += batch.numel()
         losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:

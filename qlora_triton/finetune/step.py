@@ -1,0 +1,24 @@
+"""One timed training step, shared by the fine-tune phases and the presets."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .memory import sync
+
+
+def timed_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
+               device: torch.device) -> tuple[torch.Tensor, float]:
+    """Forward (language-model loss, labels = inputs), backward and optimizer
+    step on ``batch``; returns the loss and the step's seconds, measured between
+    device syncs so that queued GPU work is counted."""
+    sync(device)
+    t0 = time.perf_counter()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return loss, time.perf_counter() - t0
