@@ -9,9 +9,16 @@ in the model given to ``save_adapter`` (PEFT wraps that model as
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import glob
 import json
 import logging
 import os
+import shutil
+import sys
+import uuid
 from typing import Any
 
 import torch
@@ -79,10 +86,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         for part in ("lora_A", "lora_B"):
             weight = getattr(m, part).weight
             tensors[f"{KEY_PREFIX}{name}.{part}.weight"] = weight.detach().to("cpu").contiguous()
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    def write(folder: str) -> None:
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    _replace_folder(os.fspath(path), write, (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -103,8 +112,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for p in (config_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"path: no {os.path.basename(p)} in {os.fspath(path)!r}")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
     for field in ("rank_pattern", "alpha_pattern"):
@@ -121,7 +135,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{config_path}: {e}") from e
     lora_dropout = float(lora_dropout)
 
-    tensors = load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error types (truncated, bad header)
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
     expected = {f"{KEY_PREFIX}{name}.{part}.weight": (name, part)
                 for name in layers for part in ("lora_A", "lora_B")}
     unexpected = sorted(set(tensors) - set(expected))
@@ -149,3 +166,104 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     logger.info("loaded a LoRA adapter (r=%d, lora_alpha=%s) into %d layers from %s",
                 r, lora_alpha, len(layers), os.fspath(path))
     return model
+
+
+# -- atomic replacement of a folder ----------------------------------------------------
+
+_TEMP_TAG = ".qlora-save-"
+
+
+def _temp_dirs(path: str) -> list[str]:
+    """The temporary siblings of ``path`` that saves create (hidden, tagged)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}{_TEMP_TAG}*"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the directories ``a`` and ``b`` (Linux ``renameat2``
+    RENAME_EXCHANGE, macOS ``renamex_np`` RENAME_SWAP); ``False`` if this OS or
+    file system cannot."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        rc = libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        RENAME_SWAP = 2
+        rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), RENAME_SWAP)
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _replace_folder(path: str, write, names: tuple[str, ...]) -> None:
+    """Write ``names`` into folder ``path`` so that a reader (or a kill -9 at any
+    moment) sees all the old files or all the new ones, never a mix.
+
+    ``write(tmp)`` writes the new files into a fresh hidden sibling folder, which
+    also gets hard links to every other entry of ``path`` (so unrelated files stay);
+    the files are fsynced, then the two folders are swapped in one atomic
+    exchange and the old one removed. A save killed midway leaves only a hidden
+    sibling ``.<name>.qlora-save-<pid>-...``, never read by ``load_adapter`` and
+    removed by the next save. Without an atomic exchange (e.g. NFS, Windows) the
+    swap is two renames, so a kill between them leaves ``path`` missing (the old
+    files are in the sibling), still never a mix. One writer at a time per folder.
+    """
+    path = os.path.abspath(path)
+    for stale in _temp_dirs(path):  # left by a killed save
+        pid = stale.rpartition(_TEMP_TAG)[2].split("-")[0]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"path: {path!r} exists and is not a directory")
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}{_TEMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        if os.path.isdir(path):
+            shutil.copytree(path, tmp, symlinks=True, copy_function=_link_or_copy,
+                            ignore=lambda d, entries: names if d == path else ())
+        else:
+            os.makedirs(tmp)
+        write(tmp)
+        for n in names:
+            _fsync(os.path.join(tmp, n))
+        _fsync(tmp)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
+            old = tmp + "-old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            tmp = old
+        _fsync(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -2,7 +2,7 @@
 ``torch.compile`` traces them as single nodes (no graph breaks) and
 ``torch.library.opcheck`` can test them.
 
-Registered with ``custom_op`` + ``register_fake`` (DESIGN.md: ``triton_op`` fails on
+Registered with ``custom_op`` + ``register_fake`` (docs/backends.md: ``triton_op`` fails on
 CPU tensors). An op takes an :class:`NF4Weight` as its tensors plus ints, since a
 schema cannot hold a dataclass; each implementation dispatches with
 :func:`qlora_triton.backend.use_triton` to the Triton launcher or the reference.

@@ -74,6 +74,8 @@ def _quantize_linear(linear: nn.Linear, blocksize: int, double_quant: bool,
     if device is not None:
         weight = weight.to(device)
         bias = None if bias is None else bias.to(device)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("linear.weight contains NaN or Inf; NF4 cannot represent it")
     return quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant), bias
 
 
@@ -102,6 +104,8 @@ class Linear4bit(nn.Module):
         else:
             if not isinstance(bias, torch.Tensor):
                 raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if bias.dtype not in FLOAT_DTYPES:  # nf4_matmul takes no other (an int or complex would be cast)
+                raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().to(weight.device).clone(), requires_grad=False)
@@ -118,6 +122,7 @@ class Linear4bit(nn.Module):
 
     # -- the quantized weight --------------------------------------------------------
     def _set_quant_weight(self, qw: NF4Weight) -> None:
+        qw.check_finite()  # once per weight here, so that forward never syncs to check
         for name, field in _QUANT_BUFFERS.items():
             t = getattr(qw, field)
             self.register_buffer(name, t.reshape(-1, 1) if name == "weight" else t)

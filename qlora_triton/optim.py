@@ -215,6 +215,10 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         """Load a state dict of this class, of the other paged class, or of
         torch.optim.AdamW; states are copied into fresh (managed, when paged)
         tensors in this optimizer's format."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (an optimizer's "
+                             "state_dict()), got " + (f"keys {sorted(state_dict)}" if isinstance(state_dict, dict)
+                                                      else type(state_dict).__name__))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, "
@@ -240,7 +244,14 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has state for parameter {index}, which no parameter group holds")
             p = by_index[index]
             state = self._init_state(p)
-            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            step = saved.get("step") if isinstance(saved, dict) else None
+            if step is None:
+                raise ValueError(f"state_dict's state for parameter {index} lacks 'step'")
+            step = float(step)
+            if not (math.isfinite(step) and step >= 0):
+                raise ValueError(f"state_dict's state for parameter {index}: step must be a finite count "
+                                 f">= 0, got {step}")
+            state["step"] = torch.tensor(step, dtype=torch.float32)
             self._load_moments(p, state, saved)
             states[p] = state
             if self._is_paged(p):

@@ -62,7 +62,8 @@ def blockwise_8bit_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` with W dequantized in fp32; output in ``x.dtype``."""
     w = nf4_dequantize(qw, torch.float32)
-    y = x.float() @ w.t()
+    # Contiguous first: BLAS sums a strided x in another order (bits differ).
+    y = x.float().contiguous() @ w.t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -71,7 +72,7 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
 def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     """``grad_y @ W``, the input gradient of ``x @ W.T``; output in ``grad_y.dtype``."""
     w = nf4_dequantize(qw, torch.float32)
-    return (grad_y.float() @ w).to(grad_y.dtype)
+    return (grad_y.float().contiguous() @ w).to(grad_y.dtype)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -101,6 +102,9 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         param.view(-1).copy_(p)
     if eight_bit:
         for x, codes, absmax, code in ((m, exp_avg, exp_avg_absmax, signed), (v, exp_avg_sq, exp_avg_sq_absmax, unsigned)):
+            # A NaN/Inf moment element (from a NaN/Inf gradient) is stored as 0:
+            # it would make its whole block's absmax NaN/Inf (see ops/optimizer.py).
+            x = torch.where(torch.isfinite(x), x, 0.0)
             q, a = blockwise_8bit_quantize(x, code, STATE_BLOCKSIZE)
             codes.view(-1).copy_(q)
             absmax.copy_(a)

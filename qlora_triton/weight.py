@@ -1,6 +1,6 @@
 """``NF4Weight``: the typed container of a 4-bit NormalFloat weight.
 
-Layout (bitsandbytes-compatible, see DESIGN.md): the weight is flattened
+Layout (bitsandbytes-compatible, see docs/format.md): the weight is flattened
 row-major, cut into blocks of ``blocksize`` consecutive elements (a block may
 cross a row; the last may be partial), each element stored as a 4-bit index
 into ``code``, two per byte with the first element in the high nibble. Each
@@ -39,6 +39,22 @@ def _check_tensor(name: str, t: Any, dtype: torch.dtype, numel: int | None = Non
         raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
 
 
+def _check_shape(shape: Any) -> torch.Size:
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ValueError(f"shape must hold non-negative ints, got {tuple(shape)}")
+    return torch.Size(shape)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    # The kernels index every field as a dense array. A contiguous tensor (also
+    # an offset view) is kept as is, so module buffers stay aliased; a strided
+    # or expanded (stride 0) one is copied once, here, not per launch.
+    return t if t.is_contiguous() else t.contiguous()
+
+
 @dataclasses.dataclass
 class NF4Weight:
     """A frozen weight in NF4, optionally with double-quantized scales.
@@ -70,31 +86,40 @@ class NF4Weight:
 
     def __post_init__(self) -> None:
         # Structural checks only: they read no tensor data, so they cost no
-        # device synchronization. Data checks live in ``check_finite``.
-        self.shape = torch.Size(self.shape)
+        # device synchronization. Value checks live in ``check_finite``.
+        self.shape = _check_shape(self.shape)
         if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
         check_blocksize(self.blocksize)
+        check_blocksize(self.blocksize2, "blocksize2")
         if self.numel == 0:
             raise ValueError(f"shape must have at least one element, got {tuple(self.shape)}")
         _check_tensor("packed", self.packed, torch.uint8, (self.numel + 1) // 2)
-        self.packed = self.packed.reshape(-1)
+        self.packed = _dense(self.packed).reshape(-1)
         _check_tensor("code", self.code, torch.float32, 16)
+        nested = {n: getattr(self, n) for n in ("absmax2", "code2", "offset")}
         if self.double_quant:
-            missing = [n for n in ("absmax2", "code2", "offset") if getattr(self, n) is None]
+            missing = [n for n, t in nested.items() if t is None]
             if missing:
                 raise ValueError(f"a uint8 absmax (double quantization) needs {', '.join(missing)}")
             _check_tensor("absmax", self.absmax, torch.uint8, self.nblocks)
-            nested = math.ceil(self.nblocks / self.blocksize2)
-            _check_tensor("absmax2", self.absmax2, torch.float32, nested)
+            _check_tensor("absmax2", self.absmax2, torch.float32, math.ceil(self.nblocks / self.blocksize2))
             _check_tensor("code2", self.code2, torch.float32, 256)
             _check_tensor("offset", self.offset, torch.float32, 1)
             self.offset = self.offset.reshape(())
         else:
             _check_tensor("absmax", self.absmax, torch.float32, self.nblocks)
+            given = [n for n, t in nested.items() if t is not None]
+            if given:  # read as plain scales they would be ignored: a silently wrong weight
+                raise ValueError(f"absmax is float32 (plain scales) but {', '.join(given)} "
+                                 "(double quantization) given: a nested absmax must be uint8")
         devices = {t.device for t in self.tensors().values()}
         if len(devices) > 1:
             raise ValueError(f"all tensors of an NF4Weight must be on one device, got {devices}")
+        if self.device.type == "meta":
+            raise ValueError("packed is on the meta device: an NF4Weight needs real data")
+        for name, t in self.tensors().items():
+            setattr(self, name, _dense(t))
 
     # -- shape facts ---------------------------------------------------------------
     @property
@@ -139,17 +164,22 @@ class NF4Weight:
         return self.code2[self.absmax.long()] * self.absmax2[blocks] + self.offset
 
     def check_finite(self) -> "NF4Weight":
-        """Raise if any scale is NaN or Inf: such a block would dequantize to
-        NaN silently (bitsandbytes does exactly that)."""
+        """Raise a ``ValueError`` if a codebook, a nested constant or a block's
+        scale is NaN or Inf (such a block would dequantize to NaN or Inf
+        silently, as in bitsandbytes); returns ``self``. It reads the data (one
+        device sync), so it runs where weights enter: ``quantize_nf4``,
+        ``from_state_dict``, ``from_bnb``, ``Linear4bit`` and ``dequantize_nf4``,
+        not in every matmul."""
+        for name, t in self.tensors().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf; the weight is corrupt")
         bad = ~torch.isfinite(self.absmax_fp32())
-        if bool(bad.any()):
+        if bool(bad.any()):  # finite nested parts whose sum overflows float32
             blocks = bad.nonzero().flatten()
             raise ValueError(
                 f"absmax: {blocks.numel()} of {self.nblocks} blocks have a NaN or Inf scale "
                 f"(first block {int(blocks[0])}); the weight is corrupt"
             )
-        if not bool(torch.isfinite(self.code).all()):
-            raise ValueError("code: the NF4 codebook contains NaN or Inf")
         return self
 
     # -- bitsandbytes state-dict form (no bitsandbytes needed) -------------------
@@ -177,35 +207,54 @@ class NF4Weight:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4Weight":
-        """Build from bitsandbytes' ``Linear4bit`` state-dict keys under ``prefix``."""
+        """Build from bitsandbytes' ``Linear4bit`` state-dict keys under ``prefix``.
+        A missing key or a malformed ``quant_state`` is a ``ValueError`` naming it."""
         key = f"{prefix}.quant_state.bitsandbytes__nf4"
         if key not in state_dict:
             fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
             if fp4 in state_dict:
                 raise ValueError(f"state_dict: {fp4} is an FP4 weight; only NF4 is supported")
-            raise KeyError(f"state_dict has no {key!r}: not a bitsandbytes NF4 weight")
-        meta = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"state_dict: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
-        nested = f"{prefix}.nested_absmax" in state_dict
-        packed = state_dict[prefix]
+            raise ValueError(f"state_dict has no {key!r}: not a bitsandbytes NF4 weight")
+
+        def tensor(name: str) -> torch.Tensor:
+            if name not in state_dict:
+                raise ValueError(f"state_dict has no {name!r}, which {key!r} needs")
+            t = state_dict[name]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state_dict[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+            return t
+
+        meta = _parse_quant_state(key, tensor(key))
+        packed = tensor(prefix)
         kwargs: dict[str, Any] = {}
-        if nested:
+        if "nested_blocksize" in meta or f"{prefix}.nested_absmax" in state_dict:
             kwargs = dict(
-                absmax2=state_dict[f"{prefix}.nested_absmax"],
-                code2=state_dict[f"{prefix}.nested_quant_map"],
-                offset=torch.tensor(float(meta["nested_offset"]), device=packed.device),
-                blocksize2=int(meta["nested_blocksize"]),
+                absmax2=tensor(f"{prefix}.nested_absmax"),
+                code2=tensor(f"{prefix}.nested_quant_map"),
+                offset=torch.tensor(_field(key, meta, "nested_offset", float), device=packed.device),
+                blocksize2=_field(key, meta, "nested_blocksize", int),
             )
-        return cls(
-            packed=packed.view(torch.uint8).reshape(-1),
-            absmax=state_dict[f"{prefix}.absmax"],
-            shape=torch.Size(meta["shape"]),
-            dtype=getattr(torch, meta["dtype"]),
-            blocksize=int(meta["blocksize"]),
-            code=state_dict[f"{prefix}.quant_map"],
-            **kwargs,
-        ).check_finite()
+            if meta.get("nested_dtype", "float32") != "float32":
+                raise ValueError(f"{key}: nested_dtype must be 'float32', got {meta['nested_dtype']!r}")
+        if packed.dtype != torch.uint8 and packed.element_size() != 1:
+            raise TypeError(f"state_dict[{prefix!r}] must hold packed bytes (uint8), got {packed.dtype}")
+        dtype_name = _field(key, meta, "dtype", str)
+        dtype = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}.get(dtype_name)
+        if dtype is None:
+            raise ValueError(f"{key}: dtype must be 'float32', 'float16' or 'bfloat16', got {dtype_name!r}")
+        shape = _field(key, meta, "shape", list)
+        try:
+            return cls(
+                packed=packed.view(torch.uint8).reshape(-1),
+                absmax=tensor(f"{prefix}.absmax"),
+                shape=shape,
+                dtype=dtype,
+                blocksize=_field(key, meta, "blocksize", int),
+                code=tensor(f"{prefix}.quant_map"),
+                **kwargs,
+            ).check_finite()
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"state_dict under {prefix!r}: {e}") from e
 
     # -- bitsandbytes objects ----------------------------------------------------
     def to_bnb(self) -> tuple[torch.Tensor, Any]:
@@ -247,3 +296,29 @@ class NF4Weight:
             code=quant_state.code,
             **kwargs,
         ).check_finite()
+
+
+def _parse_quant_state(key: str, blob: torch.Tensor) -> dict[str, Any]:
+    """The JSON object stored as uint8 bytes under ``key``."""
+    if blob.dtype != torch.uint8:
+        raise TypeError(f"{key} must be uint8 bytes of JSON, got {blob.dtype}")
+    try:
+        meta = json.loads(bytes(blob.cpu().reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key} is not UTF-8 JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(meta).__name__}")
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{key}: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+    return meta
+
+
+def _field(key: str, meta: dict[str, Any], name: str, kind: type) -> Any:
+    """``meta[name]`` if it is a ``kind`` (an int never from a float, e.g. 64.7)."""
+    if name not in meta:
+        raise ValueError(f"{key} lacks {name!r}")
+    value = meta[name]
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{key}: {name} must be a JSON {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value

@@ -19,6 +19,11 @@ absmax per 256 consecutive elements. The kernel dequantizes
 requantizes them: new absmax per block, nearest code of ``x * (1 / absmax)``
 by binary search over the codebook midpoints (as ops/quantize.py). A program
 owns whole 256-blocks, so the absmax reduction never crosses programs.
+
+A NaN or Inf gradient element costs that element only, as in torch's AdamW:
+its parameter becomes NaN, and its 8-bit moments are stored as 0 (8 bits hold
+no NaN; any other code would keep moving a repaired parameter), while the rest
+of its block keeps finite moments and scale. The reference does the same.
 """
 
 from __future__ import annotations
@@ -60,7 +65,10 @@ def _dequantize_moment(codes_ptr, absmax_ptr, code_ptr, idx, block, mask, block_
 
 @triton.jit
 def _quantize_moment(x, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, block_mask):
-    # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes.
+    # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes. A NaN/Inf element (from a
+    # NaN/Inf gradient; its parameter element is NaN by now) is stored as 0, so
+    # that it neither spoils its block's absmax nor moves a repaired parameter.
+    x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
     absmax = tl.max(tl.abs(x), axis=1)
     # An fp32 clamp, not the literal 1e-38 (subnormal in fp32: Triton 3.6 types
     # it fp64 and div_rn then fails to compile).
