@@ -170,15 +170,20 @@ class NF4Weight:
         device sync), so it runs where weights enter: ``quantize_nf4``,
         ``from_state_dict``, ``from_bnb``, ``Linear4bit`` and ``dequantize_nf4``,
         not in every matmul."""
-        for name, t in self.tensors().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        for name in ("code", "code2", "offset"):
+            t = getattr(self, name)
+            if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf; the weight is corrupt")
+        # The unpacked scales: NaN/Inf in absmax or absmax2, or finite nested
+        # parts whose sum overflows float32.
         bad = ~torch.isfinite(self.absmax_fp32())
-        if bool(bad.any()):  # finite nested parts whose sum overflows float32
+        if bool(bad.any()):
             blocks = bad.nonzero().flatten()
+            where = " (absmax2 contains NaN or Inf)" if self.double_quant and not bool(
+                torch.isfinite(self.absmax2).all()) else ""
             raise ValueError(
                 f"absmax: {blocks.numel()} of {self.nblocks} blocks have a NaN or Inf scale "
-                f"(first block {int(blocks[0])}); the weight is corrupt"
+                f"(first block {int(blocks[0])}){where}; the weight is corrupt"
             )
         return self
 
