@@ -1,0 +1,168 @@
+"""Property-based checks (hypothesis) of quantize, dequantize and both matmuls
+against an independent NumPy model of the format (docs/format.md), over random
+shapes, blocksizes, dtypes, double quantization and strides of every input,
+on both backends. The model below shares no code with qlora_triton."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import qlora_triton as qt
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# ||out - ref|| / ||ref|| bounds of docs/testing.md
+RTOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+SETTINGS = settings(max_examples=12, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+# ---- the independent model of the format -------------------------------------------------
+
+def np_decode(packed, absmax, code, numel, blocksize, absmax2=None, code2=None, offset=None):
+    """Dense fp32 weight (flat) from the stored fields, as docs/format.md says."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    nibbles = np.empty(2 * packed.size, dtype=np.int64)
+    nibbles[0::2] = packed >> 4
+    nibbles[1::2] = packed & 0xF
+    nibbles = nibbles[:numel]
+    block = np.arange(numel) // blocksize
+    if absmax2 is None:
+        scale = np.asarray(absmax, dtype=np.float32)
+    else:
+        q = np.asarray(absmax, dtype=np.int64)
+        nested = np.asarray(absmax2, dtype=np.float32)[np.arange(q.size) // 256]
+        scale = (np.asarray(code2, dtype=np.float32)[q] * nested).astype(np.float32) + np.float32(offset)
+    return (np.asarray(code, dtype=np.float32)[nibbles] * scale[block]).astype(np.float32)
+
+
+def np_quantize(w, code, blocksize):
+    """(packed, absmax) of a flat fp32 array: x * (1 / absmax) for full blocks,
+    x / absmax for the partial last one, nearest code (a tie to the lower)."""
+    w = np.asarray(w, dtype=np.float32)
+    n = w.size
+    nblocks = -(-n // blocksize)
+    absmax = np.empty(nblocks, dtype=np.float32)
+    scaled = np.empty(n, dtype=np.float32)
+    bounds = ((code[:-1] + code[1:]) / np.float32(2)).astype(np.float32)
+    for b in range(nblocks):
+        x = w[b * blocksize:(b + 1) * blocksize]
+        m = np.float32(np.abs(x).max())
+        safe = max(m, np.float32(1e-38))
+        if x.size == blocksize:
+            absmax[b] = m
+            scaled[b * blocksize:b * blocksize + x.size] = x * (np.float32(1) / safe)
+        else:
+            absmax[b] = safe
+            scaled[b * blocksize:] = x / safe
+    idx = np.searchsorted(bounds, np.clip(scaled, -1, 1), side="left")
+    if n % 2:
+        idx = np.append(idx, 7)  # the padding element, 0.0
+    return ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8), absmax
+
+
+# ---- strategies --------------------------------------------------------------------------
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``t`` (values unchanged) as a contiguous, strided or offset view."""
+    if how == "contiguous" or t.numel() <= 1:
+        return t
+    flat = t.reshape(-1)
+    if how == "strided":
+        big = torch.zeros(flat.numel() * 2, dtype=t.dtype)
+        big[::2] = flat
+        return big[::2].reshape(t.shape)
+    big = torch.zeros(flat.numel() + 3, dtype=t.dtype)
+    big[3:] = flat
+    return big[3:].reshape(t.shape)
+
+
+def _matrix(rows, cols, dtype, how):
+    """A random [rows, cols] input laid out ``how``: row-major, transposed or a column slice."""
+    if how == "transposed":
+        return torch.randn(cols, rows).to(dtype).t()
+    if how == "sliced":
+        return torch.randn(rows, cols + 5).to(dtype)[:, 2:2 + cols]
+    return torch.randn(rows, cols).to(dtype)
+
+
+LAYOUTS = st.sampled_from(["contiguous", "strided", "offset"])
+case = st.fixed_dictionaries(dict(
+    n=st.integers(1, 40), k=st.integers(1, 140), m=st.integers(0, 20),
+    blocksize=st.sampled_from([32, 64, 128, 256]), dtype=st.sampled_from(sorted(DTYPES)),
+    double_quant=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    w_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    x_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    field_layouts=st.fixed_dictionaries({f: LAYOUTS for f in
+                                         ("packed", "absmax", "code", "absmax2", "code2", "offset")}),
+    bias_layout=LAYOUTS,
+))
+
+
+def _rel(out: torch.Tensor, ref: np.ndarray) -> float:
+    ref_t = torch.from_numpy(ref)
+    denom = float(ref_t.norm())
+    err = float((out.double() - ref_t).norm())
+    assert err == err, "NaN in the output"
+    return err / denom if denom else err
+
+
+@SETTINGS
+@given(c=case)
+def test_ops_match_an_independent_model(backend, c):
+    torch.manual_seed(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    n, k, m, bs = c["n"], c["k"], c["m"], c["blocksize"]
+    w = _matrix(n, k, dtype, c["w_layout"]) * (torch.rand(n, 1) * 3 + 0.01).to(dtype)
+    qw = qt.quantize_nf4(w, blocksize=bs, double_quant=c["double_quant"])
+    code = qt.nf4_codebook().numpy()
+
+    # quantize: codes byte-identical to the model; plain absmax identical, nested
+    # ones the nearest 8-bit code of (absmax - offset) / absmax2.
+    packed, absmax = np_quantize(w.float().contiguous().reshape(-1).numpy(), code, bs)
+    assert np.array_equal(qw.packed.numpy(), packed)
+    if c["double_quant"]:
+        assert np.isclose(float(qw.offset), absmax.astype(np.float64).mean(), rtol=1e-5)
+        dyn = qw.code2.double().numpy()
+        normed = (absmax.astype(np.float64) - float(qw.offset)) / np.maximum(
+            qw.absmax2.double().numpy()[np.arange(absmax.size) // 256], 1e-38)
+        dist = np.abs(normed[:, None] - dyn[None, :])
+        chosen = dist[np.arange(absmax.size), qw.absmax.long().numpy()]
+        assert (chosen <= dist.min(axis=1) + 1e-6).all()
+    else:
+        assert np.array_equal(qw.absmax.numpy(), absmax)
+
+    # Every stored field in any layout; the ops must read it as its values.
+    fields = {f: _layout(t, c["field_layouts"][f]) for f, t in qw.tensors().items()}
+    odd = dataclasses.replace(qw, **fields)
+    nested = {} if not qw.double_quant else dict(
+        absmax2=qw.absmax2.numpy(), code2=qw.code2.numpy(), offset=qw.offset.numpy())
+    dense = np_decode(qw.packed.numpy(), qw.absmax.numpy(), qw.code.numpy(), n * k, bs, **nested)
+
+    # dequantize: exact (fp32 decode, then one rounding to the dtype).
+    out = qt.dequantize_nf4(odd)
+    assert out.shape == (n, k) and out.dtype == dtype
+    assert torch.equal(out, torch.from_numpy(dense.reshape(n, k)).to(dtype))
+
+    W = dense.reshape(n, k).astype(np.float64)
+    x = _matrix(m, k, dtype, c["x_layout"])
+    bias = _layout(torch.randn(n).to(dtype), c["bias_layout"]) if c["bias"] else None
+    y = qt.nf4_matmul(x, odd, bias)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = x.double().numpy() @ W.T + (0 if bias is None else bias.double().numpy())
+    if m:
+        assert _rel(y, ref) <= RTOL[dtype]
+
+    gy = _matrix(m, n, dtype, c["x_layout"])
+    gx = qt.nf4_matmul_grad_input(gy, odd)
+    assert gx.shape == (m, k) and gx.dtype == dtype
+    if m:
+        assert _rel(gx, gy.double().numpy() @ W) <= RTOL[dtype]
