@@ -166,3 +166,20 @@ def test_ops_match_an_independent_model(backend, c):
     assert gx.shape == (m, k) and gx.dtype == dtype
     if m:
         assert _rel(gx, gy.double().numpy() @ W) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (128, 96)], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_we_decode_bnb_state_exactly_where_its_cpu_dequantize_is_wrong(backend, shape, double_quant):
+    # bitsandbytes 0.50.2's CPU dequantize_4bit (its AVX512 kernel, where the
+    # CPU has it) indexes absmax per row when blocksize < 2048, cols % 16 == 0,
+    # cols % blocksize != 0, rows >= 2 and rows * cols > blocksize: for these
+    # shapes the oracle is the model above, never that function.
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(shape)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    nested = {} if not double_quant else dict(
+        absmax2=state.state2.absmax.numpy(), code2=state.state2.code.numpy(), offset=np.float32(state.offset))
+    dense = np_decode(packed.reshape(-1).numpy(), state.absmax.numpy(), state.code.numpy(), w.numel(), 64, **nested)
+    ours = qt.dequantize_nf4(qt.NF4Weight.from_bnb(packed, state))
+    assert torch.equal(ours, torch.from_numpy(dense).reshape(shape))
