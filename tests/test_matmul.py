@@ -1,5 +1,5 @@
 """nf4_matmul / nf4_matmul_grad_input: the fused kernels (GEMM, split-K GEMV,
-grad-input) against the reference of DESIGN.md (dequantize in fp32, multiply in
+grad-input) against the reference of docs/testing.md (dequantize in fp32, multiply in
 float64), autograd, the torch.library registration and bad input."""
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_matches_torch_adamw_bf16(backend, shape):
     copy of the parameter that is rounded to bf16 after every step. torch's own
     bf16 AdamW keeps bf16 moments and rounds twice per step (it drifts from the
     fp32 trajectory by ~0.5% at lr=1e-3); it is checked in norm, with
-    DESIGN.md's bf16 tolerance."""
+    docs/testing.md's bf16 tolerance."""
     p0 = torch.randn(shape, dtype=torch.bfloat16)
     grads = _grads(shape, torch.bfloat16)
     out, _ = _run(qt.PagedAdamW, p0, grads, lr=1e-3)

@@ -63,7 +63,7 @@ def test_double_quant_against_bitsandbytes(backend, dtype, shape, blocksize):
     chosen = dist.gather(1, qw.absmax.long()[:, None]).squeeze(1)
     assert bool((chosen <= dist.min(dim=1).values + 1e-6).all())
     # bitsandbytes' CPU library rounds through a lookup table instead: it agrees
-    # on nearly every entry, not all (DESIGN.md measured ~0.4% apart); a rate
+    # on nearly every entry, not all (docs/format.md: 0.12-0.25% apart); a rate
     # means something only over many blocks.
     if qw.nblocks >= 1000:
         assert (qw.absmax == state.absmax).double().mean().item() >= 0.98

@@ -1,5 +1,5 @@
 """NF4Weight: the container, its state-dict form, bitsandbytes interop, and
-every bad-input rule of DESIGN.md for quantize / dequantize."""
+every bad-input rule of docs/bad-input.md for quantize / dequantize."""
 
 from __future__ import annotations
 
