@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 from typing import Any, Mapping
 
 import torch
@@ -42,10 +43,15 @@ def _check_tensor(name: str, t: Any, dtype: torch.dtype, numel: int | None = Non
 def _check_shape(shape: Any) -> torch.Size:
     if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+    dims = []
     for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        try:  # ints and int-like scalars (numpy, 0-d int tensors), never floats or bools
+            dims.append(operator.index(dim))
+        except TypeError:
+            dims.append(None)
+        if isinstance(dim, bool) or dims[-1] is None or dims[-1] < 0:
             raise ValueError(f"shape must hold non-negative ints, got {tuple(shape)}")
-    return torch.Size(shape)
+    return torch.Size(dims)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -116,8 +122,6 @@ class NF4Weight:
         devices = {t.device for t in self.tensors().values()}
         if len(devices) > 1:
             raise ValueError(f"all tensors of an NF4Weight must be on one device, got {devices}")
-        if self.device.type == "meta":
-            raise ValueError("packed is on the meta device: an NF4Weight needs real data")
         for name, t in self.tensors().items():
             setattr(self, name, _dense(t))
 
