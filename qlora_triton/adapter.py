@@ -225,13 +225,14 @@ def _replace_folder(path: str, write, names: tuple[str, ...]) -> None:
     ``write(tmp)`` writes the new files into a fresh hidden sibling folder, which
     also gets hard links to every other entry of ``path`` (so unrelated files stay);
     the files are fsynced, then the two folders are swapped in one atomic
-    exchange and the old one removed. A save killed midway leaves only a hidden
+    exchange and the old one removed (so the folder's inode changes: do not save
+    into the working directory itself). A save killed midway leaves only a hidden
     sibling ``.<name>.qlora-save-<pid>-...``, never read by ``load_adapter`` and
     removed by the next save. Without an atomic exchange (e.g. NFS, Windows) the
     swap is two renames, so a kill between them leaves ``path`` missing (the old
     files are in the sibling), still never a mix. One writer at a time per folder.
     """
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # a symlinked folder: replace its target, keep the link
     for stale in _temp_dirs(path):  # left by a killed save
         pid = stale.rpartition(_TEMP_TAG)[2].split("-")[0]
         if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):

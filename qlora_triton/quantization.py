@@ -18,8 +18,14 @@ def check_float_tensor(name: str, t: Any) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_quantize_input(name: str, t: Any) -> None:
+    check_float_tensor(name, t)
     if t.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: it has no values to quantize")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
 
 
 def _check_finite(name: str, t: torch.Tensor, why: str) -> None:
@@ -45,11 +51,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     256-entry fp32 codebook: returns ``(q uint8 [x.numel()], absmax fp32 [nblocks])``
     for blocks of ``blocksize`` consecutive elements of ``x``'s row-major order.
     NaN or Inf in ``x`` is a ``ValueError`` (8 bits cannot hold it)."""
-    check_float_tensor("x", x)
+    _check_quantize_input("x", x)
     check_blocksize(blocksize)
     code = _check_code_256(code, x.device)
-    if x.numel() == 0:
-        raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
     _check_finite("x", x, "an 8-bit code cannot represent it")
     flat = x.detach().contiguous().reshape(-1)
     if use_triton(x.device):
@@ -99,12 +103,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     with ``double_quant`` the absmax themselves to 8 bits (blocks of 256). NaN or
     Inf in ``w``, or scales that double quantization cannot hold in fp32, are a
     ``ValueError``."""
-    check_float_tensor("w", w)
+    _check_quantize_input("w", w)
     check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    if w.numel() == 0:
-        raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
     _check_finite("w", w, "NF4 cannot represent it (the block's scale would be NaN)")
     flat = w.detach().contiguous().reshape(-1)
     code = nf4_codebook(w.device)

@@ -57,30 +57,33 @@ def test_save_survives_sigkill_at_any_moment(tmp_path):
     qt.save_adapter(versions["old"], folder)
     target = _model(1.0, seed=3)  # load_adapter overwrites every adapter value in place
     rng = random.Random(0)
-    seen = set()
+    seen, current, mid_save = set(), "old", 0
     for _ in range(40):
         pid = os.fork()
-        if pid == 0:  # child: save over the adapter again and again until killed
-            try:
+        if pid == 0:  # child: save over the adapter again and again until killed,
+            try:      # the version the folder does not hold first
+                order = ("new", "old") if current == "old" else ("old", "new")
                 while True:
-                    for m in (versions["new"], versions["old"]):
-                        qt.save_adapter(m, folder)
+                    for key in order:
+                        qt.save_adapter(versions[key], folder)
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.03))
+        time.sleep(rng.uniform(0.0, 0.05))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        mid_save += bool(_strays(folder))  # a hidden sibling: the kill landed inside a save
         assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
         assert (folder / "README.md").read_text() == "the user's own file"
         loaded = _fingerprint(qt.load_adapter(target, folder))
         match = [k for k, p in prints.items() if _same(loaded, p)]
         assert len(match) == 1, "the folder holds a mix of two adapters"
-        seen.add(match[0])
+        current = match[0]
+        seen.add(current)
+    assert seen == {"old", "new"} and mid_save > 0, f"the kills never landed mid-save: {seen}, {mid_save}"
     # Leftovers of killed saves are only hidden siblings, and the next save removes them.
     qt.save_adapter(versions["new"], folder)
     assert _strays(folder) == []
     assert _same(_fingerprint(qt.load_adapter(target, folder)), prints["new"])
-    assert seen == {"old", "new"}, f"the kills never landed mid-loop: saw {seen}"
 
 
 def test_failing_weights_write_keeps_the_old_adapter(tmp_path, monkeypatch):
@@ -127,3 +130,14 @@ def test_load_names_the_unreadable_file(tmp_path, damage):
         bad = config
     with pytest.raises(ValueError, match=str(bad)):
         qt.load_adapter(_model(1.0, seed=3), folder)
+
+
+def test_save_through_a_symlinked_folder(tmp_path):
+    real = tmp_path / "real"
+    qt.save_adapter(_model(8.0, seed=1), real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    new = _model(16.0, seed=2)
+    qt.save_adapter(new, link)
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert _same(_fingerprint(qt.load_adapter(_model(1.0, seed=3), real)), _fingerprint(new))
