@@ -309,41 +309,48 @@ def parse_ptxas_log(log: str) -> dict:
             "stack_bytes": int(stack.group(1)) if stack else None}
 
 
-def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
-    """Compile ``v`` for sm_90; returns a JSON-able result row."""
+def compile_kernel(v: Variant):
+    """Compile ``v`` for sm_90; returns Triton's compiled kernel (``.asm`` holds
+    "ptx" and "cubin", ``.metadata.shared`` the shared memory) and the ptxas log."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn = _jit_fn(getattr(importlib.import_module(v.module), v.kernel))
+    attrs = {(fn.arg_names.index(a),): _DIV16 for a in v.divisible}
+    src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
+    # Triton runs ptxas -v itself when it builds the cubin; keep its log
+    # (the exact ptxas invocation of the GPU machine) instead of running
+    # ptxas twice (a plain ``ptxas -v`` lacks Triton's flags and reports
+    # other numbers). Always compile: a cache hit would run no ptxas.
+    log = io.StringIO()
+    try:
+        from triton import knobs
+
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+    except (ImportError, AttributeError):  # older Triton: fall back to ptxas -v
+        pass
+    with contextlib.redirect_stdout(log):
+        c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    return c, log.getvalue()
+
+
+def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
+    """Compile ``v`` for sm_90; returns a JSON-able result row."""
     row: dict[str, Any] = {"family": v.family, "label": v.label, "kernel": v.kernel,
                            "num_warps": v.num_warps, "num_stages": v.num_stages,
                            "constexprs": {k: v_ for k, v_ in v.constexprs.items()}}
     t0 = time.perf_counter()
     try:
-        fn = _jit_fn(getattr(importlib.import_module(v.module), v.kernel))
-        attrs = {(fn.arg_names.index(a),): _DIV16 for a in v.divisible}
-        src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-        # Triton runs ptxas -v itself when it builds the cubin; keep its log
-        # (the exact ptxas invocation of the GPU machine) instead of running
-        # ptxas twice (a plain ``ptxas -v`` lacks Triton's flags and reports
-        # other numbers). Always compile: a cache hit would run no ptxas.
-        log = io.StringIO()
-        try:
-            from triton import knobs
-
-            knobs.nvidia.dump_ptxas_log = True
-            knobs.compilation.always_compile = True
-        except (ImportError, AttributeError):  # older Triton: fall back to ptxas -v below
-            pass
-        with contextlib.redirect_stdout(log):
-            c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
-                               options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        c, log = compile_kernel(v)
         row["ok"] = bool(c.asm.get("cubin"))
         row["shared"] = int(c.metadata.shared)
         row["smem_fits"] = row["shared"] <= SMEM_LIMIT
-        usage = parse_ptxas_log(log.getvalue())
+        usage = parse_ptxas_log(log)
         if usage["registers"] is None and ptxas:
             usage = ptxas_usage(c.asm["ptx"], ptxas)
         row.update(usage)
