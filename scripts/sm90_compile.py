@@ -152,12 +152,45 @@ def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opt
     return out
 
 
+def gemv_fma_variants(configs, dtypes, dq_opts, bias_opts, rows_opts=(1, 2, 4),
+                      blocksize: int = 64) -> list[Variant]:
+    """The FMA GEMV (aligned path only: it reads the packed bytes as int32 words)."""
+    from qlora_triton.ops import matmul as mm
+
+    fn = _jit_fn(mm._nf4_gemv_fma_kernel)
+    out = []
+    for cfg in configs:
+        kw = cfg.kwargs
+        cfg_label = f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+        for dt in dtypes:
+            for dq in dq_opts:
+                for bias in bias_opts:
+                    for rows in rows_opts:
+                        ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
+                                  HAS_BIAS=bias, ROWS=rows, stride_xk=1, stride_b=1)
+                        types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
+                                     bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], M="i32", N="i32",
+                                     K="i32", stride_wn="i32", stride_xm="i32")
+                        div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_wn",
+                               "stride_xm",
+                               *_MATMUL_POINTERS[1:]]
+                        label = (f"{cfg_label} rows={rows} {dt} aligned dq={int(dq)} "
+                                 f"bias={int(bias)}")
+                        out.append(Variant("gemv_fma", label, "qlora_triton.ops.matmul",
+                                           "_nf4_gemv_fma_kernel", _sig(fn, types, ce), ce, div,
+                                           cfg.num_warps, cfg.num_stages))
+    return out
+
+
 def matmul_variants(subset: bool = False) -> list[Variant]:
     from qlora_triton.ops import matmul as mm
 
+    from qlora_triton.ops import tuned_sm90
+
     tiles, gemv = mm._tile_configs(), mm._gemv_configs()
     if not subset:
-        return (_matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
+        return (gemv_fma_variants(tuned_sm90.gemv_fma_configs(), DTYPES, (True, False), (True, False))
+                + _matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
                                  (True, False), (True, False))
                 + _matmul_variants("_nf4_gemv_kernel", "gemv", gemv, DTYPES, (True, False),
                                    (True, False), (True, False))
@@ -174,7 +207,9 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         return max(ok, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
                                       c.kwargs.get("SPLIT_K", 1)))
 
-    out = []
+    # The FMA GEMV with its widest shipped tile and the most rows.
+    out = gemv_fma_variants([tuned_sm90._fma(128, 128)], ["bf16", "fp32"], [True, False], [True],
+                            rows_opts=(4,))
     for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
                             ("fp32", False, True)]:
         out += _matmul_variants("_nf4_gemm_kernel", "gemm", [largest(tiles, aligned, "forward")],

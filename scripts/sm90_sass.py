@@ -290,27 +290,38 @@ def cases(subset: bool = False) -> list[Case]:
 
 def picks(case: Case) -> tuple[str, str, list]:
     """(family, kernel attribute, configs) the package runs for ``case`` on an
-    H200: the dispatcher's kernel and every config its autotune pruner keeps
-    (with 132 SMs), from the GPU config lists."""
-    from qlora_triton.ops import matmul as mm
+    H200: the launcher's kernel and its shipped config (the FMA GEMV), or every
+    config the autotune pruner keeps with 132 SMs (the tensor-core GEMV)."""
+    import torch
+    import triton
 
-    family = mm.select_kernel(case.M)
-    if family != "gemv":
-        raise ValueError(f"M={case.M}: the profile covers the GEMV only, the dispatcher picks {family}")
+    from qlora_triton.ops import matmul as mm
+    from qlora_triton.ops import tuned_sm90
+
+    if mm.select_kernel(case.M) != "gemv":
+        raise ValueError(f"M={case.M}: the profile covers the GEMVs only")
+    if case.M <= mm.GEMV_FMA_MAX_M and case.aligned:
+        rows = triton.next_power_of_2(case.M)
+        return "gemv_fma", "_nf4_gemv_fma_kernel", [tuned_sm90.gemv_fma_config(case.N, case.K, rows)]
     saved = mm._num_sms
     mm._num_sms = lambda device: SMS
     try:
-        import torch
-
         kept = mm._prune_gemv(mm._gemv_configs(interpret=False), {}, N=case.N, K=case.K,
                               BLOCKSIZE=case.blocksize, ALIGNED=case.aligned,
                               y_ptr=torch.empty(0))
     finally:
         mm._num_sms = saved
-    return family, "_nf4_gemv_kernel", kept
+    return "gemv", "_nf4_gemv_kernel", kept
 
 
 def variant(family: str, kernel: str, cfg, case: Case) -> "sc.Variant":
+    if family == "gemv_fma":
+        import triton
+
+        (v,) = sc.gemv_fma_variants([cfg], [case.dtype], [case.double_quant], [False],
+                                    rows_opts=(triton.next_power_of_2(case.M),),
+                                    blocksize=case.blocksize)
+        return v
     (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [case.aligned],
                                [case.double_quant], [False])
     return v
@@ -351,6 +362,7 @@ def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: s
            "dtype": case.dtype, "path": "aligned" if case.aligned else "general",
            "blocksize": case.blocksize, "double_quant": case.double_quant,
            "config": prof["label"].split(f" {case.dtype} ")[0], "kernel_fn": kernel}
+    out["config"] = out["config"].split(" rows=")[0]
     if "error" in prof:
         return {**out, "error": prof["error"]}
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant)

@@ -48,6 +48,22 @@ def nf4_code(packed_ptr, code_ptr, idx, mask):
 
 
 @triton.jit
+def nf4_code_table(code_ptr):
+    """The 16 codes twice over as a [32] fp32 register tensor: one code per lane,
+    so that :func:`nf4_lookup` compiles to one warp shuffle per element."""
+    return tl.load(code_ptr + (tl.arange(0, 32) & 15))
+
+
+@triton.jit
+def nf4_lookup(table, nibble):
+    """``code[nibble]`` for a 2-D int tensor of nibbles, from the register table
+    of :func:`nf4_code_table` (``tl.gather``: a shuffle on the GPU, no memory
+    access)."""
+    src = tl.broadcast_to(table[None, :], (nibble.shape[0], 32))
+    return tl.gather(src, nibble, 1)
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     # pointers
     packed_ptr,     # uint8 [(n + 1) // 2]

@@ -31,11 +31,15 @@ import triton.language as tl
 from ..backend import INTERPRET, dot_in_fp32
 from ..weight import NF4Weight
 from .cast import cast_rtne
-from .dequantize import nf4_code, nf4_scale, scale_args
+from .dequantize import nf4_code, nf4_code_table, nf4_lookup, nf4_scale, scale_args
+from .tuned_sm90 import autotune_enabled, gemv_fma_config, gemv_fma_configs
 
 # Largest M the split-K GEMV handles; its tile is 16 rows (the smallest tl.dot
 # tile on tensor cores), so up to 16 rows cost the same bytes as one.
 GEMV_MAX_M = 16
+# Largest M the FMA GEMV (no tl.dot) takes: every row of x costs one FFMA per
+# weight, so past 4 rows the tensor-core GEMV is cheaper (sm90_sass profile).
+GEMV_FMA_MAX_M = 4
 
 # How often each kernel ran, by name ("gemm", "gemv", "grad_input"): tests read
 # it to see which kernel the dispatcher chose.
@@ -382,6 +386,109 @@ def _nf4_gemv_kernel(
                   mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _nf4_x_words(table, words, x):
+    """``sum_k W[n, k] * x[m, k]`` over 32 columns, before the block scale:
+    ``words`` [4, BLOCK_N] uint32 (8 codes each; one row of W per lane, so the
+    lookups are warp-local), ``x`` [ROWS, 4, 8] -> fp32 [ROWS, BLOCK_N]. Byte
+    j of a word is bits 8j..8j+7 (little-endian); its high nibble is the even
+    element, so element 8w + i sits at bit ``8 * (i // 2) + 4 * (1 - i % 2)``."""
+    ROWS: tl.constexpr = x.shape[0]
+    # x[:, w, i] for i = 0..7 as [ROWS, 4] tensors: tl.split halves the last
+    # axis of i = 4a + 2b + c, so c (i % 2) comes off first.
+    even, odd = tl.split(tl.reshape(x, (ROWS, 4, 2, 2, 2)))
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    p = nf4_lookup(table, (words >> 4) & 15)[None] * x0.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, words & 15)[None] * x1.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, (words >> 12) & 15)[None] * x2.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, (words >> 8) & 15)[None] * x3.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, (words >> 20) & 15)[None] * x4.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, (words >> 16) & 15)[None] * x5.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, words >> 28)[None] * x6.to(tl.float32)[:, :, None]
+    p += nf4_lookup(table, (words >> 24) & 15)[None] * x7.to(tl.float32)[:, :, None]
+    return tl.sum(p, axis=1)
+
+
+@triton.jit
+def _nf4_gemv_fma_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= ROWS
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    # sizes
+    M, N, K,
+    # strides
+    stride_wn,      # K // 8: words per row of W
+    stride_xm, stride_xk, stride_b,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,         # power of two >= M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # multiple of 32
+):
+    # The decode GEMV without tensor cores, for K % BLOCKSIZE == 0: one program
+    # of one warp per BLOCK_N rows of W over all of K, so every row sum is
+    # finished in registers and stored once in x's dtype (one launch). Per
+    # weight: a shift and mask, a shuffle into the register codebook and one
+    # FFMA per row of x; the block scale multiplies a row's partial sum once
+    # per block (sm90_sass profile: benchmarks/results/sm90-sass-*).
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rm = tl.arange(0, ROWS)
+    rw = tl.arange(0, 4)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(BLOCK_K // 32):
+            kc = k0 + 32 * c
+            # K % 32 == 0: a chunk is all in or all out. The masks are built
+            # constant along each vector (the "* 0") so the loads stay 128-bit.
+            chunk_ok = (rw * 0 + kc) < K
+            words = tl.load(words_ptr + rn[None, :] * stride_wn + kc // 8 + rw[:, None],
+                            mask=row_ok[None, :] & chunk_ok[:, None], other=0x77777777)
+            rk = kc + 8 * rw[None, :, None] + tl.arange(0, 8)[None, None, :]
+            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + rk * stride_xk,
+                        mask=(rm[:, None, None] < M) & chunk_ok[None, :, None], other=0.0)
+            chunk = _nf4_x_words(table, words.to(tl.uint32, bitcast=True), x)
+            if BLOCKSIZE < BLOCK_K:  # (blocksize 32) a scale per chunk
+                scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                  rn * (K // BLOCKSIZE) + kc // BLOCKSIZE, row_ok & (rn * 0 + kc < K),
+                                  DOUBLE_QUANT, BLOCKSIZE2)
+                part += scale[None, :] * chunk
+            else:
+                part += chunk
+        if BLOCKSIZE >= BLOCK_K:  # the whole K tile lies in one block of each row
+            scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                              rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT,
+                              BLOCKSIZE2)
+            acc += scale[None, :] * part
+        else:
+            acc += part
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn * stride_b, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], cast_rtne(acc, y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & row_ok[None, :])
+
+
+# The same kernel behind the autotuner (QLORA_TRITON_AUTOTUNE=1): the shipped
+# sm_90 table (ops/tuned_sm90.py) is a compile-time estimate until a GPU run
+# calibrates it; this times the candidates instead.
+_nf4_gemv_fma_autotuned = triton.autotune(configs=gemv_fma_configs(), key=["N", "K", "ROWS"])(
+    _nf4_gemv_fma_kernel)
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_grad_input})
 @triton.jit
@@ -458,6 +565,45 @@ def _int32_row_chunks(a: torch.Tensor, out_cols: int) -> int | None:
     return max(1, (INT32_LIMIT - 1) // max(cols, out_cols))
 
 
+def _weight_tensors(qw: NF4Weight) -> tuple:
+    """(packed, code, absmax, absmax2, code2, offset) as the kernels read them:
+    flat and contiguous (a strided or expanded field is copied once here)."""
+    return tuple(t.contiguous() for t in (qw.packed, qw.code, *scale_args(qw)))
+
+
+def _packed_words(qw: NF4Weight) -> torch.Tensor | None:
+    """``qw.packed`` as int32 words for the FMA GEMV, or ``None`` when that
+    kernel does not apply: it needs K % blocksize == 0 (so K % 32 == 0 and every
+    row starts on a word) and a 4-byte-aligned packed tensor."""
+    if qw.shape[1] % qw.blocksize:
+        return None
+    packed = qw.packed.contiguous()
+    if packed.storage_offset() % 4:
+        packed = packed.clone()
+    return packed.view(torch.int32)
+
+
+def _gemv_fma(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
+              meta: dict) -> torch.Tensor:
+    M, K = x.shape
+    N = qw.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows = triton.next_power_of_2(M)
+    args = (x, words, *_weight_tensors(qw)[1:],
+            bias if bias is not None else y, y, M, N, K, K // 8, x.stride(0), x.stride(1),
+            bias.stride(0) if bias is not None else 0)
+    const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
+                 DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None, ROWS=rows)
+    if autotune_enabled() and not INTERPRET:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+        _nf4_gemv_fma_autotuned[grid](*args, **const)
+    else:
+        cfg = gemv_fma_config(N, K, rows, interpret=INTERPRET)
+        _nf4_gemv_fma_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
+            *args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x`` [M, K] (any strides) and ``qw`` of shape
     [N, K]; returns a contiguous [M, N] tensor of ``x.dtype``. Inputs are assumed
@@ -472,9 +618,14 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if M == 0:
         return x.new_empty((0, N))
     meta = _weight_meta(qw)
-    args = (qw.packed, qw.code, *scale_args(qw), bias if bias is not None else qw.code)
+    if bias is not None:
+        bias = bias.contiguous()
+    args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
     common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     launches[kernel] += 1
+    words = _packed_words(qw) if kernel == "gemv" and M <= GEMV_FMA_MAX_M else None
+    if words is not None:
+        return _gemv_fma(x, words, qw, bias, meta)
     if kernel == "gemv":
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
@@ -501,7 +652,7 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     launches["grad_input"] += 1
     gx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    _nf4_grad_input_kernel[grid](grad_y, qw.packed, qw.code, *scale_args(qw), gx, M, N, K,
+    _nf4_grad_input_kernel[grid](grad_y, *_weight_tensors(qw), gx, M, N, K,
                                  _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
                                  DOT_FP32=dot_in_fp32(grad_y.device), **_weight_meta(qw))
     return gx
