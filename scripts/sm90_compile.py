@@ -161,7 +161,8 @@ def gemv_fma_variants(configs, dtypes, dq_opts, bias_opts, rows_opts=(1, 2, 4),
     out = []
     for cfg in configs:
         kw = cfg.kwargs
-        cfg_label = f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+        cfg_label = (f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
+                     f"SPLIT_K={kw['SPLIT_K']}")
         for dt in dtypes:
             for dq in dq_opts:
                 for bias in bias_opts:
@@ -169,9 +170,11 @@ def gemv_fma_variants(configs, dtypes, dq_opts, bias_opts, rows_opts=(1, 2, 4),
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
                                   HAS_BIAS=bias, ROWS=rows, stride_xk=1, stride_b=1)
                         types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
-                                     bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], M="i32", N="i32",
+                                     bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], partial_ptr="*fp32",
+                                     count_ptr="*i32", M="i32", N="i32",
                                      K="i32", stride_wn="i32", stride_xm="i32")
-                        div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_wn",
+                        div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "partial_ptr", "count_ptr",
+                               "N", "K", "stride_wn",
                                "stride_xm",
                                *_MATMUL_POINTERS[1:]]
                         label = (f"{cfg_label} rows={rows} {dt} aligned dq={int(dq)} "
@@ -208,7 +211,7 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                                       c.kwargs.get("SPLIT_K", 1)))
 
     # The FMA GEMV with its widest shipped tile and the most rows.
-    out = gemv_fma_variants([tuned_sm90._fma(128, 128)], ["bf16", "fp32"], [True, False], [True],
+    out = gemv_fma_variants([tuned_sm90._fma(128, 64, 8)], ["bf16", "fp32"], [True, False], [True],
                             rows_opts=(4,))
     for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
                             ("fp32", False, True)]:

@@ -423,6 +423,8 @@ def _nf4_gemv_fma_kernel(
     absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
     bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
     y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [cdiv(N, BLOCK_N)], zero on entry and on exit (SPLIT_K > 1 only)
     # sizes
     M, N, K,
     # strides
@@ -436,6 +438,7 @@ def _nf4_gemv_fma_kernel(
     ROWS: tl.constexpr,         # power of two >= M
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,      # multiple of 32
+    SPLIT_K: tl.constexpr,
 ):
     # The decode GEMV without tensor cores, for K % BLOCKSIZE == 0: one program
     # of one warp per BLOCK_N rows of W over all of K, so every row sum is
@@ -443,13 +446,20 @@ def _nf4_gemv_fma_kernel(
     # weight: a shift and mask, a shuffle into the register codebook and one
     # FFMA per row of x; the block scale multiplies a row's partial sum once
     # per block (sm90_sass profile: benchmarks/results/sm90-sass-*).
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Grid (N tiles, SPLIT_K): a narrow layer splits K so that every SM gets
+    # programs; the last program of a row tile to finish adds the others'
+    # partial sums (still one launch, no zero fill, no atomics on y).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rn < N
     rm = tl.arange(0, ROWS)
     rw = tl.arange(0, 4)
     table = nf4_code_table(code_ptr)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(BLOCK_K // 32):
             kc = k0 + 32 * c
@@ -476,10 +486,30 @@ def _nf4_gemv_fma_kernel(
             acc += scale[None, :] * part
         else:
             acc += part
+    out = rm[:, None] * N + rn[None, :]
+    out_ok = (rm[:, None] < M) & row_ok[None, :]
+    if SPLIT_K > 1:
+        tl.store(partial_ptr + pid_k * M * N + out, acc, mask=out_ok)
+        tl.debug_barrier()  # every lane's partials stored before the count goes up
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+                # .cg: read L2, where the other SMs' partials are, not a stale L1 line.
+                acc += tl.load(partial_ptr + split * M * N + out, mask=out_ok, other=0.0,
+                               cache_modifier=".cg")
+            _gemv_store(acc, bias_ptr, y_ptr, rn, row_ok, out, out_ok, stride_b, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        _gemv_store(acc, bias_ptr, y_ptr, rn, row_ok, out, out_ok, stride_b, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_store(acc, bias_ptr, y_ptr, rn, row_ok, out, out_ok, stride_b, HAS_BIAS: tl.constexpr):
+    """y[out] = acc (+ bias[rn]) in y's dtype."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn * stride_b, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], cast_rtne(acc, y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & row_ok[None, :])
+    tl.store(y_ptr + out, cast_rtne(acc, y_ptr.dtype.element_ty), mask=out_ok)
 
 
 # The same kernel behind the autotuner (QLORA_TRITON_AUTOTUNE=1): the shipped
@@ -583,24 +613,45 @@ def _packed_words(qw: NF4Weight) -> torch.Tensor | None:
     return packed.view(torch.int32)
 
 
+# Per (device, stream): the split-K row-tile counters of the FMA GEMV. Zeroed
+# once when made; every launch leaves them at zero again.
+_split_counters: dict = {}
+
+
+def _split_counter(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    count = _split_counters.get(key)
+    if count is None or count.numel() < tiles:
+        count = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _split_counters[key] = count
+    return count
+
+
 def _gemv_fma(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
               meta: dict) -> torch.Tensor:
     M, K = x.shape
     N = qw.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rows = triton.next_power_of_2(M)
-    args = (x, words, *_weight_tensors(qw)[1:],
-            bias if bias is not None else y, y, M, N, K, K // 8, x.stride(0), x.stride(1),
-            bias.stride(0) if bias is not None else 0)
+    tuned = autotune_enabled() and not INTERPRET
+    cfg = None if tuned else gemv_fma_config(N, K, rows, interpret=INTERPRET)
+    splits = max(c.kwargs["SPLIT_K"] for c in gemv_fma_configs()) if tuned else cfg.kwargs["SPLIT_K"]
+    block_n = min(c.kwargs["BLOCK_N"] for c in gemv_fma_configs()) if tuned else cfg.kwargs["BLOCK_N"]
+    partial = (torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1
+               else y)
+    count = _split_counter(x.device, triton.cdiv(N, block_n)) if splits > 1 else y
+    args = (x, words, *_weight_tensors(qw)[1:], bias if bias is not None else y, y, partial, count,
+            M, N, K, K // 8, x.stride(0), x.stride(1), bias.stride(0) if bias is not None else 0)
     const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
                  DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None, ROWS=rows)
-    if autotune_enabled() and not INTERPRET:
-        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    if tuned:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
         _nf4_gemv_fma_autotuned[grid](*args, **const)
     else:
-        cfg = gemv_fma_config(N, K, rows, interpret=INTERPRET)
-        _nf4_gemv_fma_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
-            *args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (triton.cdiv(N, cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT_K"])
+        _nf4_gemv_fma_kernel[grid](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
     return y
 
 
