@@ -152,12 +152,14 @@ def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opt
     return out
 
 
-def gemv_fma_variants(configs, dtypes, dq_opts, bias_opts, rows_opts=(1, 2, 4),
-                      blocksize: int = 64) -> list[Variant]:
-    """The FMA GEMV (aligned path only: it reads the packed bytes as int32 words)."""
+def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_opts=(1,),
+                        blocksize: int = 64) -> list[Variant]:
+    """The aligned-path GEMVs, ``kernel`` "fma" (``ROWS`` rows of x) or "dot";
+    they read the packed bytes as int32 words."""
     from qlora_triton.ops import matmul as mm
 
-    fn = _jit_fn(mm._nf4_gemv_fma_kernel)
+    name = f"_nf4_gemv_{kernel}_kernel"
+    fn = _jit_fn(getattr(mm, name))
     out = []
     for cfg in configs:
         kw = cfg.kwargs
@@ -166,22 +168,21 @@ def gemv_fma_variants(configs, dtypes, dq_opts, bias_opts, rows_opts=(1, 2, 4),
         for dt in dtypes:
             for dq in dq_opts:
                 for bias in bias_opts:
-                    for rows in rows_opts:
+                    for rows in (rows_opts if kernel == "fma" else (16,)):
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
-                                  HAS_BIAS=bias, ROWS=rows, stride_xk=1, stride_b=1)
+                                  HAS_BIAS=bias, stride_xk=1, stride_b=1)
+                        ce.update(ROWS=rows) if kernel == "fma" else ce.update(DOT_FP32=False)
                         types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
                                      bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], partial_ptr="*fp32",
                                      count_ptr="*i32", M="i32", N="i32",
                                      K="i32", stride_wn="i32", stride_xm="i32")
                         div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "partial_ptr", "count_ptr",
-                               "N", "K", "stride_wn",
-                               "stride_xm",
-                               *_MATMUL_POINTERS[1:]]
-                        label = (f"{cfg_label} rows={rows} {dt} aligned dq={int(dq)} "
-                                 f"bias={int(bias)}")
-                        out.append(Variant("gemv_fma", label, "qlora_triton.ops.matmul",
-                                           "_nf4_gemv_fma_kernel", _sig(fn, types, ce), ce, div,
-                                           cfg.num_warps, cfg.num_stages))
+                               "N", "K", "stride_wn", "stride_xm", *_MATMUL_POINTERS[1:]]
+                        label = (f"{cfg_label}" + (f" rows={rows}" if kernel == "fma" else "")
+                                 + f" {dt} aligned bs={blocksize} dq={int(dq)} bias={int(bias)}")
+                        out.append(Variant(f"gemv_{kernel}", label, "qlora_triton.ops.matmul", name,
+                                           _sig(fn, types, ce), ce, div, cfg.num_warps,
+                                           cfg.num_stages))
     return out
 
 
@@ -192,7 +193,15 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
 
     tiles, gemv = mm._tile_configs(), mm._gemv_configs()
     if not subset:
-        return (gemv_fma_variants(tuned_sm90.gemv_fma_configs(), DTYPES, (True, False), (True, False))
+        # Every word-GEMV autotune candidate its pruner keeps for blocksize 64
+        # (BLOCK_K 64), and for blocksize 32 (BLOCK_K 32) the dot kernel's.
+        k64 = {k: [c for c in tuned_sm90.gemv_configs(k) if c.kwargs["BLOCK_K"] == 64]
+               for k in ("fma", "dot")}
+        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32]
+        return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False))
+                + gemv_words_variants("dot", k64["dot"], DTYPES, (True, False), (True, False))
+                + gemv_words_variants("dot", k32, ["bf16"], (True, False), (True, False),
+                                      blocksize=32)
                 + _matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
                                  (True, False), (True, False))
                 + _matmul_variants("_nf4_gemv_kernel", "gemv", gemv, DTYPES, (True, False),
@@ -210,9 +219,14 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         return max(ok, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
                                       c.kwargs.get("SPLIT_K", 1)))
 
-    # The FMA GEMV with its widest shipped tile and the most rows.
-    out = gemv_fma_variants([tuned_sm90._fma(128, 64, 8)], ["bf16", "fp32"], [True, False], [True],
-                            rows_opts=(4,))
+    # The word-decoding GEMVs with their widest tiles, split (the larger epilogue).
+    out = []
+    for kernel in ("fma", "dot"):
+        widest = max(tuned_sm90.gemv_configs(kernel), key=lambda c: (c.kwargs["BLOCK_N"],
+                                                                     c.kwargs["SPLIT_K"]))
+        out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
+    out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
+                               [True], [True], blocksize=32)
     for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
                             ("fp32", False, True)]:
         out += _matmul_variants("_nf4_gemm_kernel", "gemm", [largest(tiles, aligned, "forward")],

@@ -21,8 +21,11 @@ Method:
   an issue slot); instructions behind forward branches inside the body count
   too (an upper bound when a branch skips them).
 * Per weight: warp-instructions of the body x num_warps x 32 threads / the
-  weights one trip decodes (BLOCK_N x BLOCK_K: one iteration per trip, see
-  :func:`global_load_bytes`).
+  weights one trip decodes (BLOCK_N x BLOCK_K: one iteration per trip).
+  ptxas may unroll a small loop (tests/test_sm90_sass.py sees 4 iterations per
+  trip in a toy kernel); each row carries ``loop_global_load_bytes`` beside
+  ``packed_bytes_per_trip`` to show that the profiled GEMV loops are not
+  unrolled (the CI test asserts it for its case).
 * Bounds over the HBM floor (packed bytes + scale bytes at 4.3 TB/s): issue
   (132 SMs x 4 schedulers x 1.98 GHz warp-instructions/s), load/store unit (one
   warp-instruction per clock per SM: global, shared, shuffle, atomic), shared
@@ -95,7 +98,7 @@ class Instr:
         return self.opcode.split(".")[0]
 
 
-_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_\w+):")
 _SRC = re.compile(r'//## File ".*", line (\d+)')
 _TARGET = re.compile(r"`\((\.L_\w+)\)")
@@ -293,16 +296,16 @@ def picks(case: Case) -> tuple[str, str, list]:
     H200: the launcher's kernel and its shipped config (the FMA GEMV), or every
     config the autotune pruner keeps with 132 SMs (the tensor-core GEMV)."""
     import torch
-    import triton
 
     from qlora_triton.ops import matmul as mm
     from qlora_triton.ops import tuned_sm90
 
     if mm.select_kernel(case.M) != "gemv":
         raise ValueError(f"M={case.M}: the profile covers the GEMVs only")
-    if case.M <= mm.GEMV_FMA_MAX_M and case.aligned:
-        rows = triton.next_power_of_2(case.M)
-        return "gemv_fma", "_nf4_gemv_fma_kernel", [tuned_sm90.gemv_fma_config(case.N, case.K, rows)]
+    if case.aligned:
+        name = "fma" if case.M <= mm.GEMV_FMA_MAX_M else "dot"
+        return (f"gemv_{name}", f"_nf4_gemv_{name}_kernel",
+                [tuned_sm90.gemv_config(name, case.N, case.K, case.blocksize)])
     saved = mm._num_sms
     mm._num_sms = lambda device: SMS
     try:
@@ -315,12 +318,12 @@ def picks(case: Case) -> tuple[str, str, list]:
 
 
 def variant(family: str, kernel: str, cfg, case: Case) -> "sc.Variant":
-    if family == "gemv_fma":
+    if family in ("gemv_fma", "gemv_dot"):
         import triton
 
-        (v,) = sc.gemv_fma_variants([cfg], [case.dtype], [case.double_quant], [False],
-                                    rows_opts=(triton.next_power_of_2(case.M),),
-                                    blocksize=case.blocksize)
+        (v,) = sc.gemv_words_variants(family[5:], [cfg], [case.dtype], [case.double_quant], [False],
+                                      rows_opts=(triton.next_power_of_2(case.M),),
+                                      blocksize=case.blocksize)
         return v
     (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [case.aligned],
                                [case.double_quant], [False])
@@ -362,7 +365,7 @@ def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: s
            "dtype": case.dtype, "path": "aligned" if case.aligned else "general",
            "blocksize": case.blocksize, "double_quant": case.double_quant,
            "config": prof["label"].split(f" {case.dtype} ")[0], "kernel_fn": kernel}
-    out["config"] = out["config"].split(" rows=")[0]
+    out["config"] = out["config"].split(" rows=")[0].split(f" {case.dtype}")[0]
     if "error" in prof:
         return {**out, "error": prof["error"]}
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant)

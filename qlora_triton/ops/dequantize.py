@@ -64,6 +64,23 @@ def nf4_lookup(table, nibble):
 
 
 @triton.jit
+def nf4_decode_words(table, words):
+    """The 8 codes of each uint32 word of packed bytes (2-D ``words``; one row
+    of W per lane keeps the lookups warp-local): ``c[i]`` is element ``8w + i``.
+    Byte j of a word is bits 8j..8j+7 (little-endian) and holds elements 2j
+    (high nibble) and 2j + 1."""
+    c0 = nf4_lookup(table, (words >> 4) & 15)
+    c1 = nf4_lookup(table, words & 15)
+    c2 = nf4_lookup(table, (words >> 12) & 15)
+    c3 = nf4_lookup(table, (words >> 8) & 15)
+    c4 = nf4_lookup(table, (words >> 20) & 15)
+    c5 = nf4_lookup(table, (words >> 16) & 15)
+    c6 = nf4_lookup(table, words >> 28)
+    c7 = nf4_lookup(table, (words >> 24) & 15)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     # pointers
     packed_ptr,     # uint8 [(n + 1) // 2]

@@ -21,41 +21,59 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
 
 
-def _fma(block_n: int, block_k: int = 64, split_k: int = 1) -> triton.Config:
-    # One warp per program: the codebook lookup is a shuffle within the warp
-    # that holds the rows (more warps per program made Triton move the nibbles
-    # through shared memory to reach the gather's layout: 7.4 vs 4.5 thread
-    # instructions per weight, sm90_sass, Triton 3.6).
+def _config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
-                         num_warps=1, num_stages=1)
+                         num_warps=warps, num_stages=stages)
 
 
 SMS = 132  # H100 SXM / H200
 _MIN_PROGRAMS = 256  # about 2 per SM
 
+# (BLOCK_N, warps, stages) per kernel, best first (Triton 3.6, bf16, blocksize
+# 64, double quant; thread-instructions per weight, bound over the HBM floor):
+# * "fma" (M = 1): one warp per program, because the codebook lookup is a
+#   shuffle within the warp that holds the rows (more warps made Triton move
+#   the nibbles through shared memory to reach the gather's layout); a lane
+#   holds BLOCK_N / 32 rows, which share x's conversion to fp32: 128 rows 4.9
+#   (1.23x), 64 rows 5.4 (1.35x), 32 rows 6.5 (1.6x).
+# * "dot" (2 <= M <= 16): 256 rows w4 s2 5.0 (1.48x, load/store unit and shared
+#   memory: the words come through cp.async, x^T is the wgmma B operand in
+#   shared memory); 256 rows w8 5.5 (1.51x: each warp restages x^T); 128 rows
+#   w4 5.7 (1.51x); s3 at 256 rows needs 255 registers.
+_TILES = {"fma": [(128, 1, 1), (64, 1, 1), (32, 1, 1)],
+          "dot": [(256, 4, 2), (128, 4, 3), (64, 4, 3)]}
 
-def gemv_fma_configs() -> list[triton.Config]:
-    """The FMA GEMV's candidates for the autotuner."""
-    return [_fma(n, 64, s) for n in (32, 64, 128) for s in (1, 2, 4, 8)]
+
+def gemv_configs(kernel: str) -> list[triton.Config]:
+    """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
+    (:func:`prune_gemv` drops K tiles wider than the weight's blocksize)."""
+    return [_config(n, k, s, w, st) for n, w, st in _TILES[kernel] for k in (32, 64)
+            for s in (1, 2, 4, 8)]
 
 
-def gemv_fma_config(N: int, K: int, rows: int, interpret: bool = False) -> triton.Config:
-    """The FMA GEMV's config for an [N, K] weight and ``rows`` (1, 2, 4) rows of x.
+def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
+    """Autotune pruner: the kernels need BLOCK_K <= BLOCKSIZE (one block per row
+    segment of a K tile)."""
+    blocksize = {**named_args, **kwargs}["BLOCKSIZE"]
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= blocksize]
 
-    Profile (Triton 3.6, bf16, blocksize 64, double quant, M = 1): BLOCK_N 128
-    issues 4.9 thread-instructions per weight (bound 1.23x the HBM floor), 64
-    issues 5.4 (1.35x), 32 issues 6.5 (1.6x): a lane holds BLOCK_N / 32 rows,
-    which share x's conversion to fp32. So the tile stays at 128 rows and K is
-    split (in powers of two, up to 8, at least 512 columns per split) until the
+
+def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64,
+                interpret: bool = False) -> triton.Config:
+    """GEMV ``kernel``'s config for an [N, K] weight: the widest tile, with K
+    split (powers of two up to 8, at least 512 columns per split) until the
     grid has about 2 programs per SM (>= 256); only layers too small for that
-    shrink the tile."""
-    if interpret:
-        return _fma(32, 64, 2)
-    for block_n in (128, 64, 32):
+    take a narrower tile. BLOCK_K = min(64, blocksize). These are compile-time
+    estimates (sm90_sass)."""
+    block_k = min(64, blocksize)
+    if interpret:  # small tiles, and a split so that CI runs the split epilogue
+        return _config(32 if kernel == "fma" else 64, block_k, 2, 1 if kernel == "fma" else 4, 1)
+    tiles_ = _TILES[kernel]
+    for i, (block_n, warps, stages) in enumerate(tiles_):
         tiles = triton.cdiv(N, block_n)
         split = 1
         while tiles * split < _MIN_PROGRAMS and split < 8 and K // (2 * split) >= 512:
             split *= 2
-        if tiles * split >= _MIN_PROGRAMS or block_n == 32:
-            return _fma(block_n, 64, split)
+        if tiles * split >= _MIN_PROGRAMS or i == len(tiles_) - 1:
+            return _config(block_n, block_k, split, warps, stages)
     raise AssertionError("unreachable")
