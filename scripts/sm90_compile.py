@@ -223,6 +223,7 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
     out = []
     for kernel in ("fma", "dot"):
         widest = max(tuned_sm90.gemv_configs(kernel), key=lambda c: (c.kwargs["BLOCK_N"],
+                                                                     c.kwargs["BLOCK_K"],
                                                                      c.kwargs["SPLIT_K"]))
         out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
