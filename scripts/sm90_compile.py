@@ -161,11 +161,14 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
     name = f"_nf4_gemv_{kernel}_kernel"
     fn = _jit_fn(getattr(mm, name))
     out = []
+    from qlora_triton.ops import tuned_sm90
+
     for cfg in configs:
         kw = cfg.kwargs
         cfg_label = (f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
                      f"SPLIT_K={kw['SPLIT_K']}")
-        for dt in dtypes:
+        # Only what the launcher and the autotune pruner can run.
+        for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32")]:
             for dq in dq_opts:
                 for bias in bias_opts:
                     for rows in (rows_opts if kernel == "fma" else (16,)):

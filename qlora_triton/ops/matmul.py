@@ -719,7 +719,8 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     tuned = autotune_enabled() and not INTERPRET
     configs = (gemv_configs(name) if tuned
-               else [gemv_config(name, N, K, qw.blocksize, interpret=INTERPRET)])
+               else [gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
+                                 interpret=INTERPRET)])
     splits = max(c.kwargs["SPLIT_K"] for c in configs)
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     tiles = max(triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in configs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 AUTOTUNE_ENV = "QLORA_TRITON_AUTOTUNE"
@@ -59,14 +60,21 @@ def gemv_configs(kernel: str) -> list[triton.Config]:
             for s in (1, 2, 4, 8)]
 
 
+def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
+    """Whether a GEMV config may run: BLOCK_K <= blocksize (one block per row
+    segment of a K tile), and no 256-row tile for fp32 x (its dot spills 32 B
+    at 255 registers on Triton 3.6, sm90_compile)."""
+    return cfg.kwargs["BLOCK_K"] <= blocksize and not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
+
+
 def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
-    """Autotune pruner: the kernels need BLOCK_K <= BLOCKSIZE (one block per row
-    segment of a K tile)."""
-    blocksize = {**named_args, **kwargs}["BLOCKSIZE"]
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= blocksize]
+    """Autotune pruner: the configs :func:`allowed` for this launch."""
+    args = {**named_args, **kwargs}
+    x_fp32 = args["x_ptr"].dtype == torch.float32
+    return [c for c in configs if allowed(c, args["BLOCKSIZE"], x_fp32)]
 
 
-def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64,
+def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
                 interpret: bool = False) -> triton.Config:
     """GEMV ``kernel``'s config for an [N, K] weight: the widest tile, with K
     split (powers of two up to 8, at least 512 columns per split) until the
@@ -77,6 +85,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64,
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _config(32 if kernel == "fma" else 64, block_k, 2, 1 if kernel == "fma" else 4, 1)
     tiles_ = _TILES[kernel]
+    tiles_ = [t for t in tiles_ if allowed(_config(t[0], block_k, 1, t[1], t[2]), blocksize, x_fp32)]
     for i, (block_n, warps, stages) in enumerate(tiles_):
         tiles = triton.cdiv(N, block_n)
         split = 1
