@@ -197,6 +197,15 @@ def markdown(doc: dict[str, Any], plots: list[pathlib.Path]) -> str:
            "for every provider) over the time, comparable with the copy ceiling; `vs <p>`: p's time over "
            "this row's time (above 1: this row is faster).", ""]
     md += _md_table(*rates_table(doc))
+    est = estimate_rows(doc)
+    if est:
+        md += ["", "## Static sm_90 estimates beside the measurement", "",
+               "**Compile-time estimates**, not measurements: the SASS profile "
+               "(`scripts/sm90_sass.py`, committed report named in `sass_estimate.source`) of the "
+               "kernel and config qlora_triton picks for the case, bf16 x; `est bound`: its largest "
+               "bound (issue, LSU, shared memory) over the HBM floor, `qt/floor`: this run's "
+               "measured time over its floor.", ""]
+        md += _md_table(["case", "kernel", "config", "Triton", "instr/wt", "est bound", "qt/floor"], est)
     mem = _memory_rows(doc)
     if mem:
         md += ["", "## Peak memory (MB)", "",
@@ -208,6 +217,18 @@ def markdown(doc: dict[str, Any], plots: list[pathlib.Path]) -> str:
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(md) + "\n"
+
+
+def estimate_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """qlora_triton rows that carry a static sm_90 estimate, with the measured ratio."""
+    out = []
+    for r in doc["results"]:
+        e = r.get("sass_estimate")
+        if r["provider"] == "qlora_triton" and e:
+            measured = f"{r['x_floor']:.2f}" if r.get("x_floor") is not None else "-"
+            out.append([r["case"], e["kernel"], e["config"], e["triton"],
+                        f"{e['thread_instr_per_weight']:.2f}", f"{e['bound_over_floor']:.2f}", measured])
+    return out
 
 
 def _memory_rows(doc: dict[str, Any]) -> list[list[str]]:

@@ -88,6 +88,9 @@ RESULT = {
         "x_floor": _NUM_OR_NULL,            # ms / floor_ms
         "copies": _INT_OR_NULL,             # input sets rotated through to defeat L2
         "rel_err": _NUM_OR_NULL,            # matmuls: ||out - ref|| / ||ref||, ref in fp32 on the same weight
+        # qlora_triton matmul_fwd: the static sm_90 profile's figures for this
+        # case (benchmarks/estimates.py), compile-time estimates; optional.
+        "sass_estimate": {"type": ["object", "null"]},
     },
 }
 

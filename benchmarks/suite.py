@@ -29,9 +29,11 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import triton
 
 from . import report
 from .cases import OPS, SHAPES, SMOKE_SHAPES, Case, all_cases
+from .estimates import estimate
 from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
                         rotation_bytes)
 from .schema import SCHEMA_VERSION, validate
@@ -119,6 +121,8 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         "bytes": case.bytes_moved(), "flops": case.flops(), "floor_ms": floor, "bound": bound,
         "x_floor": None, "copies": None, "rel_err": None,
     }
+    if provider == "qlora_triton":
+        row["sass_estimate"] = estimate(case, triton.__version__)
     if status is not None:  # the provider did not import
         row["status"] = "not installed" if status == "not installed" else "error"
         row["error"] = status

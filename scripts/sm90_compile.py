@@ -152,12 +152,60 @@ def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opt
     return out
 
 
+def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_opts=(1,),
+                        blocksize: int = 64) -> list[Variant]:
+    """The aligned-path GEMVs, ``kernel`` "fma" (``ROWS`` rows of x) or "dot";
+    they read the packed bytes as int32 words."""
+    from qlora_triton.ops import matmul as mm
+
+    name = f"_nf4_gemv_{kernel}_kernel"
+    fn = _jit_fn(getattr(mm, name))
+    out = []
+    from qlora_triton.ops import tuned_sm90
+
+    for cfg in configs:
+        kw = cfg.kwargs
+        cfg_label = (f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
+                     f"SPLIT_K={kw['SPLIT_K']}")
+        # Only what the launcher and the autotune pruner can run.
+        for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32")]:
+            for dq in dq_opts:
+                for bias in bias_opts:
+                    for rows in (rows_opts if kernel == "fma" else (16,)):
+                        ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
+                                  HAS_BIAS=bias, stride_xk=1, stride_b=1)
+                        ce.update(ROWS=rows) if kernel == "fma" else ce.update(DOT_FP32=False)
+                        types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
+                                     bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], partial_ptr="*fp32",
+                                     count_ptr="*i32", M="i32", N="i32",
+                                     K="i32", stride_wn="i32", stride_xm="i32")
+                        div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "partial_ptr", "count_ptr",
+                               "N", "K", "stride_wn", "stride_xm", *_MATMUL_POINTERS[1:]]
+                        label = (f"{cfg_label}" + (f" rows={rows}" if kernel == "fma" else "")
+                                 + f" {dt} aligned bs={blocksize} dq={int(dq)} bias={int(bias)}")
+                        out.append(Variant(f"gemv_{kernel}", label, "qlora_triton.ops.matmul", name,
+                                           _sig(fn, types, ce), ce, div, cfg.num_warps,
+                                           cfg.num_stages))
+    return out
+
+
 def matmul_variants(subset: bool = False) -> list[Variant]:
     from qlora_triton.ops import matmul as mm
 
+    from qlora_triton.ops import tuned_sm90
+
     tiles, gemv = mm._tile_configs(), mm._gemv_configs()
     if not subset:
-        return (_matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
+        # Every word-GEMV autotune candidate its pruner keeps for blocksize 64
+        # (BLOCK_K 64), and for blocksize 32 (BLOCK_K 32) the dot kernel's.
+        k64 = {k: [c for c in tuned_sm90.gemv_configs(k) if c.kwargs["BLOCK_K"] == 64]
+               for k in ("fma", "dot")}
+        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32]
+        return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False))
+                + gemv_words_variants("dot", k64["dot"], DTYPES, (True, False), (True, False))
+                + gemv_words_variants("dot", k32, ["bf16"], (True, False), (True, False),
+                                      blocksize=32)
+                + _matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
                                  (True, False), (True, False))
                 + _matmul_variants("_nf4_gemv_kernel", "gemv", gemv, DTYPES, (True, False),
                                    (True, False), (True, False))
@@ -174,7 +222,15 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         return max(ok, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
                                       c.kwargs.get("SPLIT_K", 1)))
 
+    # The word-decoding GEMVs with their widest tiles, split (the larger epilogue).
     out = []
+    for kernel in ("fma", "dot"):
+        widest = max(tuned_sm90.gemv_configs(kernel), key=lambda c: (c.kwargs["BLOCK_N"],
+                                                                     c.kwargs["BLOCK_K"],
+                                                                     c.kwargs["SPLIT_K"]))
+        out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
+    out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
+                               [True], [True], blocksize=32)
     for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
                             ("fp32", False, True)]:
         out += _matmul_variants("_nf4_gemm_kernel", "gemm", [largest(tiles, aligned, "forward")],
@@ -309,41 +365,48 @@ def parse_ptxas_log(log: str) -> dict:
             "stack_bytes": int(stack.group(1)) if stack else None}
 
 
-def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
-    """Compile ``v`` for sm_90; returns a JSON-able result row."""
+def compile_kernel(v: Variant):
+    """Compile ``v`` for sm_90; returns Triton's compiled kernel (``.asm`` holds
+    "ptx" and "cubin", ``.metadata.shared`` the shared memory) and the ptxas log."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn = _jit_fn(getattr(importlib.import_module(v.module), v.kernel))
+    attrs = {(fn.arg_names.index(a),): _DIV16 for a in v.divisible}
+    src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
+    # Triton runs ptxas -v itself when it builds the cubin; keep its log
+    # (the exact ptxas invocation of the GPU machine) instead of running
+    # ptxas twice (a plain ``ptxas -v`` lacks Triton's flags and reports
+    # other numbers). Always compile: a cache hit would run no ptxas.
+    log = io.StringIO()
+    try:
+        from triton import knobs
+
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+    except (ImportError, AttributeError):  # older Triton: fall back to ptxas -v
+        pass
+    with contextlib.redirect_stdout(log):
+        c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    return c, log.getvalue()
+
+
+def compile_variant(v: Variant, ptxas: str | None = None) -> dict:
+    """Compile ``v`` for sm_90; returns a JSON-able result row."""
     row: dict[str, Any] = {"family": v.family, "label": v.label, "kernel": v.kernel,
                            "num_warps": v.num_warps, "num_stages": v.num_stages,
                            "constexprs": {k: v_ for k, v_ in v.constexprs.items()}}
     t0 = time.perf_counter()
     try:
-        fn = _jit_fn(getattr(importlib.import_module(v.module), v.kernel))
-        attrs = {(fn.arg_names.index(a),): _DIV16 for a in v.divisible}
-        src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-        # Triton runs ptxas -v itself when it builds the cubin; keep its log
-        # (the exact ptxas invocation of the GPU machine) instead of running
-        # ptxas twice (a plain ``ptxas -v`` lacks Triton's flags and reports
-        # other numbers). Always compile: a cache hit would run no ptxas.
-        log = io.StringIO()
-        try:
-            from triton import knobs
-
-            knobs.nvidia.dump_ptxas_log = True
-            knobs.compilation.always_compile = True
-        except (ImportError, AttributeError):  # older Triton: fall back to ptxas -v below
-            pass
-        with contextlib.redirect_stdout(log):
-            c = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
-                               options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        c, log = compile_kernel(v)
         row["ok"] = bool(c.asm.get("cubin"))
         row["shared"] = int(c.metadata.shared)
         row["smem_fits"] = row["shared"] <= SMEM_LIMIT
-        usage = parse_ptxas_log(log.getvalue())
+        usage = parse_ptxas_log(log)
         if usage["registers"] is None and ptxas:
             usage = ptxas_usage(c.asm["ptx"], ptxas)
         row.update(usage)

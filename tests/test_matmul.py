@@ -4,6 +4,7 @@ float64), autograd, the torch.library registration and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -162,6 +163,68 @@ def test_weight_is_frozen():
     qw.absmax.requires_grad_()
     with pytest.raises(ValueError, match="qw.absmax requires grad.*frozen"):
         qt.nf4_matmul(torch.randn(3, 64), qw)
+
+
+# -- the decode GEMVs (M <= 16) -----------------------------------------------------
+# (N, K, blocksize): the word GEMVs' aligned path (K % blocksize == 0; FMA for
+# M = 1, tensor cores for 2..16) with N not a multiple of the row tile and K not
+# a multiple of the K tile or of the split, then a general-path shape
+# (K % blocksize != 0) that takes the split-K tensor-core GEMV.
+GEMV_SHAPES = [(45, 96, 32), (130, 320, 64), (77, 256, 128), (40, 200, 64)]
+GEMV_CASES = [(M, dtype, GEMV_SHAPES[(M + i) % 4], (M + i) % 2 == 0, LAYOUTS[(M + 2 * i) % 4])
+              for M in (1, 2, 3, 4, 5, 16) for i, dtype in enumerate(DTYPES)]
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: f"M{c[0]}-{str(c[1])[6:]}-{c[2][0]}x{c[2][1]}-bs{c[2][2]}-{'bias' if c[3] else 'nobias'}-{c[4]}")
+def test_gemv_matches_reference(backend, device, case):
+    M, dtype, (N, K, bs), has_bias, layout = case
+    qw = _weight(N, K, bs, (M + N) % 2 == 0, device)
+    x = _make_input(M, K, dtype, layout, device)
+    bias = torch.randn(N).to(dtype).to(device) if has_bias else None
+    ref = x.cpu().double() @ _dense(qw).t()
+    if has_bias:
+        ref = ref + bias.cpu().double()
+    _poison_allocator()
+    with qt.force_backend(backend):
+        before = ops_matmul.launches.copy()
+        y = qt.nf4_matmul(x, qw, bias)
+        ran = ops_matmul.launches - before
+    assert y.shape == (*x.shape[:-1], N)
+    _assert_close(y, ref, dtype)
+    if backend == "triton":
+        # One launch (the interpreter's configs split K in two, so the split
+        # epilogue ran), and every split counter is back at zero for the next.
+        assert ran == {"gemv": 1}
+        assert (ops_matmul._packed_words(qw) is not None) == (K % bs == 0)
+        assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values in an offset, strided view (every other element of a
+    buffer twice as large), or for a 0-d tensor an expanded view."""
+    if t.dim() == 0:
+        return t.reshape(1).expand(1)[0]
+    buf = torch.full((2 * t.numel(),), 0, dtype=t.dtype, device=t.device)
+    view = buf[1::2]
+    view.copy_(t.reshape(-1))
+    assert view.storage_offset() == 1 and (view.stride(0) == 2 or view.numel() == 1)
+    return view
+
+
+@pytest.mark.parametrize("M", [1, 3, 9, 40])
+def test_strided_weight_fields_and_bias_equal_contiguous_copies(device, M):
+    if not (device.type == "cuda" or _backend.INTERPRET):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    qw = _weight(70, 128, 64, True, device)
+    strided = dataclasses.replace(qw, **{n: _strided_copy(t) for n, t in qw.tensors().items()})
+    bias = _strided_copy(torch.randn(70, device=device))
+    x = torch.randn(M, 128, device=device).bfloat16()
+    g = torch.randn(M, 70, device=device).bfloat16()
+    with qt.force_backend("triton"):
+        y, y_ref = qt.nf4_matmul(x, strided, bias), qt.nf4_matmul(x, qw, bias.contiguous())
+        gx, gx_ref = qt.nf4_matmul_grad_input(g, strided), qt.nf4_matmul_grad_input(g, qw)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
 
 
 # -- the dispatcher ---------------------------------------------------------------

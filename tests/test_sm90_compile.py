@@ -57,13 +57,16 @@ def report(tmp_path_factory) -> dict:
 
 def test_every_family_is_covered(report):
     families = {r["family"] for r in report["variants"]}
-    assert families == {"gemm", "gemv", "grad_input", "nf4_quantize", "blockwise_8bit_quantize",
-                        "nf4_dequantize", "blockwise_8bit_dequantize", "adamw"}
+    assert families == {"gemm", "gemv", "gemv_fma", "gemv_dot", "grad_input", "nf4_quantize",
+                        "blockwise_8bit_quantize", "nf4_dequantize", "blockwise_8bit_dequantize",
+                        "adamw"}
     labels = [f"{r['family']} {r['label']}" for r in report["variants"]]
     for fam in ("gemm", "gemv", "grad_input"):
         for branch in ("aligned", "general", "dq=0", "dq=1", "bf16", "fp32"):
             assert any(lab.startswith(fam) and f" {branch}" in lab for lab in labels), (fam, branch)
-    for fam, branch in [("adamw", "8-bit"), ("adamw", "32-bit"), ("adamw", "bf16"),
+    for fam, branch in [("gemv_fma", "dq=0"), ("gemv_fma", "dq=1"), ("gemv_fma", "fp32"),
+                        ("gemv_dot", "bs=32"), ("gemv_dot", "bs=64"), ("gemv_dot", "fp32"),
+                        ("adamw", "8-bit"), ("adamw", "32-bit"), ("adamw", "bf16"),
                         ("nf4_dequantize", "bf16"), ("nf4_dequantize", "dq=1")]:
         assert any(lab.startswith(fam) and branch in lab for lab in labels), (fam, branch)
 

@@ -48,6 +48,39 @@ def nf4_code(packed_ptr, code_ptr, idx, mask):
 
 
 @triton.jit
+def nf4_code_table(code_ptr):
+    """The 16 codes twice over as a [32] fp32 register tensor: one code per lane,
+    so that :func:`nf4_lookup` compiles to one warp shuffle per element."""
+    return tl.load(code_ptr + (tl.arange(0, 32) & 15))
+
+
+@triton.jit
+def nf4_lookup(table, nibble):
+    """``code[nibble]`` for a 2-D int tensor of nibbles, from the register table
+    of :func:`nf4_code_table` (``tl.gather``: a shuffle on the GPU, no memory
+    access)."""
+    src = tl.broadcast_to(table[None, :], (nibble.shape[0], 32))
+    return tl.gather(src, nibble, 1)
+
+
+@triton.jit
+def nf4_decode_words(table, words):
+    """The 8 codes of each uint32 word of packed bytes (2-D ``words``; one row
+    of W per lane keeps the lookups warp-local): ``c[i]`` is element ``8w + i``.
+    Byte j of a word is bits 8j..8j+7 (little-endian) and holds elements 2j
+    (high nibble) and 2j + 1."""
+    c0 = nf4_lookup(table, (words >> 4) & 15)
+    c1 = nf4_lookup(table, words & 15)
+    c2 = nf4_lookup(table, (words >> 12) & 15)
+    c3 = nf4_lookup(table, (words >> 8) & 15)
+    c4 = nf4_lookup(table, (words >> 20) & 15)
+    c5 = nf4_lookup(table, (words >> 16) & 15)
+    c6 = nf4_lookup(table, words >> 28)
+    c7 = nf4_lookup(table, (words >> 24) & 15)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     # pointers
     packed_ptr,     # uint8 [(n + 1) // 2]

@@ -31,11 +31,17 @@ import triton.language as tl
 from ..backend import INTERPRET, dot_in_fp32
 from ..weight import NF4Weight
 from .cast import cast_rtne
-from .dequantize import nf4_code, nf4_scale, scale_args
+from .dequantize import nf4_code, nf4_code_table, nf4_decode_words, nf4_scale, scale_args
+from .tuned_sm90 import autotune_enabled, gemv_config, gemv_configs, prune_gemv
 
 # Largest M the split-K GEMV handles; its tile is 16 rows (the smallest tl.dot
 # tile on tensor cores), so up to 16 rows cost the same bytes as one.
 GEMV_MAX_M = 16
+# Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
+# per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
+# at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
+# costs 5.1 at any M <= 16, so it takes M >= 2.
+GEMV_FMA_MAX_M = 1
 
 # How often each kernel ran, by name ("gemm", "gemv", "grad_input"): tests read
 # it to see which kernel the dispatcher chose.
@@ -382,6 +388,218 @@ def _nf4_gemv_kernel(
                   mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _nf4_x_words(table, words, x):
+    """``sum_k W[n, k] * x[m, k]`` over 32 columns, before the block scale:
+    ``words`` [4, BLOCK_N] uint32 (see nf4_decode_words), ``x`` [ROWS, 4, 8]
+    -> fp32 [ROWS, BLOCK_N]."""
+    ROWS: tl.constexpr = x.shape[0]
+    # x[:, w, i] for i = 0..7 as [ROWS, 4] tensors: tl.split halves the last
+    # axis of i = 4a + 2b + c, so c (i % 2) comes off first.
+    even, odd = tl.split(tl.reshape(x, (ROWS, 4, 2, 2, 2)))
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_decode_words(table, words)
+    p = c0[None] * x0.to(tl.float32)[:, :, None]
+    p += c1[None] * x1.to(tl.float32)[:, :, None]
+    p += c2[None] * x2.to(tl.float32)[:, :, None]
+    p += c3[None] * x3.to(tl.float32)[:, :, None]
+    p += c4[None] * x4.to(tl.float32)[:, :, None]
+    p += c5[None] * x5.to(tl.float32)[:, :, None]
+    p += c6[None] * x6.to(tl.float32)[:, :, None]
+    p += c7[None] * x7.to(tl.float32)[:, :, None]
+    return tl.sum(p, axis=1)
+
+
+@triton.jit
+def _nf4_w_words_tile(table, words):
+    """The codes of ``words`` [KW, BLOCK_N] as the W tile [BLOCK_N, 8 * KW] fp32
+    (unscaled), built in registers for the dot's A operand."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_decode_words(table, words)
+    # join stacks on a new last axis: [KW, BLOCK_N, a, b, c] with i = 4a + 2b + c.
+    w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    w = tl.permute(w, (1, 0, 2, 3, 4))
+    return tl.reshape(w, (words.shape[1], 8 * words.shape[0]))
+
+
+@triton.jit
+def _gemv_epilogue(acc, rn, out, out_ok, bias_ptr, y_ptr, partial_ptr, count_ptr, pid_n, pid_k,
+                   M, N, stride_b, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the GEMV tile ``acc`` (fp32; ``rn``, ``out``, ``out_ok``: its row of
+    W, flat y offset and mask, all of acc's shape) as y (+ bias) in y's dtype.
+    With SPLIT_K > 1 the program stores its partial sum instead, and the last
+    program of the row tile to finish adds all of them in a fixed order."""
+    if SPLIT_K > 1:
+        tl.store(partial_ptr + pid_k * M * N + out, acc, mask=out_ok)
+        tl.debug_barrier()  # every lane's partials stored before the count goes up
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                # .cg: read L2, where the other SMs' partials are, not a stale L1 line.
+                acc += tl.load(partial_ptr + split * M * N + out, mask=out_ok, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn * stride_b, mask=out_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + out, cast_rtne(acc, y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn * stride_b, mask=out_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out, cast_rtne(acc, y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _nf4_gemv_fma_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= ROWS
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [cdiv(N, BLOCK_N)], zero on entry and on exit (SPLIT_K > 1 only)
+    # sizes
+    M, N, K,
+    # strides
+    stride_wn,      # K // 8: words per row of W
+    stride_xm, stride_xk, stride_b,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,         # power of two >= M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    SPLIT_K: tl.constexpr,
+):
+    # The decode GEMV without tensor cores, for K % BLOCKSIZE == 0: one program
+    # of one warp per BLOCK_N rows of W over all of K, so every row sum is
+    # finished in registers and stored once in x's dtype (one launch). Per
+    # weight: a shift and mask, a shuffle into the register codebook and one
+    # FFMA per row of x; the block scale multiplies a row's partial sum once
+    # per block (sm90_sass profile: benchmarks/results/sm90-sass-*).
+    # Grid (N tiles, SPLIT_K): a narrow layer splits K so that every SM gets
+    # programs; the last program of a row tile to finish adds the others'
+    # partial sums (still one launch, no zero fill, no atomics on y).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rm = tl.arange(0, ROWS)
+    rw = tl.arange(0, 4)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(BLOCK_K // 32):
+            kc = k0 + 32 * c
+            # K % 32 == 0: a chunk is all in or all out. The masks are built
+            # constant along each vector (the "* 0") so the loads stay 128-bit.
+            # Masked words read 0 (code -1.0): their x is 0, or their row is not stored.
+            chunk_ok = (rw * 0 + kc) < K
+            words = tl.load(words_ptr + rn[None, :] * stride_wn + kc // 8 + rw[:, None],
+                            mask=row_ok[None, :] & chunk_ok[:, None], other=0)
+            rk = kc + 8 * rw[None, :, None] + tl.arange(0, 8)[None, None, :]
+            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + rk * stride_xk,
+                        mask=(rm[:, None, None] < M) & chunk_ok[None, :, None], other=0.0)
+            part += _nf4_x_words(table, words.to(tl.uint32, bitcast=True), x)
+        # BLOCK_K <= BLOCKSIZE: the K tile lies in one block of each row.
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                          rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
+        acc += scale[None, :] * part
+    out = rm[:, None] * N + rn[None, :]
+    out_ok = (rm[:, None] < M) & row_ok[None, :]
+    _gemv_epilogue(acc, rn[None, :] + 0 * rm[:, None], out, out_ok, bias_ptr, y_ptr, partial_ptr,
+                   count_ptr, pid_n, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nf4_gemv_dot_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= 16
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [cdiv(N, BLOCK_N)], zero on entry and on exit (SPLIT_K > 1 only)
+    # sizes
+    M, N, K,
+    # strides
+    stride_wn,      # K // 8: words per row of W
+    stride_xm, stride_xk, stride_b,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,     # cast dot operands to fp32 (interpreter only, see backend)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    SPLIT_K: tl.constexpr,
+):
+    # The decode GEMV on tensor cores for 2..16 rows, K % BLOCKSIZE == 0:
+    # y^T = W @ x^T, so the W tile decoded in registers is the dot's A operand
+    # (wgmma reads it from registers; x^T, padded to 16 columns, is B in shared
+    # memory) and no decoded value goes through shared memory. Same decode,
+    # grid and split epilogue as the FMA GEMV.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rm = tl.arange(0, 16)
+    rw = tl.arange(0, BLOCK_K // 8)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        # K % 32 == 0: each 4-word (32-column) run is all in or all out; the
+        # mask is built constant along it so the loads stay 128-bit. Masked
+        # words read 0 (code -1.0): their x is 0, or their row is not stored.
+        word_ok = (k0 + 32 * (rw // 4)) < K
+        words = tl.load(words_ptr + rn[None, :] * stride_wn + k0 // 8 + rw[:, None],
+                        mask=row_ok[None, :] & word_ok[:, None], other=0)
+        w = _nf4_w_words_tile(table, words.to(tl.uint32, bitcast=True))
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+                     mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
+        # BLOCK_K <= BLOCKSIZE: one block per row segment, so the scale
+        # multiplies the [BLOCK_N, 16] product instead of the tile.
+        if DOT_FP32:
+            prod = tl.dot(w, xt.to(tl.float32))
+        else:
+            prod = tl.dot(w.to(x_ptr.dtype.element_ty), xt)
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                          rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
+        acc += scale[:, None] * prod
+    out = rm[None, :] * N + rn[:, None]
+    out_ok = (rm[None, :] < M) & row_ok[:, None]
+    _gemv_epilogue(acc, rn[:, None] + 0 * rm[None, :], out, out_ok, bias_ptr, y_ptr, partial_ptr,
+                   count_ptr, pid_n, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
+
+
+# The same kernels behind the autotuner (QLORA_TRITON_AUTOTUNE=1): the shipped
+# sm_90 table (ops/tuned_sm90.py) is a compile-time estimate until a GPU run
+# calibrates it; this times the candidates instead.
+_GEMV_WORDS = {"fma": _nf4_gemv_fma_kernel, "dot": _nf4_gemv_dot_kernel}
+_GEMV_WORDS_AUTOTUNED = {
+    name: triton.autotune(configs=gemv_configs(name), key=["N", "K", "M", "BLOCKSIZE"],
+                          prune_configs_by={"early_config_prune": prune_gemv})(fn)
+    for name, fn in _GEMV_WORDS.items()
+}
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_grad_input})
 @triton.jit
@@ -458,6 +676,74 @@ def _int32_row_chunks(a: torch.Tensor, out_cols: int) -> int | None:
     return max(1, (INT32_LIMIT - 1) // max(cols, out_cols))
 
 
+def _weight_tensors(qw: NF4Weight) -> tuple:
+    """(packed, code, absmax, absmax2, code2, offset) as the kernels read them:
+    flat and contiguous (a strided or expanded field is copied once here)."""
+    return tuple(t.contiguous() for t in (qw.packed, qw.code, *scale_args(qw)))
+
+
+def _packed_words(qw: NF4Weight) -> torch.Tensor | None:
+    """``qw.packed`` as int32 words for the FMA GEMV, or ``None`` when that
+    kernel does not apply: it needs K % blocksize == 0 (so K % 32 == 0 and every
+    row starts on a word) and a 4-byte-aligned packed tensor."""
+    if qw.shape[1] % qw.blocksize:
+        return None
+    packed = qw.packed.contiguous()
+    if packed.storage_offset() % 4:
+        packed = packed.clone()
+    return packed.view(torch.int32)
+
+
+# Per (device, stream): the split-K row-tile counters of the FMA GEMV. Zeroed
+# once when made; every launch leaves them at zero again.
+_split_counters: dict = {}
+
+
+def _split_counter(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    count = _split_counters.get(key)
+    if count is None or count.numel() < tiles:
+        count = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _split_counters[key] = count
+    return count
+
+
+def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
+                meta: dict) -> torch.Tensor:
+    """The aligned-path GEMVs (``_nf4_gemv_fma_kernel`` for one row, the
+    tensor-core ``_nf4_gemv_dot_kernel`` up to GEMV_MAX_M): one launch."""
+    M, K = x.shape
+    N = qw.shape[0]
+    name = "fma" if M <= GEMV_FMA_MAX_M else "dot"
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    tuned = autotune_enabled() and not INTERPRET
+    configs = (gemv_configs(name) if tuned
+               else [gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
+                                 interpret=INTERPRET)])
+    splits = max(c.kwargs["SPLIT_K"] for c in configs)
+    partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
+    tiles = max(triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in configs)
+    count = _split_counter(x.device, tiles) if splits > 1 else y
+    args = (x, words, *_weight_tensors(qw)[1:], bias if bias is not None else y, y, partial, count,
+            M, N, K, K // 8, x.stride(0), x.stride(1), bias.stride(0) if bias is not None else 0)
+    const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
+                 DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None)
+    if name == "fma":
+        const["ROWS"] = triton.next_power_of_2(M)
+    else:
+        const["DOT_FP32"] = dot_in_fp32(x.device)
+    if tuned:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
+        _GEMV_WORDS_AUTOTUNED[name][grid](*args, **const)
+    else:
+        (cfg,) = configs
+        grid = (triton.cdiv(N, cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT_K"])
+        _GEMV_WORDS[name][grid](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages)
+    return y
+
+
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x`` [M, K] (any strides) and ``qw`` of shape
     [N, K]; returns a contiguous [M, N] tensor of ``x.dtype``. Inputs are assumed
@@ -472,9 +758,14 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if M == 0:
         return x.new_empty((0, N))
     meta = _weight_meta(qw)
-    args = (qw.packed, qw.code, *scale_args(qw), bias if bias is not None else qw.code)
+    if bias is not None:
+        bias = bias.contiguous()
+    args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
     common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     launches[kernel] += 1
+    words = _packed_words(qw) if kernel == "gemv" else None
+    if words is not None:
+        return _gemv_words(x, words, qw, bias, meta)
     if kernel == "gemv":
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
@@ -501,7 +792,7 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     launches["grad_input"] += 1
     gx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    _nf4_grad_input_kernel[grid](grad_y, qw.packed, qw.code, *scale_args(qw), gx, M, N, K,
+    _nf4_grad_input_kernel[grid](grad_y, *_weight_tensors(qw), gx, M, N, K,
                                  _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
                                  DOT_FP32=dot_in_fp32(grad_y.device), **_weight_meta(qw))
     return gx

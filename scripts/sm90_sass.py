@@ -1,0 +1,520 @@
+"""A static sm_90 profile of the decode-size matmul kernels: compile the kernel
+and config the dispatcher would pick, disassemble the cubin, count the main
+loop's SASS by instruction class, and bound the loop's speed against the HBM
+floor. No GPU needed; every number is a **compile-time estimate**.
+
+Usage (TRITON_INTERPRET unset; each run profiles the installed Triton and
+rewrites ``report.json`` / ``report.md`` from every ``triton-*.json`` in the
+folder)::
+
+    python scripts/sm90_sass.py --out benchmarks/results/sm90-sass-<date> [--subset] [--jobs N]
+
+Method:
+
+* Compile with ``triton.compile(ASTSource, target=GPUTarget("cuda", 90, 32))``
+  (the Variants of scripts/sm90_compile.py: same signatures and launch
+  specialization) and disassemble with the nvdisasm Triton bundles.
+* Main loop: the body of the backward branch (``BRA`` to a lower address)
+  enclosing the most instructions, i.e. the steady-state loop of the
+  pipelined K (or N) loop. Every instruction between the branch target and
+  the branch counts, predicated-off ones (``@!PT``) included (they still take
+  an issue slot); instructions behind forward branches inside the body count
+  too (an upper bound when a branch skips them).
+* Per weight: warp-instructions of the body x num_warps x 32 threads / the
+  weights one trip decodes (BLOCK_N x BLOCK_K: one iteration per trip).
+  ptxas may unroll a small loop (tests/test_sm90_sass.py sees 4 iterations per
+  trip in a toy kernel); each row carries ``loop_global_load_bytes`` beside
+  ``packed_bytes_per_trip`` to show that the profiled GEMV loops are not
+  unrolled (the CI test asserts it for its case).
+* Bounds over the HBM floor (packed bytes + scale bytes at 4.3 TB/s): issue
+  (132 SMs x 4 schedulers x 1.98 GHz warp-instructions/s), load/store unit (one
+  warp-instruction per clock per SM: global, shared, shuffle, atomic), shared
+  memory (128 B per clock per SM, one wavefront at least per instruction, no
+  bank conflicts assumed: random-index table lookups may conflict, which a
+  static count cannot see). ``bound_over_floor`` is the largest of the three.
+  ``grid_factor`` (busiest SM's programs over the mean) is reported beside it:
+  a grid of fewer programs than SMs leaves bandwidth unused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts import sm90_compile as sc  # noqa: E402
+
+# H200 (sm_90): the figures of DESIGN.md.
+SMS = 132
+SCHEDULERS = 4
+CLOCK_HZ = 1.98e9
+HBM_BYTES_PER_S = 4.3e12
+SMEM_BYTES_PER_CLOCK = 128
+ISSUE_PER_S = SMS * SCHEDULERS * CLOCK_HZ      # warp-instructions / s
+LSU_PER_S = SMS * CLOCK_HZ                      # warp-instructions / s
+SMEM_PER_S = SMS * CLOCK_HZ * SMEM_BYTES_PER_CLOCK  # bytes / s
+
+SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]
+MS = [1, 4, 16]
+# General decode path (K % blocksize != 0): one shape, K = 4096 + 8.
+GENERAL_SHAPES = [(4096, 4104)]
+
+
+# --------------------------------------------------------------------------- disassembly
+def find_tool(name: str) -> str:
+    """A CUDA binary tool bundled with Triton (``nvdisasm``, ``cuobjdump``)."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} is not bundled with this Triton ({path})")
+    return str(path)
+
+
+@dataclasses.dataclass
+class Instr:
+    addr: int
+    pred: str        # "" or e.g. "@P4", "@!PT"
+    opcode: str      # with modifiers, e.g. "LDG.E.128"
+    operands: str
+    line: int | None  # source line (nvdisasm -g), if known
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_\w+):")
+_SRC = re.compile(r'//## File ".*", line (\d+)')
+_TARGET = re.compile(r"`\((\.L_\w+)\)")
+
+
+def disassemble(cubin: bytes) -> tuple[list[Instr], dict[str, int]]:
+    """Instructions of the cubin's kernel and its labels' addresses."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([find_tool("nvdisasm"), "-c", "-g", str(path)], check=True,
+                              capture_output=True, text=True).stdout
+    return parse_sass(text)
+
+
+def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
+    instrs, labels, pending, line = [], {}, [], None
+    for raw in text.splitlines():
+        if m := _SRC.search(raw):
+            line = int(m.group(1))
+        elif m := _LABEL.match(raw):
+            pending.append(m.group(1))
+        elif m := _INSTR.search(raw):
+            ins = Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3),
+                        m.group(4).strip(), line)
+            for lab in pending:
+                labels[lab] = ins.addr
+            pending = []
+            instrs.append(ins)
+    return instrs, labels
+
+
+def loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of every backward-branch loop body."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    out = []
+    for i, ins in enumerate(instrs):
+        if ins.base in ("BRA", "JMP") and (m := _TARGET.search(ins.operands)):
+            target = labels.get(m.group(1))
+            if target is not None and target <= ins.addr:
+                out.append((index[target], i))
+    return out
+
+
+def main_loop(instrs: list[Instr], labels: dict[str, int]) -> list[Instr]:
+    found = loops(instrs, labels)
+    if not found:
+        raise ValueError("no backward branch: the kernel has no loop")
+    first, last = max(found, key=lambda fl: fl[1] - fl[0])
+    return instrs[first:last + 1]
+
+
+# --------------------------------------------------------------------------- classes
+_CLASSES = [  # (class, opcodes); first match wins
+    ("LDG", {"LDG"}), ("LDGSTS", {"LDGSTS"}), ("LDS", {"LDS"}), ("STS", {"STS"}),
+    ("LDSM", {"LDSM"}), ("SHFL", {"SHFL"}), ("HMMA", {"HMMA"}), ("HGMMA", {"HGMMA"}),
+    ("STG", {"STG", "ST"}), ("atomic", {"RED", "ATOM", "ATOMG", "ATOMS", "REDG"}),
+    ("fp32", {"FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FCHK", "MUFU"}),
+    ("fp16x2", {"HFMA2", "HMUL2", "HADD2", "HMNMX2", "HSETP2"}),
+    ("convert", {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"}),
+    ("PRMT", {"PRMT"}), ("LOP3", {"LOP3"}), ("SHF", {"SHF"}), ("LEA", {"LEA"}),
+    ("IMAD", {"IMAD"}), ("IADD", {"IADD3", "VIADD", "IADD"}),
+    ("barrier", {"BAR", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "SYNCS", "ARRIVES",
+                 "WARPGROUP", "MEMBAR", "ERRBAR", "CCTL"}),
+]
+LSU_CLASSES = {"LDG", "LDGSTS", "LDS", "STS", "LDSM", "SHFL", "STG", "atomic"}
+_SPILL = {"LDL", "STL"}
+
+
+def instr_class(ins: Instr) -> str:
+    if ins.pred == "@!PT":
+        return "nop"  # never executes, still issued
+    if ins.base in _SPILL:
+        return "spill"
+    for name, ops in _CLASSES:
+        if ins.base in ops:
+            return name
+    return "other"
+
+
+def access_bits(ins: Instr) -> int:
+    """Bits per thread of a memory instruction (32 when the opcode says none)."""
+    for part in ins.opcode.split(".")[1:]:
+        if part in ("128", "64", "32"):
+            return int(part)
+        if part in ("U8", "S8"):
+            return 8
+        if part in ("U16", "S16"):
+            return 16
+    return 32
+
+
+def smem_bytes(ins: Instr) -> int:
+    """Shared-memory bytes one warp-instruction moves (an estimate)."""
+    cls = instr_class(ins)
+    if cls in ("LDS", "STS", "LDGSTS"):
+        return access_bits(ins) // 8 * 32
+    if cls == "LDSM":  # 8x8 16-bit matrices: .4 -> 4 of them (128 B each)
+        last = ins.opcode.split(".")[-1]
+        return 128 * (int(last) if last.isdigit() else 1)
+    if cls == "HGMMA":
+        # Operands read from shared memory through descriptors, per warp (the
+        # 4 warps of a warpgroup each issue the instruction).
+        m, n, k = (int(v) for v in re.search(r"(\d+)x(\d+)x(\d+)", ins.opcode).groups())
+        elem = 4 if ".TF32" in ins.opcode else 2
+        descs = ins.operands.count("gdesc")
+        a = m * k * elem if descs >= 2 else 0
+        return (a + n * k * elem) // 4
+    return 0
+
+
+def count(body: list[Instr]) -> dict:
+    """Instruction classes of ``body``, memory widths, shared-memory bytes and
+    wavefronts, LSU instructions (all per warp)."""
+    classes: Counter = Counter()
+    widths: Counter = Counter()
+    opcodes: Counter = Counter()
+    smem = wavefronts = lsu = 0
+    for ins in body:
+        cls = instr_class(ins)
+        classes[cls] += 1
+        opcodes[ins.opcode] += 1
+        if cls in ("LDG", "LDGSTS", "LDS", "STS", "STG"):
+            widths[f"{cls}.{access_bits(ins)}"] += 1
+        if cls in LSU_CLASSES:
+            lsu += 1
+        b = smem_bytes(ins)
+        smem += b
+        if cls in ("LDS", "STS", "LDGSTS", "LDSM"):
+            wavefronts += max(1, math.ceil(b / SMEM_BYTES_PER_CLOCK))
+        elif cls == "HGMMA":
+            wavefronts += math.ceil(b / SMEM_BYTES_PER_CLOCK)
+    return {"instructions": len(body), "classes": dict(classes), "widths": dict(widths),
+            "opcodes": dict(opcodes.most_common()), "smem_bytes": smem,
+            "smem_wavefronts": wavefronts, "lsu": lsu}
+
+
+# --------------------------------------------------------------------------- the model
+def floor_bytes_per_weight(blocksize: int, double_quant: bool, blocksize2: int = 256) -> float:
+    """HBM bytes per weight: the packed nibble plus its share of the scales."""
+    scales = (1 / blocksize + 4 / (blocksize * blocksize2)) if double_quant else 4 / blocksize
+    return 0.5 + scales
+
+
+def bounds(counts: dict, warps: int, weights_per_trip: int, floor_bytes: float) -> dict:
+    per_weight = warps / weights_per_trip  # warp-instructions per weight, per body instruction
+    floor_s = floor_bytes / HBM_BYTES_PER_S
+    issue = counts["instructions"] * per_weight / ISSUE_PER_S / floor_s
+    lsu = counts["lsu"] * per_weight / LSU_PER_S / floor_s
+    smem = counts["smem_wavefronts"] * per_weight * SMEM_BYTES_PER_CLOCK / SMEM_PER_S / floor_s
+    return {"thread_instr_per_weight": round(counts["instructions"] * per_weight * 32, 3),
+            "lsu_instr_per_weight": round(counts["lsu"] * per_weight * 32, 3),
+            "smem_bytes_per_weight": round(counts["smem_bytes"] * per_weight, 3),
+            "issue_over_floor": round(issue, 3), "lsu_over_floor": round(lsu, 3),
+            "smem_over_floor": round(smem, 3), "bound_over_floor": round(max(issue, lsu, smem), 3)}
+
+
+def grid_factor(programs: int) -> float:
+    """Busiest SM's share over the mean: 1.0 when programs spread evenly."""
+    return round(math.ceil(programs / SMS) * SMS / programs, 3)
+
+
+def global_load_bytes(body: list[Instr], warps: int) -> int:
+    """Bytes the body's global loads (LDG, LDGSTS) fetch per trip, whole program:
+    beside one iteration's packed bytes it shows that a trip is one iteration
+    (Triton emits one per trip; ptxas did not unroll these loops)."""
+    return sum(access_bits(i) // 8 * 32 * warps for i in body
+               if instr_class(i) in ("LDG", "LDGSTS"))
+
+
+# --------------------------------------------------------------------------- what runs
+@dataclasses.dataclass
+class Case:
+    """One report row's launch: a weight shape, rows of x, x's dtype, decode path."""
+
+    N: int
+    K: int
+    M: int
+    dtype: str = "bf16"
+    aligned: bool = True
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+def cases(subset: bool = False) -> list[Case]:
+    if subset:
+        return [Case(8192, 8192, 1)]
+    out = [Case(N, K, M, dt) for dt in ("bf16", "fp16") for N, K in SHAPES for M in MS]
+    out += [Case(N, K, M, aligned=False) for N, K in GENERAL_SHAPES for M in MS]
+    return out
+
+
+def picks(case: Case) -> tuple[str, str, list]:
+    """(family, kernel attribute, configs) the package runs for ``case`` on an
+    H200: the launcher's kernel and its shipped config (the FMA GEMV), or every
+    config the autotune pruner keeps with 132 SMs (the tensor-core GEMV)."""
+    import torch
+
+    from qlora_triton.ops import matmul as mm
+    from qlora_triton.ops import tuned_sm90
+
+    if mm.select_kernel(case.M) != "gemv":
+        raise ValueError(f"M={case.M}: the profile covers the GEMVs only")
+    if case.aligned:
+        name = "fma" if case.M <= mm.GEMV_FMA_MAX_M else "dot"
+        return (f"gemv_{name}", f"_nf4_gemv_{name}_kernel",
+                [tuned_sm90.gemv_config(name, case.N, case.K, case.blocksize)])
+    saved = mm._num_sms
+    mm._num_sms = lambda device: SMS
+    try:
+        kept = mm._prune_gemv(mm._gemv_configs(interpret=False), {}, N=case.N, K=case.K,
+                              BLOCKSIZE=case.blocksize, ALIGNED=case.aligned,
+                              y_ptr=torch.empty(0))
+    finally:
+        mm._num_sms = saved
+    return "gemv", "_nf4_gemv_kernel", kept
+
+
+def variant(family: str, kernel: str, cfg, case: Case) -> "sc.Variant":
+    if family in ("gemv_fma", "gemv_dot"):
+        import triton
+
+        (v,) = sc.gemv_words_variants(family[5:], [cfg], [case.dtype], [case.double_quant], [False],
+                                      rows_opts=(triton.next_power_of_2(case.M),),
+                                      blocksize=case.blocksize)
+        return v
+    (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [case.aligned],
+                               [case.double_quant], [False])
+    return v
+
+
+def programs(cfg, case: Case) -> int:
+    kw = cfg.kwargs
+    return math.ceil(case.N / kw["BLOCK_N"]) * kw.get("SPLIT_K", 1)
+
+
+# --------------------------------------------------------------------------- profile
+def profile_variant(v: "sc.Variant") -> dict:
+    """Compile ``v``, count its main loop; per-trip facts (no shape yet)."""
+    c, log = sc.compile_kernel(v)
+    instrs, labels = disassemble(c.asm["cubin"])
+    body = main_loop(instrs, labels)
+    usage = sc.parse_ptxas_log(log)
+    lines = Counter(i.line for i in body)
+    return {"label": v.label, "num_warps": v.num_warps, "registers": usage["registers"],
+            "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
+            "kernel_instructions": len(instrs),
+            "loops": [b - a + 1 for a, b in loops(instrs, labels)],
+            "loop": count(body), "loop_global_load_bytes": global_load_bytes(body, v.num_warps),
+            "loop_source_lines": {str(k): n for k, n in lines.most_common(12)}}
+
+
+def _profile_worker(v):
+    try:
+        return profile_variant(v)
+    except Exception as e:  # noqa: BLE001 - a failure is a row, not a crash
+        return {"label": v.label, "error": f"{type(e).__name__}: {e}"[-2000:]}
+
+
+def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: str) -> dict:
+    kw = cfg.kwargs
+    weights = kw["BLOCK_N"] * kw["BLOCK_K"]
+    out = {"kernel": family, "triton": triton_version, "N": case.N, "K": case.K, "M": case.M,
+           "dtype": case.dtype, "path": "aligned" if case.aligned else "general",
+           "blocksize": case.blocksize, "double_quant": case.double_quant,
+           "config": prof["label"].split(f" {case.dtype} ")[0], "kernel_fn": kernel}
+    out["config"] = out["config"].split(" rows=")[0].split(f" {case.dtype}")[0]
+    if "error" in prof:
+        return {**out, "error": prof["error"]}
+    fb = floor_bytes_per_weight(case.blocksize, case.double_quant)
+    p = programs(cfg, case)
+    b = bounds(prof["loop"], prof["num_warps"], weights, fb)
+    out.update(b, weights_per_trip=weights, loop_instructions=prof["loop"]["instructions"],
+               num_warps=prof["num_warps"], registers=prof["registers"],
+               spill_stores=prof["spill_stores"], shared=prof["shared"],
+               floor_bytes_per_weight=round(fb, 5),
+               floor_us=round(case.N * case.K * fb / HBM_BYTES_PER_S * 1e6, 3),
+               programs=p, grid_factor=grid_factor(p),
+               bound_with_grid=round(b["bound_over_floor"] * grid_factor(p), 3),
+               packed_bytes_per_trip=weights // 2,
+               loop_global_load_bytes=prof["loop_global_load_bytes"],
+               classes=prof["loop"]["classes"], widths=prof["loop"]["widths"],
+               smem_bytes_per_trip=prof["loop"]["smem_bytes"], loop_lsu=prof["loop"]["lsu"],
+               loops=prof["loops"], loop_source_lines=prof["loop_source_lines"])
+    return out
+
+
+def profile(selected: list[Case], jobs: int = 1) -> list[dict]:
+    """One row per case: the best kept config (lowest bound, then grid factor),
+    with every kept config's figures under ``kept``."""
+    import triton
+
+    sc._require_compiled_mode()
+    plans = []
+    todo: dict[str, sc.Variant] = {}
+    for case in selected:
+        family, kernel, configs = picks(case)
+        vs = [(cfg, variant(family, kernel, cfg, case)) for cfg in configs]
+        plans.append((case, family, kernel, vs))
+        for _, v in vs:
+            todo.setdefault(v.label, v)
+    labels = list(todo)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            profs = dict(zip(labels, pool.map(_profile_worker, [todo[k] for k in labels])))
+    else:
+        profs = {k: _profile_worker(todo[k]) for k in labels}
+    rows = []
+    for case, family, kernel, vs in plans:
+        kept = [row(case, family, kernel, cfg, profs[v.label], triton.__version__) for cfg, v in vs]
+        good = [r for r in kept if "error" not in r]
+        best = min(good, key=lambda r: (r["bound_over_floor"], r["grid_factor"])) if good else kept[0]
+        summary = ["config", "thread_instr_per_weight", "bound_over_floor", "grid_factor"]
+        rows.append({**best, "kept_configs": len(kept),
+                     "kept": [{k: r.get(k) for k in summary} for r in kept]})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+_NOTE = ("compile-time estimates (static SASS counts, sm_90 ahead of time, no GPU): "
+         "not GPU measurements")
+
+
+def environment(commands: list[str]) -> dict:
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "qlora_triton"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "triton": triton.__version__, "git_commit": commit + ("+dirty" if dirty else ""),
+            "target": f"cuda sm_{sc.ARCH} (warp 32)", "nvdisasm": find_tool("nvdisasm"),
+            "machine": f"{os.cpu_count()} CPU cores, no GPU", "note": _NOTE, "commands": commands,
+            "model": {"sms": SMS, "schedulers": SCHEDULERS, "clock_hz": CLOCK_HZ,
+                      "hbm_bytes_per_s": HBM_BYTES_PER_S,
+                      "smem_bytes_per_clock_per_sm": SMEM_BYTES_PER_CLOCK,
+                      "lsu_instr_per_clock_per_sm": 1}}
+
+
+_COLUMNS = [("kernel", "kernel"), ("triton", "triton"), ("N", "N"), ("K", "K"), ("M", "M"),
+            ("dtype", "dtype"), ("path", "path"), ("config", "config"),
+            ("thread_instr_per_weight", "instr/wt"), ("lsu_instr_per_weight", "LSU/wt"),
+            ("smem_bytes_per_weight", "smem B/wt"), ("issue_over_floor", "issue"),
+            ("lsu_over_floor", "LSU"), ("smem_over_floor", "smem"),
+            ("bound_over_floor", "bound"), ("grid_factor", "grid"), ("registers", "regs"),
+            ("kept_configs", "kept")]
+
+
+def markdown(report: dict) -> str:
+    out = [f"# sm_90 SASS profile of the decode matmul ({report['title']})", "",
+           f"**{_NOTE[0].upper() + _NOTE[1:]}.** Method: `scripts/sm90_sass.py` (module docstring). "
+           "Bounds are over the HBM floor (packed + scale bytes at 4.3 TB/s); `bound` is the "
+           "largest of issue / LSU / smem; `grid` is the busiest SM's share of programs over "
+           "the mean (not in `bound`).", ""]
+    for env in report["environments"]:
+        out.append(f"- Triton {env['triton']}, commit {env['git_commit']}, {env['date']}, "
+                   f"{env['machine']}: `" + "`; `".join(env["commands"]) + "`")
+    out += ["", "| " + " | ".join(h for _, h in _COLUMNS) + " |",
+            "|" + "---|" * len(_COLUMNS)]
+    for r in report["rows"]:
+        out.append("| " + " | ".join(str(r.get(k, r.get("error", "")[:40] if k == "config" else ""))
+                                     for k, _ in _COLUMNS) + " |")
+    out += ["", "Loop instruction classes (warp-instructions per trip) of each distinct compile:", ""]
+    seen = set()
+    for r in report["rows"]:
+        key = (r["triton"], r["config"], r["dtype"], r["path"])
+        if key in seen or "classes" not in r:
+            continue
+        seen.add(key)
+        classes = ", ".join(f"{k} {v}" for k, v in sorted(r["classes"].items(), key=lambda kv: -kv[1]))
+        widths = ", ".join(f"{k} {v}" for k, v in sorted(r["widths"].items()))
+        out.append(f"- Triton {r['triton']} {r['kernel']} {r['config']} {r['dtype']} {r['path']}: "
+                   f"{r['loop_instructions']} per trip of {r['weights_per_trip']} weights x "
+                   f"{r['num_warps']} warps; {classes}; widths: {widths}")
+    return "\n".join(out) + "\n"
+
+
+def write_report(folder: Path, title: str) -> None:
+    """report.json / report.md from every triton-*.json in ``folder``."""
+    parts = [json.loads(p.read_text()) for p in sorted(folder.glob("triton-*.json"))]
+    report = {"title": title, "note": _NOTE, "environments": [p["environment"] for p in parts],
+              "rows": [r for p in parts for r in p["rows"]]}
+    _atomic_write(folder / "report.json", json.dumps(report, indent=1) + "\n")
+    _atomic_write(folder / "report.md", markdown(report))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="report folder (writes triton-<version>.json, "
+                   "then report.json / report.md from every triton-*.json there)")
+    p.add_argument("--title", default="after", help="the report's name, e.g. 'before, d545751'")
+    p.add_argument("--subset", action="store_true", help="one case (the CI set)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    args = p.parse_args(argv)
+    import triton
+
+    rows = profile(cases(args.subset), args.jobs)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = "python scripts/sm90_sass.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    _atomic_write(folder / f"triton-{triton.__version__}.json",
+                  json.dumps({"environment": environment([cmd]), "rows": rows}, indent=1) + "\n")
+    write_report(folder, args.title)
+    for r in rows:
+        print(f"{r['kernel']} {r['N']}x{r['K']} M={r['M']} {r['dtype']} {r['path']} {r['config']}: "
+              f"{r.get('thread_instr_per_weight')} instr/wt, bound {r.get('bound_over_floor')}, "
+              f"grid {r.get('grid_factor')}" + (f" ERROR {r['error'][:200]}" if "error" in r else ""))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

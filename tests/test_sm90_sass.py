@@ -1,0 +1,160 @@
+"""scripts/sm90_sass.py: the static sm_90 SASS profile (compile-time estimates).
+
+Three checks: the parser and classifier on a hand-written SASS listing; the
+whole counter on a tiny Triton kernel compiled for sm_90 whose main loop is
+known (one 128-bit load and a fixed number of FFMAs per trip); and the
+script's CI subset (one GEMV case), whose report must carry the keys the
+benchmarks read. Compiles run in a subprocess with TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "sm90_sass.py"
+sys.path.insert(0, str(ROOT))
+from scripts import sm90_sass as ss  # noqa: E402
+
+LISTING = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_0:
+	//## File "k.py", line 7
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/              @!PT LDS RZ, [RZ] ;
+        /*0040*/                   FFMA R8, R4, R8, R4 ;
+        /*0050*/                   FFMA R9, R5, R9, R5 ;
+        /*0060*/                   LDS.U8 R10, [R11] ;
+        /*0070*/                   SHFL.IDX PT, R12, R13, R14, 0x1f ;
+        /*0080*/                   LDSM.16.M88.4 R16, [R15] ;
+        /*0090*/                   STS.U16 [R15], R12 ;
+        /*00a0*/                   F2FP.BF16.F32.PACK_AB R20, R9, R8 ;
+        /*00b0*/                   ISETP.GE.AND P0, PT, R0, UR5, PT ;
+        /*00c0*/              @!P0 BRA `(.L_x_0) ;
+        /*00d0*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R8 ;
+        /*00e0*/                   EXIT ;
+"""
+
+
+def test_parser_finds_the_loop_and_counts_each_class():
+    instrs, labels = ss.parse_sass(LISTING)
+    assert len(instrs) == 15 and labels == {".L_x_0": 0x20}
+    body = ss.main_loop(instrs, labels)
+    assert [i.opcode for i in (body[0], body[-1])] == ["LDG.E.128", "BRA"]
+    c = ss.count(body)
+    assert c["instructions"] == 11
+    assert c["classes"] == {"LDG": 1, "nop": 1, "fp32": 2, "LDS": 1, "SHFL": 1, "LDSM": 1,
+                            "STS": 1, "convert": 1, "other": 2}
+    assert c["widths"] == {"LDG.128": 1, "LDS.8": 1, "STS.16": 1}
+    # LSU: LDG, LDS, SHFL, LDSM, STS (the predicated-off LDS never issues to it).
+    assert c["lsu"] == 5
+    # Shared bytes per warp: LDS.U8 32, LDSM x4 512, STS.U16 64; one wavefront
+    # at least per instruction: 1 + 4 + 1.
+    assert c["smem_bytes"] == 32 + 512 + 64 and c["smem_wavefronts"] == 6
+
+
+def test_bounds_follow_the_model():
+    counts = {"instructions": 640, "lsu": 40, "smem_bytes": 0, "smem_wavefronts": 0}
+    # 1 warp, 4096 weights per trip: 640 * 32 / 4096 = 5 thread-instructions per weight.
+    b = ss.bounds(counts, 1, 4096, ss.floor_bytes_per_weight(64, True))
+    assert b["thread_instr_per_weight"] == 5.0
+    floor = ss.floor_bytes_per_weight(64, True) / ss.HBM_BYTES_PER_S
+    assert b["issue_over_floor"] == pytest.approx(640 / 4096 / ss.ISSUE_PER_S / floor, abs=1e-3)
+    assert b["bound_over_floor"] == max(b["issue_over_floor"], b["lsu_over_floor"], b["smem_over_floor"])
+    assert ss.floor_bytes_per_weight(64, False) == 0.5 + 4 / 64
+    assert ss.grid_factor(132) == 1.0 and ss.grid_factor(133) == pytest.approx(264 / 133, abs=1e-3)
+
+
+# A kernel whose loop is known: 4 fp32 per thread per iteration (BLOCK 128, 1
+# warp), one 128-bit load and FFMAS dependent FFMAs per element.
+KNOWN = textwrap.dedent("""
+    import json, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, {root!r})
+    from scripts import sm90_sass as ss
+
+    @triton.jit
+    def known(x_ptr, y_ptr, n, BLOCK: tl.constexpr, FFMAS: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n, BLOCK):
+            v = tl.load(x_ptr + i + offs)
+            for _ in tl.static_range(FFMAS):
+                acc = acc * v + v
+        tl.store(y_ptr + offs, acc)
+
+    out = {{}}
+    for ffmas in (2, 5):
+        src = ASTSource(fn=known, signature={{"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32",
+                                              "BLOCK": "constexpr", "FFMAS": "constexpr"}},
+                        constexprs={{"BLOCK": 128, "FFMAS": ffmas}},
+                        attrs={{(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}})
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={{"num_warps": 1, "num_stages": 1}})
+        instrs, labels = ss.disassemble(c.asm["cubin"])
+        out[ffmas] = ss.count(ss.main_loop(instrs, labels))
+    print(json.dumps(out))
+""")
+
+
+def _compiled_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def nvdisasm():
+    try:
+        return ss.find_tool("nvdisasm")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_counter_on_a_kernel_with_a_known_mix(nvdisasm, tmp_path):
+    script = tmp_path / "known.py"
+    script.write_text(KNOWN.format(root=str(ROOT)))
+    env = dict(_compiled_env(), TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    # ptxas unrolls this small loop (4 iterations per trip, seen with both
+    # Tritons): the counts per iteration are what must be exact.
+    for ffmas, c in counts.items():
+        unroll = c["widths"].get("LDG.128", 0)
+        assert unroll >= 1 and c["widths"] == {"LDG.128": unroll}, c["widths"]
+        assert c["opcodes"].get("FFMA") == 4 * int(ffmas) * unroll, c["opcodes"]
+        assert c["lsu"] == unroll and c["smem_bytes"] == 0
+    # Three more FFMAs per element, nothing else changes.
+    assert counts["5"]["instructions"] - counts["2"]["instructions"] == 12 * unroll
+
+
+def test_ci_subset_report(nvdisasm, tmp_path):
+    env = dict(_compiled_env(), TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--subset", "--out", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "compile-time estimates" in report["note"]
+    (row,) = report["rows"]
+    for key in ("kernel", "triton", "N", "K", "M", "dtype", "config", "thread_instr_per_weight",
+                "issue_over_floor", "lsu_over_floor", "smem_over_floor", "bound_over_floor"):
+        assert key in row, key
+    assert (row["kernel"], row["N"], row["K"], row["M"], row["dtype"]) == ("gemv_fma", 8192, 8192, 1, "bf16")
+    assert row["bound_over_floor"] == max(row["issue_over_floor"], row["lsu_over_floor"],
+                                          row["smem_over_floor"])
+    # One trip decodes one tile: its global loads are its packed bytes plus x
+    # and the scales, far less than twice the packed bytes.
+    assert row["packed_bytes_per_trip"] <= row["loop_global_load_bytes"] < 2 * row["packed_bytes_per_trip"]
+    assert "compile-time estimates" in (tmp_path / "r" / "report.md").read_text().lower()
