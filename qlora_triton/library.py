@@ -71,7 +71,7 @@ def _nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2
                 n: int, k: int, blocksize: int, blocksize2: int) -> Tensor:
     """``x @ W.T (+ bias)``: x [..., k] -> [..., n] in x's dtype."""
     qw = _weight(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2)
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if use_triton(x.device):
         from .ops.matmul import nf4_matmul as launch
         y = launch(x2, qw, bias)
@@ -85,7 +85,7 @@ def _nf4_matmul_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, code:
                            n: int, k: int, blocksize: int, blocksize2: int) -> Tensor:
     """``grad_y @ W``: grad_y [..., n] -> [..., k] in grad_y's dtype."""
     qw = _weight(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2)
-    g2 = grad_y.reshape(-1, n)
+    g2 = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, n)
     if use_triton(grad_y.device):
         from .ops.matmul import nf4_matmul_grad_input as launch
         gx = launch(g2, qw)

@@ -63,16 +63,15 @@ def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tens
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a ``[M, last]`` view; in-place updates through it reach ``t``."""
-    return t.view(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
 def _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, p):
     """``(y, h)`` of the module docstring; shared by training and inference.
     Three launches beside the base product's: x_d @ A.T, and the scaled rank-r
     update added in place into the fresh base output (no [M, N] temporary)."""
-    k = x.shape[-1]
-    h = _dropped(x, mask, p).reshape(-1, k) @ lora_A.t()  # [M, r]
-    y = nf4_matmul_args(x, wargs, bias).contiguous()  # a no-op for a fresh output
+    h = torch.nn.functional.linear(_rows(_dropped(x, mask, p)), lora_A)  # [M, r]
+    y = nf4_matmul_args(x, wargs, bias)  # a fresh, contiguous output
     _rows(y).addmm_(h, lora_B.t(), alpha=scaling)
     return y, h
 
@@ -146,7 +145,7 @@ def lora_nf4_linear_args(x: torch.Tensor, wargs: tuple, bias: torch.Tensor | Non
     """:func:`lora_nf4_linear` on ``wargs = weight_args(qw)`` (modules keep them)."""
     # Non-contiguous x gives bit-identical results to its contiguous copy (BLAS
     # may round differently on a strided operand); a no-op for the usual case.
-    x = x.contiguous()
+    x = x if x.is_contiguous() else x.contiguous()
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
     if needs_graph:
