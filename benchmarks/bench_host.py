@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default float32 on the CPU, bfloat16 on CUDA")
-    p.add_argument("--rounds", type=int, default=300)
-    p.add_argument("--calls", type=int, default=20, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=1000)
+    p.add_argument("--calls", type=int, default=5, help="calls per timed round")
     p.add_argument("--smoke", action="store_true", help="a few rounds of a few calls (CI)")
     p.add_argument("--json", type=pathlib.Path, help="also write the rows and the setup here")
     args = p.parse_args(argv)

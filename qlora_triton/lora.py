@@ -68,8 +68,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, p):
     """``(y, h)`` of the module docstring; shared by training and inference.
-    Three launches beside the base product's: x_d @ A.T, and the scaled rank-r
-    update added in place into the fresh base output (no [M, N] temporary)."""
+    Beside the base product (and the dropout mask), two launches: ``x_d @ A.T``
+    and one addmm of the scaled update into the fresh base output (no [M, N]
+    temporary, no separate scaling)."""
     h = torch.nn.functional.linear(_rows(_dropped(x, mask, p)), lora_A)  # [M, r]
     y = nf4_matmul_args(x, wargs, bias)  # a fresh, contiguous output
     _rows(y).addmm_(h, lora_B.t(), alpha=scaling)

@@ -42,8 +42,6 @@ def fresh_copy(layer):
             new.lora_B.weight.copy_(layer.lora_B.weight)
     else:
         new = qt.Linear4bit(layer.quant_weight, layer.bias, compute_dtype=layer.compute_dtype)
-    if layer.bias is not None:
-        new.bias.data = layer.bias.detach().clone()  # Linear4bit keeps the bias dtype it is given
     return new.train(layer.training)
 
 
@@ -173,6 +171,20 @@ def test_apply_renews_the_weight(backend, pair):
         for mine, theirs in zip(dst.parameters(), src.parameters()):
             mine.copy_(theirs)
     same_output(dst, x, want=src(x).detach())
+
+
+def test_deepcopy_edits_reach_the_copys_weight(backend, pair):
+    import copy
+
+    dst, src, x = pair
+    twin = copy.deepcopy(dst)
+    with torch.no_grad():
+        for buf, theirs in zip(twin.buffers(), src.buffers()):
+            buf.copy_(theirs)
+        for mine, theirs in zip(twin.parameters(), src.parameters()):
+            mine.copy_(theirs)
+    same_output(twin, x, want=src(x).detach())
+    assert not torch.equal(dst(x), twin(x))  # the original kept its own weight
 
 
 @pytest.mark.parametrize("move", ["half", "to_bfloat16", "to_empty"])
