@@ -23,18 +23,27 @@ Compute dtype: under ``torch.autocast`` for the input's device the layer
 computes in, and returns, the autocast dtype (as ``nn.Linear`` does).
 Otherwise it computes in ``compute_dtype`` (``None``: the input's dtype) and
 returns the input's dtype (as bitsandbytes does).
+
+Per call, forward builds nothing that depends only on the weight: the
+``NF4Weight`` view of the buffers and the ops' argument tuple are made once and
+remade only when a buffer is replaced (``.to()``, ``load_state_dict``,
+assignment; checked by identity on every call, so nothing can go stale). In
+eval mode the compute-dtype copies of the bias and adapters are kept too (see
+``_cast``).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .lora import lora_nf4_linear
-from .matmul import nf4_matmul
+from .library import weight_args
+from .lora import lora_nf4_linear_args
+from .matmul import nf4_matmul_args
 from .quantization import quantize_nf4
 from .weight import FLOAT_DTYPES, NF4Weight
 
@@ -47,6 +56,7 @@ _QUANT_BUFFERS = {
     "weight_code2": "code2",
     "weight_offset": "offset",
 }
+_QUANT_NAMES = tuple(_QUANT_BUFFERS)
 PEFT_BASE_PREFIX = "base_layer."
 # bitsandbytes' keys of a 4-bit weight, after "weight"
 _BNB_WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -129,14 +139,31 @@ class Linear4bit(nn.Module):
         # Static facts, kept as Python values so forward reads no tensor data.
         self._qshape, self._qdtype = qw.shape, qw.dtype
         self._blocksize, self._blocksize2 = qw.blocksize, qw.blocksize2
+        self._build_weight()
+
+    def _build_weight(self) -> tuple[NF4Weight, tuple]:
+        buffers = tuple(map(self._buffers.get, _QUANT_NAMES))
+        qw = NF4Weight(packed=self.weight, absmax=self.weight_absmax, shape=self._qshape,
+                       dtype=self._qdtype, blocksize=self._blocksize, code=self.weight_code,
+                       absmax2=self.weight_absmax2, code2=self.weight_code2,
+                       offset=self.weight_offset, blocksize2=self._blocksize2)
+        # (buffers it was built from, the weight, the ops' arguments)
+        self._weight_cache = (buffers, qw, weight_args(qw))
+        self._casts: dict[str, tuple] = {}
+        return qw, self._weight_cache[2]
+
+    def _weight(self) -> tuple[NF4Weight, tuple]:
+        """``(quant_weight, weight_args(quant_weight))``, rebuilt only when a
+        buffer is no longer the tensor it was built from."""
+        built, qw, args = self._weight_cache
+        if all(map(operator.is_, built, map(self._buffers.get, _QUANT_NAMES))):
+            return qw, args
+        return self._build_weight()
 
     @property
     def quant_weight(self) -> NF4Weight:
         """An ``NF4Weight`` view of the buffers (no copy, no device sync)."""
-        return NF4Weight(packed=self.weight, absmax=self.weight_absmax, shape=self._qshape,
-                         dtype=self._qdtype, blocksize=self._blocksize, code=self.weight_code,
-                         absmax2=self.weight_absmax2, code2=self.weight_code2,
-                         offset=self.weight_offset, blocksize2=self._blocksize2)
+        return self._weight()[0]
 
     def _apply(self, fn, recurse=True):
         # Let .to()/.cuda() move the NF4 buffers, but undo any dtype change
@@ -147,11 +174,16 @@ class Linear4bit(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._build_weight()
         return self
 
+    def train(self, mode: bool = True) -> "Linear4bit":
+        self._casts = {}  # a mode switch is when adapters change without autograd seeing it
+        return super().train(mode)
+
     # -- forward ---------------------------------------------------------------------
-    def _dtypes(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-        """``(compute dtype, output dtype)`` for input ``x``."""
+    def _dtypes(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, bool]:
+        """``(compute dtype, output dtype, autocast on)`` for input ``x``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
@@ -159,20 +191,45 @@ class Linear4bit(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # (meta tensors have no autocast)
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            return dtype, dtype
-        return self.compute_dtype or x.dtype, x.dtype
+            return dtype, dtype, True
+        return self.compute_dtype or x.dtype, x.dtype, False
 
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
+    def _cast(self, name: str, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``t`` (a parameter: the bias, an adapter) in ``dtype``. In eval mode,
+        when no gradient flows to ``t``, its cast copy is kept and reused while
+        ``t`` is the same tensor at the same version, storage and dtype, so a
+        decode step does not pay a cast per parameter. Optimizer steps,
+        ``load_state_dict``, ``copy_`` under ``no_grad``, ``.to()`` and
+        ``train()``/``eval()`` all renew it; an edit through ``t.data``, which
+        autograd does not see either, is seen after the next ``eval()``."""
+        if t is None or t.dtype == dtype:
+            return t
+        if self.training or (t.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return t.to(dtype)
+        key = (t._version, t.data_ptr(), t.dtype, t.device, dtype)
+        hit = self._casts.get(name)
+        if hit is not None and hit[0] is t and hit[1] == key:
+            return hit[2]
+        with torch.inference_mode(False):  # usable outside inference_mode too
+            copy = t.detach().to(dtype)
+        self._casts[name] = (t, key, copy)
+        return copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, out_dtype = self._dtypes(x)
-        # Our dtypes are explicit; autocast must not recast inside the op.
-        with torch.autocast(x.device.type, enabled=False):
-            y = nf4_matmul(x.to(dtype), self.quant_weight, self._bias(dtype))
-        return y.to(out_dtype)
+        dtype, out_dtype, autocast = self._dtypes(x)
+        x = x if x.dtype == dtype else x.to(dtype)
+        if autocast:  # our dtypes are explicit: autocast must not recast inside
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._forward(x, dtype)
+        else:
+            y = self._forward(x, dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return nf4_matmul_args(x, self._weight()[1], self._cast("bias", self.bias, dtype))
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (for merging and export, never in forward)."""
@@ -311,14 +368,11 @@ class LoRALinear4bit(Linear4bit):
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, out_dtype = self._dtypes(x)
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
-        with torch.autocast(x.device.type, enabled=False):
-            y = lora_nf4_linear(x.to(dtype), self.quant_weight, self._bias(dtype),
-                                self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype),
-                                self.scaling, p)
-        return y.to(out_dtype)
+        return lora_nf4_linear_args(x, self._weight()[1], self._cast("bias", self.bias, dtype),
+                                    self._cast("lora_A", self.lora_A.weight, dtype),
+                                    self._cast("lora_B", self.lora_B.weight, dtype), self.scaling, p)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # PEFT keeps adapters per name ("lora_A.default.weight"); one named

@@ -5,8 +5,8 @@ optional bias ``b [N]``, ``A [r, K]``, ``B [N, r]`` and scaling ``s``::
 
     m   = bernoulli(1 - p) / (1 - p)         # dropout mask (1 everywhere when p == 0)
     x_d = x * m                              # [..., K]
-    h   = s * (x_d @ A.T)                    # [..., r]  tiny: r << K
-    y   = x @ W.T + b + h @ B.T              # [..., N]
+    h   = x_d @ A.T                          # [..., r]  tiny: r << K
+    y   = x @ W.T + b + s * h @ B.T          # [..., N]  (one addmm into the base output)
 
 Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
 plain matmul; nothing ever forms ``W`` densely or the ``[N, K]`` update ``B @ A``)::
@@ -14,11 +14,11 @@ plain matmul; nothing ever forms ``W`` densely or the ``[N, K]`` update ``B @ A`
     gB      = s * (g @ B)                    # [M, r], shared by dL/dx and dL/dA
     dL/dx   = g @ W  +  (gB @ A) * m         # fused NF4 transposed kernel + rank-r path
     dL/dA   = gB.T @ x_d                     # [r, K]  (= s * (g @ B).T @ x_d)
-    dL/dB   = g.T @ h                        # [N, r]  (= s * g.T @ (x_d @ A.T))
+    dL/dB   = s * g.T @ h                    # [N, r]
     dL/db   = g.sum(0)
 
 Derivation: ``y`` is linear in each of ``x``, ``A``, ``B``, ``b``. For
-``y_B = h @ B.T``, ``dL/dB = g.T @ h``. For ``y_A = s * (x_d @ A.T) @ B.T``,
+``y_B = s * h @ B.T``, ``dL/dB = s * g.T @ h``. For ``y_A = s * (x_d @ A.T) @ B.T``,
 ``dL/d(x_d @ A.T) = s * g @ B = gB`` and so ``dL/dA = gB.T @ x_d`` and
 ``dL/dx_d = gB @ A``; ``x_d = x * m`` elementwise gives ``dL/dx = (gB @ A) * m``
 for that path. The base path ``x @ W.T`` gives ``g @ W``. ``W`` is frozen, so
@@ -31,7 +31,7 @@ What is saved for backward, and why:
   storage between them, where each layer's ``x_d`` would be a fresh copy. With
   dropout the mask is saved as bool (1 byte per element) and ``x_d`` is
   recomputed in backward (one elementwise multiply).
-* ``h = s * x_d @ A.T`` ``[..., r]``: only when ``B`` needs a gradient.
+* ``h = x_d @ A.T`` ``[..., r]``: only when ``B`` needs a gradient.
 * ``A`` and ``B`` (tiny), and the NF4 weight *by reference* on ``ctx`` (not
   through ``save_for_backward``, so activation-offloading hooks never copy it).
 
@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import nf4_matmul, nf4_matmul_grad_input
+from .library import weight_args
+from .matmul import nf4_matmul_args, nf4_matmul_grad_input_args
 from .weight import NF4Weight
 
 
@@ -62,33 +63,35 @@ def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tens
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a ``[M, last]`` view; in-place updates through it reach ``t``."""
-    return t.view(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
-def _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, p):
-    """``(y, h)`` of the module docstring; shared by training and inference."""
-    k = x.shape[-1]
-    h = (_dropped(x, mask, p).reshape(-1, k) @ lora_A.t()).mul_(scaling)  # [M, r]
-    y = nf4_matmul(x, qw, bias).contiguous()  # a no-op for a fresh output
-    # In place on the fresh matmul output: no second [M, N] buffer.
-    _rows(y).addmm_(h, lora_B.t())
+def _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, p):
+    """``(y, h)`` of the module docstring; shared by training and inference.
+    Beside the base product (and the dropout mask), two launches: ``x_d @ A.T``
+    and one addmm of the scaled update into the fresh base output (no [M, N]
+    temporary, no separate scaling)."""
+    h = torch.nn.functional.linear(_rows(_dropped(x, mask, p)), lora_A)  # [M, r]
+    y = nf4_matmul_args(x, wargs, bias)  # a fresh, contiguous output
+    _rows(y).addmm_(h, lora_B.t(), alpha=scaling)
     return y, h
 
 
 class LoRANF4Function(torch.autograd.Function):
     """``y = x @ W.T + b + s * (dropout(x) @ A.T) @ B.T`` with ``W`` in NF4.
 
-    ``apply(x, lora_A, lora_B, bias, qw, scaling, dropout_p)``: ``x``, ``lora_A``,
-    ``lora_B`` and ``bias`` (or ``None``) must share one float dtype; the
-    output has that dtype.
+    ``apply(x, lora_A, lora_B, bias, wargs, scaling, dropout_p)``: ``wargs`` is
+    :func:`qlora_triton.library.weight_args` of the NF4 weight; ``x``,
+    ``lora_A``, ``lora_B`` and ``bias`` (or ``None``) must share one float
+    dtype; the output has that dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, qw: NF4Weight, scaling: float, dropout_p: float):
+    def forward(ctx, x, lora_A, lora_B, bias, wargs: tuple, scaling: float, dropout_p: float):
         mask = _dropout_mask(x, dropout_p)
-        y, h = _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, dropout_p)
+        y, h = _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, dropout_p)
         need_x, need_A, need_B, need_b = ctx.needs_input_grad[:4]
-        ctx.qw, ctx.scaling, ctx.dropout_p = qw, scaling, dropout_p
+        ctx.wargs, ctx.scaling, ctx.dropout_p = wargs, scaling, dropout_p
         ctx.x_shape = x.shape
         ctx.save_for_backward(
             x if need_A else None,
@@ -113,13 +116,13 @@ class LoRANF4Function(torch.autograd.Function):
             lora_path = gB @ lora_A  # [M, K]
             if mask is not None:
                 lora_path = _dropped(lora_path, mask.reshape(-1, k), p)
-            grad_x = nf4_matmul_grad_input(grad_y, ctx.qw).contiguous()
+            grad_x = nf4_matmul_grad_input_args(grad_y, ctx.wargs).contiguous()
             _rows(grad_x).add_(lora_path)
         if need_A:
             x_d = _dropped(x, mask, p).reshape(-1, k)
             grad_A = gB.t() @ x_d
         if need_B:
-            grad_B = g.t() @ h
+            grad_B = (g.t() @ h).mul_(s)
         if need_b:  # False when bias is None
             grad_b = g.sum(0, dtype=torch.float32).to(g.dtype)  # as NF4Matmul: summed in fp32
         return grad_x, grad_A, grad_B, grad_b, None, None, None
@@ -134,12 +137,19 @@ def lora_nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
     runs the same forward without building an autograd node, so nothing is
     saved. ``dropout_p`` is applied as given: pass 0 in eval mode.
     """
+    return lora_nf4_linear_args(x, weight_args(qw), bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def lora_nf4_linear_args(x: torch.Tensor, wargs: tuple, bias: torch.Tensor | None,
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`lora_nf4_linear` on ``wargs = weight_args(qw)`` (modules keep them)."""
     # Non-contiguous x gives bit-identical results to its contiguous copy (BLAS
     # may round differently on a strided operand); a no-op for the usual case.
-    x = x.contiguous()
+    x = x if x.is_contiguous() else x.contiguous()
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
     if needs_graph:
-        return LoRANF4Function.apply(x, lora_A, lora_B, bias, qw, scaling, dropout_p)
+        return LoRANF4Function.apply(x, lora_A, lora_B, bias, wargs, scaling, dropout_p)
     mask = _dropout_mask(x, dropout_p)
-    return _lora_forward(x, lora_A, lora_B, bias, qw, scaling, mask, dropout_p)[0]
+    return _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, dropout_p)[0]

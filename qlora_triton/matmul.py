@@ -15,7 +15,8 @@ from .library import weight_args  # importing it registers torch.ops.qlora_trito
 from .quantization import check_float_tensor
 from .weight import FLOAT_DTYPES, NF4Weight
 
-_ops = torch.ops.qlora_triton
+_nf4_matmul_op = torch.ops.qlora_triton.nf4_matmul.default
+_grad_input_op = torch.ops.qlora_triton.nf4_matmul_grad_input.default
 
 
 class NF4Matmul(torch.autograd.Function):
@@ -43,8 +44,8 @@ class NF4Matmul(torch.autograd.Function):
         ctx.weight = (packed, absmax, code, absmax2, code2, offset)
         ctx.sizes = (n, k, blocksize, blocksize2)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _ops.nf4_matmul(x, packed, absmax, code, absmax2, code2, offset, bias,
-                               n, k, blocksize, blocksize2)
+        return _nf4_matmul_op(x, packed, absmax, code, absmax2, code2, offset, bias,
+                              n, k, blocksize, blocksize2)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -53,7 +54,7 @@ class NF4Matmul(torch.autograd.Function):
         n = ctx.sizes[0]
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _ops.nf4_matmul_grad_input(grad_y, *ctx.weight, *ctx.sizes)
+            grad_x = _grad_input_op(grad_y, *ctx.weight, *ctx.sizes)
         if ctx.needs_input_grad[1]:
             grad_b = grad_y.reshape(-1, n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (grad_x, grad_b) + (None,) * 10
@@ -95,7 +96,17 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
             raise ValueError(f"bias must have shape ({N},) (out_features of qw), got {tuple(bias.shape)}")
         if bias.device != qw.device:
             raise ValueError(f"bias is on {bias.device} but qw is on {qw.device}")
-    return NF4Matmul.apply(x, bias, *weight_args(qw))
+    return nf4_matmul_args(x, weight_args(qw), bias)
+
+
+def nf4_matmul_args(x: torch.Tensor, args: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nf4_matmul` on ``args = weight_args(qw)`` of a weight checked
+    before (modules keep both): no checks, and the autograd Function only
+    when a gradient can flow, so a decode step is the op alone."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return NF4Matmul.apply(x, bias, *args)
+    packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2 = args
+    return _nf4_matmul_op(x, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2)
 
 
 def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
@@ -104,4 +115,9 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     weight (not differentiable itself)."""
     N, K = _check_weight(qw)
     _check_input("grad_y", grad_y, N, "out_features", qw)
-    return _ops.nf4_matmul_grad_input(grad_y, *weight_args(qw))
+    return nf4_matmul_grad_input_args(grad_y, weight_args(qw))
+
+
+def nf4_matmul_grad_input_args(grad_y: torch.Tensor, args: tuple) -> torch.Tensor:
+    """:func:`nf4_matmul_grad_input` on ``args = weight_args(qw)``, unchecked."""
+    return _grad_input_op(grad_y, *args)
