@@ -211,3 +211,26 @@ def test_our_folder_loads_in_transformers_and_bitsandbytes(dense_folder, tmp_pat
             assert torch.equal(value.reshape(-1), ours[f"{name}.{key}"].reshape(-1)), (name, key)
     x = tokens()  # hidden 64 and blocksize 64: outside bitsandbytes' CPU dequantize bug
     assert rel_err(logits(theirs, x), logits(q, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("order", ["qlora_triton first", "transformers first"])
+def test_importing_qlora_triton_registers_without_importing_transformers(order):
+    first, second = ("qlora_triton", "transformers") if order == "qlora_triton first" else \
+        ("transformers", "qlora_triton")
+    code = textwrap.dedent(f"""
+        import sys
+        import {first}
+        if "{first}" == "qlora_triton":
+            assert "transformers" not in sys.modules and "peft" not in sys.modules
+        import {second}
+        from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+        import peft
+        from peft.tuners.lora.model import LoraModel
+        assert AUTO_QUANTIZATION_CONFIG_MAPPING["qlora_triton"] is qlora_triton.NF4Config
+        assert AUTO_QUANTIZER_MAPPING["qlora_triton"].__module__ == "qlora_triton.hf_quantizer"
+        assert LoraModel._create_new_module.qlora_triton
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
