@@ -169,13 +169,6 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
     shape = LLAMA_SHAPES[name]
     batch_size = batch_size or (1 if dev.type == "cuda" else 2)
     seq_len = seq_len or (512 if dev.type == "cuda" else 64)
-    if dev.type == "cpu":
-        seconds = estimate_cpu_seconds(shape, batch_size, seq_len, steps)
-        if seconds > CPU_SECONDS_LIMIT:
-            raise ValueError(f"preset {name}: about {seconds / 60:.0f} minutes on the CPU (building and "
-                             f"quantizing {linear_params(shape) / 1e9:.1f}B weights, then {steps} steps); "
-                             f"it runs only when under {CPU_SECONDS_LIMIT // 60} minutes: use --preset tiny "
-                             "on the CPU, or a GPU")
     estimate = estimate_bytes(shape, r, batch_size, seq_len)
     free = available_bytes(dev)
     if estimate["total"] > free:
@@ -183,6 +176,13 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
             f"preset {name}: needs about {estimate['total'] / 2**30:.1f} GiB on {dev} "
             f"(NF4 weights {estimate['nf4_weights'] / 2**30:.1f} GiB), but only {free / 2**30:.1f} GiB "
             f"is available; use a smaller preset, or a GPU with more memory")
+    if dev.type == "cpu":
+        seconds = estimate_cpu_seconds(shape, batch_size, seq_len, steps)
+        if seconds > CPU_SECONDS_LIMIT:
+            raise ValueError(f"preset {name}: about {seconds / 60:.0f} minutes on the CPU (building and "
+                             f"quantizing {linear_params(shape) / 1e9:.1f}B weights, then {steps} steps); "
+                             f"it runs only when under {CPU_SECONDS_LIMIT // 60} minutes: use --preset tiny "
+                             "on the CPU, or a GPU")
 
     torch.manual_seed(seed)
     memory = PeakMemory(dev)
