@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,10 +40,10 @@ METHODS = ("dense", "nf4", "nf4-pread")
 
 
 def llama_shape(size_gb: float) -> dict:
-    """A LLaMA config of about ``size_gb`` GB in bf16 (hidden 2048, as many layers as fit)."""
+    """A LLaMA config of at least ``size_gb`` GB in bf16 (hidden 2048; layers added until it is)."""
     hidden, inter, vocab = 2048, 5632, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
-    layers = max(1, round((size_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
+    layers = max(1, math.ceil((size_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
     return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=16, num_key_value_heads=16, vocab_size=vocab)
 

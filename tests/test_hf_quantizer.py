@@ -154,7 +154,9 @@ BNB_CHILD = textwrap.dedent("""
     from safetensors.torch import load_file
     bnb_folder, dense_folder = sys.argv[1:3]
     model = qt.from_pretrained(bnb_folder)
-    stored = load_file(bnb_folder + "/model.safetensors")
+    # GPT-NeoX's checkpoint names the head embed_out, the model lm_head
+    stored = {k.replace("embed_out.", "lm_head."): v
+              for k, v in load_file(bnb_folder + "/model.safetensors").items()}
     ours = model.state_dict()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, qt.Linear4bit)}
     kept = all(torch.equal(ours[k].reshape(-1), v.reshape(-1)) for k, v in stored.items())
@@ -175,10 +177,11 @@ BNB_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, double_quant):
+@pytest.mark.parametrize("arch, double_quant, layers", [("llama", True, 14), ("llama", False, 14),
+                                                        ("gpt_neox", True, 8)])
+def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, arch, double_quant, layers):
     pytest.importorskip("bitsandbytes")
-    folder = dense_folder("llama")
+    folder = dense_folder(arch)
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=double_quant)
     bnb_model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config,
@@ -191,7 +194,7 @@ def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, 
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {**result, "layers": 14, "keys_equal": True, "kept": True,
+    assert result == {**result, "layers": layers, "keys_equal": True, "kept": True,
                       "double_quant": [double_quant], "bnb_imported": False}
     assert result["rel_err"] <= 1e-5
 
