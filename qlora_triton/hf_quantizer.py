@@ -13,6 +13,9 @@ API (``register_quantization_config`` / ``register_quantizer``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 from typing import Any
@@ -174,6 +177,10 @@ class NF4Quantize(ConversionOps):
                              f"({module.out_features}, {module.in_features})")
         config = self.hf_quantizer.quantization_config
         qw = quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
+        on_host = value.device.type == "cpu"
+        del value
+        if on_host:
+            _trim_host_heap()
         return {key: _fill(module, qw, name, missing_keys)}
 
 
@@ -197,6 +204,26 @@ class NF4Deserialize(ConversionOps):
             raise ValueError(f"{full_layer_name}: stored shape {tuple(qw.shape)}, the layer needs "
                              f"({module.out_features}, {module.in_features})")
         return {"weight": _fill(module, qw, name, missing_keys)}
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _trim_host_heap() -> None:
+    """Hand the freed dense tensor and quantization temporaries back to the OS.
+    glibc keeps freed chunks below its (growing) mmap threshold in the heap, so
+    without this the process's RSS climbs towards the dense model's size while
+    loading (measured on a 1 GB bf16 checkpoint read with pread: 1.11x of it
+    retained, where the quantized model needs under half)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _fill(module: Linear4bit, qw: NF4Weight, name: str, missing_keys: set | None) -> torch.Tensor:
@@ -223,11 +250,6 @@ class NF4HfQuantizer(HfQuantizer):
     @property
     def quantized_element_size(self) -> float:
         return 0.5
-
-    def update_device_map(self, device_map):
-        if device_map is None:  # like bitsandbytes: the current accelerator, else the CPU
-            device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-        return device_map
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
