@@ -32,8 +32,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .convert import _check_targets, select_linears
 from .linear import Linear4bit, _BNB_WEIGHT_KEYS, _check_compute_dtype
-from .quantization import quantize_nf4
-from .weight import NF4Weight, check_blocksize
+from .codebooks import dynamic_map
+from .quantization import quantize_blockwise_8bit, quantize_nf4
+from .weight import NESTED_BLOCKSIZE, NF4Weight, check_blocksize
 
 logger = logging.getLogger("qlora_triton")
 
@@ -176,8 +177,9 @@ class NF4Quantize(ConversionOps):
             raise ValueError(f"{key}: shape {tuple(value.shape)}, the layer needs "
                              f"({module.out_features}, {module.in_features})")
         config = self.hf_quantizer.quantization_config
-        qw = quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
         on_host = value.device.type == "cpu"
+        qw = _quantize_on_host(value, config) if on_host else \
+            quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
         del value
         if on_host:
             _trim_host_heap()
@@ -204,6 +206,31 @@ class NF4Deserialize(ConversionOps):
             raise ValueError(f"{full_layer_name}: stored shape {tuple(qw.shape)}, the layer needs "
                              f"({module.out_features}, {module.in_features})")
         return {"weight": _fill(module, qw, name, missing_keys)}
+
+
+# Elements per quantize call on the host: the CPU quantizer's temporaries (fp32
+# copies, int64 code indices: about 20 bytes per element) stay near 20 MB instead
+# of growing with the largest weight (a 2048 x 5632 one: 230 MB). A multiple of
+# every blocksize, so the blocks and their scales are those of one call.
+HOST_CHUNK = 1 << 20
+
+
+def _quantize_on_host(value: torch.Tensor, config: NF4Config) -> NF4Weight:
+    """``quantize_nf4(value)``, bit for bit, computed ``HOST_CHUNK`` elements at a time."""
+    if value.numel() <= HOST_CHUNK:
+        return quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
+    flat = value.reshape(-1)
+    parts = [quantize_nf4(flat[i:i + HOST_CHUNK], blocksize=config.blocksize, double_quant=False)
+             for i in range(0, flat.numel(), HOST_CHUNK)]
+    packed, absmax = torch.cat([p.packed for p in parts]), torch.cat([p.absmax for p in parts])
+    nested: dict[str, Any] = {}
+    if config.double_quant:  # over the whole weight's scales, as quantize_nf4 does
+        offset = absmax.mean()
+        code2 = dynamic_map(value.device)
+        absmax, absmax2 = quantize_blockwise_8bit(absmax - offset, code2, NESTED_BLOCKSIZE)
+        nested = dict(absmax2=absmax2, code2=code2, offset=offset)
+    return NF4Weight(packed=packed, absmax=absmax, shape=value.shape, dtype=value.dtype,
+                     blocksize=config.blocksize, code=parts[0].code, **nested)
 
 
 @functools.cache

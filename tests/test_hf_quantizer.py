@@ -71,8 +71,10 @@ def rel_err(out, ref):
     return err
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_quantize_on_load_equals_replace_linear(dense_folder, arch):
+@pytest.mark.parametrize("arch, chunk", [(arch, None) for arch in ARCHS] + [("llama", 1024)])
+def test_quantize_on_load_equals_replace_linear(dense_folder, arch, chunk, monkeypatch):
+    if chunk is not None:  # weights quantized in pieces on the host: still the same bytes
+        monkeypatch.setattr("qlora_triton.hf_quantizer.HOST_CHUNK", chunk)
     folder = dense_folder(arch)
     q = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=qt.NF4Config())
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder)
