@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 import math
 from typing import Any
 
@@ -30,13 +29,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .convert import _check_targets, select_linears
-from .linear import Linear4bit, _BNB_WEIGHT_KEYS, _check_compute_dtype
 from .codebooks import dynamic_map
+from .convert import _check_targets, select_linears
+from .linear import _BNB_WEIGHT_KEYS, Linear4bit, _check_compute_dtype
 from .quantization import quantize_blockwise_8bit, quantize_nf4
 from .weight import NESTED_BLOCKSIZE, NF4Weight, check_blocksize
-
-logger = logging.getLogger("qlora_triton")
 
 QUANT_METHOD = "qlora_triton"
 _NF4_STATE = ".weight.quant_state.bitsandbytes__nf4"
