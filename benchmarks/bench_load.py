@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = " ".join(f"{row[f'{key}_bytes'] / 1e9:>8.3f} GB ({row[f'{key}_ratio']:.2f}x)"
                          for key in ("hwm", "anon", "hwm_touched"))
         print(f"{row['method']:<10} {cells} {row['seconds']:>8.1f} {row['nf4_layers']:>10}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.out:  # atomically: a reader never sees half a file
+        tmp_out = Path(args.out).with_suffix(".tmp")
+        tmp_out.write_text(json.dumps(result, indent=2))
+        os.replace(tmp_out, args.out)
     return 0
 
 

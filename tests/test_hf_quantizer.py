@@ -89,6 +89,8 @@ def test_quantize_on_load_equals_replace_linear(dense_folder, arch, chunk, monke
             assert torch.equal(layer.bias, ref.get_submodule(name).bias) and not layer.bias.requires_grad
     if arch == "qwen2":
         assert layers["model.layers.0.self_attn.k_proj"].bias is not None
+    if arch == "gpt2":  # the tied head stays dense and tied, as with any quantizer
+        assert q.lm_head.weight is q.transformer.wte.weight
     if arch == "gpt_neox":  # the renamed head was loaded, not left at its random init
         assert "embed_out.weight" in load_file(os.path.join(folder, "model.safetensors"))
         assert torch.equal(q.lm_head.weight, ref.lm_head.weight)
