@@ -8,13 +8,34 @@ from .convert import merge_and_unload, replace_linear
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
 from .optim import PagedAdamW, PagedAdamW8bit
+from .training import prepare_for_kbit_training
 from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
 from .weight import NF4Weight
 
+from .plugins import install as _install_plugins
+
 __version__ = "0.1.0"
+
+_install_plugins()  # transformers' quantizer "qlora_triton" and PEFT's LoRA layer, when those load
+
+# Names that need transformers, imported on first use.
+_LAZY = {
+    "NF4Config": "hf_quantizer",
+    "from_pretrained": "hub",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Linear4bit",
+    "NF4Config",
     "LoRALinear4bit",
     "NF4Weight",
     "PagedAdamW",
@@ -23,11 +44,13 @@ __all__ = [
     "dequantize_nf4",
     "dynamic_map",
     "force_backend",
+    "from_pretrained",
     "load_adapter",
     "merge_and_unload",
     "nf4_codebook",
     "nf4_matmul",
     "nf4_matmul_grad_input",
+    "prepare_for_kbit_training",
     "quantize_blockwise_8bit",
     "quantize_nf4",
     "replace_linear",

@@ -51,9 +51,36 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return suffixes if picked == set(names) else sorted(names)
 
 
+# transformers head class-name endings -> PEFT's TaskType
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+               ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+               ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def model_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model, from its head class
+    (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``); ``None`` when unknown (an encoder
+    such as ``BertModel``: PEFT then loads the adapter into a plain ``PeftModel``)."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM" if getattr(config, "is_encoder_decoder", False) else "CAUSAL_LM"
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+
+
+def model_name_or_path(model: nn.Module) -> str | None:
+    """The folder (or hub name) a transformers model was loaded from, if any."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return os.fspath(name) if name else None
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 task_type: str | None = "CAUSAL_LM") -> None:
+                 task_type: str | None = "auto") -> None:
     """Write the LoRA adapters of ``model`` to directory ``path`` in PEFT's format.
+
+    ``base_model_name_or_path`` defaults to the folder the model was loaded from
+    (``model.config._name_or_path``), ``task_type`` (``"auto"``) to the one of
+    its head (:func:`model_task_type`, ``None`` when unknown).
 
     Every ``LoRALinear4bit`` must share ``r``, ``lora_alpha``, ``lora_dropout``
     and ``use_rslora`` (one PEFT ``LoraConfig``); otherwise a ``ValueError``.
@@ -68,8 +95,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     r, lora_alpha, lora_dropout, use_rslora = settings.pop()
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": model_task_type(model) if task_type == "auto" else task_type,
+        "base_model_name_or_path": base_model_name_or_path or model_name_or_path(model),
         "r": r,
         "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout,

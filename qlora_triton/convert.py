@@ -1,6 +1,8 @@
-"""Model conversion: ``replace_linear`` swaps ``nn.Linear`` layers for
+"""Model conversion: ``replace_linear`` swaps a model's linear layers for
 ``LoRALinear4bit`` (quantizing them one at a time), ``merge_and_unload`` turns
-them back into dense ``nn.Linear`` layers holding ``W + s * B @ A``."""
+them back into dense ``nn.Linear`` layers holding ``W + s * B @ A``. The rules
+for which modules are linear layers and which of them are targets live here and
+serve the transformers quantizer too."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .linear import Linear4bit, LoRALinear4bit, _check_compute_dtype, check_lora_args
-from .weight import check_blocksize
+from .quantization import quantize_nf4
+from .weight import FLOAT_DTYPES, NF4Weight, check_blocksize
 
 logger = logging.getLogger("qlora_triton")
 
@@ -27,28 +30,91 @@ class ConversionReport:
     replaced: list[str]
     trainable_params: int
     total_params: int
+    already_converted: list[str] = dataclasses.field(default_factory=list)  # LoRALinear4bit, left as they were
+    tied: list[str] = dataclasses.field(default_factory=list)  # matched but tied: left dense
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
-        return (f"replaced {len(self.replaced)} Linear layers | trainable params: "
+        kept = f" ({len(self.already_converted)} already LoRALinear4bit)" if self.already_converted else ""
+        return (f"replaced {len(self.replaced)} Linear layers{kept} | trainable params: "
                 f"{self.trainable_params:,} || all params: {self.total_params:,} || "
                 f"trainable%: {self.trainable_percent:.4f}")
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """A ``bitsandbytes.nn.Linear4bit`` (or its NF4/FP4 subclasses), told apart
+    without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+               for c in type(module).__mro__)
+
+
+def _is_adapter_layer(module: nn.Module) -> bool:
+    """A PEFT tuner layer (``peft.tuners.tuners_utils.BaseTunerLayer``): it owns its
+    base layer and adapters."""
+    return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft") for c in type(module).__mro__)
+
+
+def linear_kind(module: nn.Module) -> str | None:
+    """What ``replace_linear`` can make of ``module``: ``"lora"`` (already a
+    LoRALinear4bit), ``"nf4"`` (our Linear4bit: adapters are added, no requantization),
+    ``"bnb"`` (bitsandbytes' Linear4bit: its bytes are kept), ``"conv1d"``,
+    ``"linear"`` (``nn.Linear`` or a subclass), or ``None``."""
+    if isinstance(module, LoRALinear4bit):
+        return "lora"
+    if isinstance(module, Linear4bit):
+        return "nf4"
+    if _is_bnb_4bit(module):
+        return "bnb"
+    if _is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def linear_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{name: (module, kind)}`` of the model's linear layers (see
+    :func:`linear_kind`), never looking inside one of ours, a bitsandbytes layer
+    or a PEFT adapter layer (their ``lora_A`` / ``base_layer`` are theirs), and
+    never taking ``nn.MultiheadAttention``'s ``out_proj`` (its owner reads the
+    dense weight directly)."""
+    found: dict[str, tuple[nn.Module, str]] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = prefix + child_name
+            kind = linear_kind(child)
+            if kind is not None and not isinstance(module, nn.MultiheadAttention):
+                found[name] = (child, kind)
+            elif not _is_adapter_layer(child) and kind is None:
+                walk(child, name + ".")
+
+    if linear_kind(model) is not None:
+        raise TypeError(f"model must contain the layers to convert, got a single {type(model).__name__} "
+                        "(use Linear4bit.from_linear / LoRALinear4bit.from_linear for one layer)")
+    walk(model, "")
+    return found
+
+
+def _output_head_names(model: nn.Module, linears: dict[str, tuple[nn.Module, str]]) -> set[str]:
     """Names of the output head: ``lm_head``, the module ``get_output_embeddings()``
-    returns, and any Linear whose weight is tied to an embedding."""
-    heads = {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
+    returns, and any linear whose weight is tied to an embedding."""
+    heads = {name for name in linears if name.split(".")[-1] == "lm_head"}
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, module in model.named_modules():
-        if module is out and out is not None:
+    for name, (module, _) in linears.items():
+        if out is not None and module is out:
             heads.add(name)
-        if isinstance(module, nn.Linear) and id(module.weight) in embedding_weights:
+        if id(getattr(module, "weight", None)) in embedding_weights:
             heads.add(name)
     return heads
 
@@ -90,24 +156,114 @@ def freeze_all_but_lora(model: nn.Module) -> None:
         p.requires_grad_(id(p) in lora_params)
 
 
+META_HINT = ("load it quantized instead, with no dense copy: "
+             "AutoModelForCausalLM.from_pretrained(folder, quantization_config=qlora_triton.NF4Config()) "
+             "or qlora_triton.from_pretrained(folder)")
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> every name it has`` (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _check_target(name: str, module: nn.Module, kind: str) -> None:
+    """Everything that could stop the conversion of one layer, checked before any is changed."""
+    if kind in ("linear", "conv1d"):
+        weight = module.weight
+        if weight.is_meta:
+            raise ValueError(f"model: {name}.weight is on the meta device (the model was built "
+                             f"without its weights); {META_HINT}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"model: {name}.weight must be float32, float16 or bfloat16, got {weight.dtype}")
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise ValueError(f"model: {name}.weight must be a non-empty 2-D matrix, got {tuple(weight.shape)}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"model: {name}.weight contains NaN or Inf; NF4 cannot represent it")
+    elif kind == "bnb":
+        quant_state = getattr(module.weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError(f"model: {name} is a bitsandbytes Linear4bit whose weight is not quantized "
+                             "yet (move it to its device first)")
+        if getattr(quant_state, "quant_type", None) != "nf4":
+            raise ValueError(f"model: {name} is a bitsandbytes {getattr(quant_state, 'quant_type', None)!r} "
+                             "layer; only NF4 is supported")
+    elif kind == "nf4" and module.weight.is_meta:
+        raise ValueError(f"model: {name} is a Linear4bit on the meta device (its weight was never loaded); "
+                         f"{META_HINT}")
+
+
+def quantized_base(module: nn.Module, kind: str, blocksize: int, double_quant: bool,
+                   device: torch.device | str | None) -> tuple[NF4Weight, torch.Tensor | None]:
+    """``(NF4 weight, bias)`` of a linear layer of any kind (see :func:`linear_kind`):
+    quantized from a dense weight (a ``Conv1D``'s ``[in, out]`` weight transposed
+    first), or the existing NF4 bytes of ours or bitsandbytes' (never requantized)."""
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach()
+    if kind in ("nf4", "lora"):
+        qw = module.quant_weight
+    elif kind == "bnb":
+        qw = NF4Weight.from_bnb(module.weight.data, module.weight.quant_state)
+    else:
+        weight = module.weight.detach()
+        if kind == "conv1d":
+            weight = weight.t()
+        if device is not None:
+            weight = weight.to(device)
+        qw = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+    if device is not None:
+        qw = qw.to(device)
+        bias = None if bias is None else bias.to(device)
+    return qw, bias
+
+
+def select_linears(model: nn.Module, target_modules, default_skip: set[str] | None = None
+                   ) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, tuple[nn.Module, str]]]:
+    """``(chosen, all)`` linear layers of ``model`` for ``target_modules`` (see
+    :func:`replace_linear`); ``default_skip`` replaces the output head as what
+    ``None`` leaves out."""
+    targets = _check_targets(target_modules)
+    linears = linear_modules(model)
+    if targets is None:
+        skip = _output_head_names(model, linears) if default_skip is None else default_skip
+        chosen = {n: v for n, v in linears.items() if n not in skip}
+    else:
+        chosen = {n: v for n, v in linears.items() if _matches(n, targets)}
+    return chosen, linears
+
+
 def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
                    lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
                    blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                    progress: bool = True) -> ConversionReport:
-    """Swap matching ``nn.Linear`` modules of ``model`` (in place) for
-    ``LoRALinear4bit`` and freeze every parameter that is not a LoRA adapter.
+    """Swap matching linear layers of ``model`` (in place) for ``LoRALinear4bit``
+    and freeze every parameter that is not a LoRA adapter.
+
+    Linear layers are ``nn.Linear`` and its subclasses, transformers' ``Conv1D``
+    (GPT-2; its ``[in, out]`` weight is transposed), our ``Linear4bit`` (a model
+    loaded with ``NF4Config``: adapters are added, the NF4 bytes kept) and
+    bitsandbytes' NF4 ``Linear4bit`` (its bytes kept, no dequantize). Layers
+    inside our layers, bitsandbytes' or PEFT's adapter layers are never touched,
+    nor ``nn.MultiheadAttention.out_proj``.
+
+    Safe to repeat: a ``LoRALinear4bit`` is left as it is (its adapters kept), so
+    a second call changes nothing and says so (a warning on "qlora_triton").
+    Atomic: every target is checked (dtype, device, finite values) before any is
+    changed. A target whose weight is tied to another parameter (a tied
+    ``lm_head``) is left dense and tied, with a warning: quantizing it would untie
+    it and keep a second dense copy. A model on the meta device (built without
+    weights) is refused: load it with ``NF4Config`` instead.
 
     Args:
-        target_modules: ``None`` (every ``nn.Linear`` except the output head:
-            ``lm_head``, ``model.get_output_embeddings()``, or a Linear tied to
-            an embedding), a list of name suffixes (PEFT's rule: the full name,
-            or a suffix after a dot), or a regex matched against the whole name.
-            Only modules of type exactly ``nn.Linear`` are swapped: subclasses
-            (e.g. ``nn.MultiheadAttention.out_proj``, whose owner reads the
-            dense weight directly) are left alone.
+        target_modules: ``None`` (every linear layer except the output head:
+            ``lm_head``, ``model.get_output_embeddings()``, or a layer tied to an
+            embedding), a list of name suffixes (PEFT's rule: the full name, or a
+            suffix after a dot), or a regex matched against the whole name.
         r, lora_alpha, lora_dropout, use_rslora: the adapters (see ``LoRALinear4bit``).
-        blocksize, double_quant: the NF4 format.
+        blocksize, double_quant: the NF4 format of dense layers.
         compute_dtype: the layers' compute dtype (``None``: the input's).
         device: quantize on this device (default: each layer's own). Layers are
             converted one at a time and each dense weight is released as soon
@@ -118,32 +274,54 @@ def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = _check_targets(target_modules)
     check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     check_blocksize(blocksize)
     _check_compute_dtype(compute_dtype)
+    chosen, linears = select_linears(model, target_modules)
+    if not chosen:
+        shown = list(linears)[:8]
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer in the model "
+                         f"(its linear layers: {shown}{' ...' if len(linears) > 8 else ''})")
 
-    heads = _output_head_names(model) if targets is None else set()
-    names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and name not in heads and (targets is None or _matches(name, targets))]
-    if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model "
-                         f"(its Linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''})")
+    already = [n for n, (_, kind) in chosen.items() if kind == "lora"]
+    tied_names = _tied_names(model)
+    tied = {}
+    for name, (module, kind) in chosen.items():
+        others = [t for t in tied_names.get(id(getattr(module, "weight", None)), []) if t != name + ".weight"]
+        if kind != "lora" and others:
+            tied[name] = others
+    for name, others in tied.items():
+        logger.warning("replace_linear: %s.weight is tied to %s; left it dense and tied (quantizing it "
+                       "would untie it and keep a second dense copy); untie it first to quantize it",
+                       name, ", ".join(others))
+    todo = {n: v for n, v in chosen.items() if n not in already and n not in tied}
+    if not todo and not already:
+        raise ValueError(f"target_modules={target_modules!r}: every matched layer is tied to another "
+                         f"parameter ({sorted(tied)}); nothing to convert")
+    for name, (module, kind) in todo.items():
+        _check_target(name, module, kind)
 
-    for name in tqdm(names, desc="qlora_triton: quantizing", unit="layer", disable=not progress):
+    for name in tqdm(list(todo), desc="qlora_triton: quantizing", unit="layer", disable=not progress):
+        module, kind = todo.pop(name)
+        qw, bias = quantized_base(module, kind, blocksize, double_quant, device)
+        # A quantized layer keeps its own compute dtype unless one is given.
+        own = getattr(module, "compute_dtype", None) if kind in ("nf4", "bnb") else None
+        new = LoRALinear4bit(qw, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             use_rslora=use_rslora,
+                             compute_dtype=compute_dtype or (own if own in FLOAT_DTYPES else None))
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        new = LoRALinear4bit.from_linear(
-            getattr(parent, child), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
-            compute_dtype=compute_dtype, device=device)
-        setattr(parent, child, new)  # drops the last reference to the dense layer
+        del module, qw, bias
+        setattr(model.get_submodule(parent_name), child, new)  # drops the last reference to the old layer
         del new
 
     freeze_all_but_lora(model)
     trainable, total = count_parameters(model)
-    report = ConversionReport(replaced=names, trainable_params=trainable, total_params=total)
+    report = ConversionReport(replaced=[n for n in chosen if n not in already and n not in tied],
+                              trainable_params=trainable, total_params=total,
+                              already_converted=already, tied=sorted(tied))
+    if already and not report.replaced:
+        logger.warning("replace_linear: nothing to do: the %d matched layers are already LoRALinear4bit "
+                       "(their adapters are kept)", len(already))
     logger.info("%s", report)
     return report
 

@@ -3,6 +3,7 @@ LlamaForCausalLM (random init, no downloads)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -73,7 +74,7 @@ def test_suffix_list_and_regex_targets():
     report = qt.replace_linear(model, target_modules=r"model\.layers\.1\.mlp\..*_proj", r=2, progress=False)
     assert report.replaced == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
     # A suffix matches whole name parts only ("proj" is not a suffix of "q_proj" here).
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="matched no linear layer"):
         qt.replace_linear(tiny_llama(), target_modules=["proj"], progress=False)
 
 
@@ -182,3 +183,137 @@ def test_bnb_checkpoint_in_transformers_layout_loads():
         assert torch.equal(sd[k].reshape(-1), v.reshape(-1)), k
     for name, w in bnb_dense.items():  # bitsandbytes' own dequantize of the same bytes
         assert torch.equal(model.get_submodule(name).dequantized_weight(torch.float32), w.float()), name
+
+
+def _lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, qt.LoRALinear4bit)}
+
+
+def test_second_call_changes_nothing_and_says_so(caplog):
+    model = tiny_llama()
+    qt.replace_linear(model, r=4, progress=False)
+    for m in _lora_layers(model).values():
+        nn.init.normal_(m.lora_B.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="qlora_triton"):
+        report = qt.replace_linear(model, r=4, progress=False)
+    assert report.replaced == [] and len(report.already_converted) == 14
+    assert "nothing to do" in caplog.text
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # the adapters' own nn.Linear (lora_A, lora_B) are never targets, even by name
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        qt.replace_linear(model, target_modules=["lora_A"], progress=False)
+
+
+def test_every_target_is_checked_before_any_is_changed():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight contains NaN"):
+        qt.replace_linear(model, progress=False)
+    assert not any(isinstance(m, qt.Linear4bit) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_meta_model_points_to_the_loading_path():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError, match="meta device.*NF4Config"):
+        qt.replace_linear(model, progress=False)
+
+
+def test_linear_subclass_is_converted():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    report = qt.replace_linear(model, r=2, progress=False)
+    assert report.replaced == ["0", "2"] and isinstance(model[0], qt.LoRALinear4bit)
+
+
+def test_multihead_attention_out_proj_is_left_alone():
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 16))
+    assert qt.replace_linear(model, progress=False).replaced == ["1"]
+    assert type(model[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_explicitly_targeted_tied_head_warns_and_stays_tied(caplog):
+    model = tiny_llama(tie=True)
+    params = sum(p.numel() for p in model.parameters())
+    with caplog.at_level(logging.WARNING, logger="qlora_triton"):
+        report = qt.replace_linear(model, target_modules=["lm_head", "q_proj"], r=2, progress=False)
+    assert "lm_head.weight is tied to model.embed_tokens.weight" in caplog.text and "left it dense" in caplog.text
+    assert report.tied == ["lm_head"] and "lm_head" not in report.replaced
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lora = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in _lora_layers(model).values())
+    assert report.total_params == params + lora
+    with pytest.raises(ValueError, match="tied"):
+        qt.replace_linear(tiny_llama(tie=True), target_modules=["lm_head"], progress=False)
+
+
+def test_gpt2_conv1d_is_quantized_transposed():
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ref = copy.deepcopy(model)  # the reference: each Conv1D will hold its dequantized weight
+    tokens = torch.randint(0, 128, (2, 13))
+    report = qt.replace_linear(model, r=2, progress=False)
+    assert len(report.replaced) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    for name in report.replaced:
+        layer = model.get_submodule(name)
+        conv = ref.get_submodule(name)
+        with torch.no_grad():
+            conv.weight.copy_(layer.dequantized_weight(torch.float32).t())
+            conv.bias.copy_(layer.bias)
+    with torch.no_grad():
+        got, want = model(input_ids=tokens).logits, ref(input_ids=tokens).logits
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_our_linear4bit_gets_adapters_without_requantization():
+    model = tiny_llama()
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, qt.Linear4bit.from_linear(m, blocksize=128))
+    packed = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, qt.Linear4bit)}
+    report = qt.replace_linear(model, r=2, blocksize=64, progress=False)
+    assert sorted(report.replaced) == sorted(packed)
+    for name, want in packed.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, qt.LoRALinear4bit) and layer._blocksize == 128
+        assert torch.equal(layer.weight, want)
+
+
+def test_bitsandbytes_layers_keep_their_bytes(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = tiny_llama().eval()
+    tokens = torch.randint(0, 128, (2, 9))
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name != "lm_head":
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                  compress_statistics=name.endswith("proj") and "mlp" in name, quant_type="nf4")
+            q.load_state_dict(m.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to("cpu"))
+    stored = {n: {k: v.clone() for k, v in m.state_dict().items()}
+              for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("replace_linear must not dequantize a bitsandbytes layer")
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", no_dequantize)
+    report = qt.replace_linear(model, r=2, progress=False)
+    assert sorted(report.replaced) == sorted(stored)
+    for name, sd in stored.items():
+        ours = model.get_submodule(name).state_dict()
+        for key, value in sd.items():
+            assert torch.equal(ours[key].reshape(-1), value.reshape(-1)), (name, key)
+
+
+def test_peft_layers_are_never_entered():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    report = qt.replace_linear(model, progress=False)
+    assert not any(".base_layer" in n or ".lora_" in n for n in report.replaced)
+    assert not any(n.endswith("q_proj") for n in report.replaced) and len(report.replaced) == 12

@@ -63,7 +63,9 @@ def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
     assert set(SUMMARY_KEYS) <= set(on_disk)
     assert set(COMPARISON_KEYS) <= set(on_disk["comparison"])
     assert (out / on_disk["plot"]).stat().st_size > 0
-    assert (out / "adapter" / "adapter_config.json").is_file()
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(out / "pretrained")  # the base it trained on
+    assert adapter_config["task_type"] == "CAUSAL_LM"
     for method in ("lora16", "qlora"):
         phase = on_disk["phases"][method]
         assert set(PHASE_KEYS) <= set(phase), method

@@ -55,11 +55,15 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device | str):
 
 
 def lora_targets(model) -> list[str]:
-    """The LLaMA linear names present in ``model`` (the LoRA targets)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = [n for n in LLAMA_LINEARS if n in names]
+    """The LoRA targets: ``replace_linear``'s default (every linear layer but the
+    output head, ``Conv1D`` included), as full module names, which PEFT takes too."""
+    from ..convert import select_linears
+
+    chosen, _ = select_linears(model, None)
+    targets = [name for name, (_, kind) in chosen.items() if kind in ("linear", "conv1d")]
     if not targets:
-        raise ValueError("model: no LLaMA-style linear layers (q_proj, ..., down_proj) found to put LoRA on")
+        raise ValueError(f"model: a {type(model).__name__} has no linear layer besides its output head "
+                         "to put LoRA on")
     return targets
 
 

@@ -137,6 +137,21 @@ def _human(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+# On the CPU (the plain-torch reference), a preset that would take longer is refused.
+CPU_SECONDS_LIMIT = 180
+# Rough CPU rates, measured on 2 cores (2026-12-01): random init + NF4 quantization
+# of weights, and bf16 training matmuls.
+CPU_WEIGHTS_PER_S = 2e7
+CPU_FLOPS = 2e10
+
+
+def estimate_cpu_seconds(shape: ModelShape, batch_size: int, seq_len: int, steps: int) -> float:
+    """Build (init + quantize every linear weight) plus ``steps`` training steps
+    (about 6 flops per weight and token: forward, grad-input, LoRA)."""
+    weights = linear_params(shape)
+    return weights / CPU_WEIGHTS_PER_S + steps * 6 * weights * batch_size * seq_len / CPU_FLOPS
+
+
 def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size: int | None = None,
                seq_len: int | None = None, r: int = 8, alpha: float = 16.0, lr: float = 2e-4,
                seed: int = 0, output_dir: str | None = None, quiet: bool = False) -> dict:
@@ -161,6 +176,13 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
             f"preset {name}: needs about {estimate['total'] / 2**30:.1f} GiB on {dev} "
             f"(NF4 weights {estimate['nf4_weights'] / 2**30:.1f} GiB), but only {free / 2**30:.1f} GiB "
             f"is available; use a smaller preset, or a GPU with more memory")
+    if dev.type == "cpu":
+        seconds = estimate_cpu_seconds(shape, batch_size, seq_len, steps)
+        if seconds > CPU_SECONDS_LIMIT:
+            raise ValueError(f"preset {name}: about {seconds / 60:.0f} minutes on the CPU (building and "
+                             f"quantizing {linear_params(shape) / 1e9:.1f}B weights, then {steps} steps); "
+                             f"it runs only when under {CPU_SECONDS_LIMIT // 60} minutes: use --preset tiny "
+                             "on the CPU, or a GPU")
 
     torch.manual_seed(seed)
     memory = PeakMemory(dev)

@@ -60,7 +60,10 @@ class FinetuneConfig:
         """Fill every ``None`` default from the device's size (``presets.DEFAULT_SIZES``)."""
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device: expected cpu or cuda, got {self.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: cuda was asked for but torch sees no CUDA device")
         if device.type not in ("cpu", "cuda"):
@@ -85,7 +88,23 @@ class FinetuneConfig:
             raise ValueError(f"lr and alpha must be positive, got lr={self.lr!r}, alpha={self.alpha!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected auto, triton or torch, got {self.backend!r}")
+        self.check_paths()
         return self
+
+    def check_paths(self) -> None:
+        """The folders and files named, checked before any work (the phases run in
+        child processes: an error there would come as a second traceback)."""
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: {self.model!r} is not a Hugging Face model folder (no config.json)")
+        if self.data is not None:
+            if not Path(self.data).is_file():
+                raise ValueError(f"data: no such file {self.data!r}")
+            if Path(self.data).suffix not in (".txt", ".jsonl"):
+                raise ValueError(f"data: expected a .txt or .jsonl file, got {self.data!r}")
+        for name in ("output_dir", "save_adapter"):
+            value = getattr(self, name)
+            if value and Path(value).exists() and not Path(value).is_dir():
+                raise ValueError(f"{name}: {value!r} exists and is not a folder")
 
 
 def pick_backend(config: FinetuneConfig) -> str | None:

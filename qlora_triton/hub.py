@@ -1,0 +1,87 @@
+"""``from_pretrained``: any model folder into our NF4 layers, without bitsandbytes.
+
+A thin wrapper over transformers' ``from_pretrained``. A dense folder loads as
+transformers loads it (pass ``quantization_config=NF4Config()`` to quantize on
+load), one we saved reloads its NF4 bytes, and a transformers + bitsandbytes
+4-bit NF4 folder is handed to our quantizer in place of bitsandbytes' (whose
+keys and bytes are the same format): its stored bytes are used as they are.
+transformers itself refuses a passed ``quantization_config`` of another class
+than the folder's, so the folder's config is the one replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _is_bnb_4bit(quant: dict[str, Any]) -> bool:
+    return quant.get("quant_method") == "bitsandbytes" or bool(quant.get("load_in_4bit"))
+
+
+def _pread_state_dict(folder: str | os.PathLike, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Lazy slices of every tensor of a local safetensors folder, read with
+    ``pread`` when transformers materializes them (nothing is memory-mapped)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"read='pread' needs a local folder of safetensors files, got {os.fspath(folder)!r}")
+    state_dict: dict[str, Any] = {}
+    for name in files:
+        f = stack.enter_context(safe_open(folder / name, framework="pt", backend="pread"))
+        state_dict.update({key: f.get_slice(key) for key in f.keys()})
+    return state_dict
+
+
+def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: str = "mmap", **kwargs: Any):
+    """Load ``folder`` with ``model_class.from_pretrained`` (default
+    ``transformers.AutoModelForCausalLM``; pass e.g. ``AutoModelForSequenceClassification``
+    for another head); ``kwargs`` go to it unchanged (``dtype``, ``device_map``,
+    ``quantization_config``, ...). A bitsandbytes 4-bit folder must be NF4
+    (FP4 and 8-bit are refused with a ``ValueError``).
+
+    ``read="pread"`` reads each tensor of a local safetensors folder into its own
+    buffer instead of transformers' memory map, so the checkpoint's pages never
+    count in the process's RSS (with ``NF4Config``, only the tensor being
+    quantized is held dense); ``"mmap"`` (default) is transformers' own read."""
+    if read not in ("mmap", "pread"):
+        raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf_quantizer import NF4Config
+
+    model_class = AutoModelForCausalLM if model_class is None else model_class
+    if not hasattr(model_class, "from_pretrained"):
+        raise TypeError(f"model_class must be a transformers model class, got {model_class!r}")
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = AutoConfig.from_pretrained(folder, **{k: kwargs[k] for k in ("revision", "trust_remote_code")
+                                                       if k in kwargs})
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        if _is_bnb_4bit(quant) or quant.get("load_in_8bit"):
+            if quant.get("load_in_8bit"):
+                raise ValueError(f"folder: {os.fspath(folder)!r} holds a bitsandbytes 8-bit model; "
+                                 "only 4-bit NF4 folders are supported")
+            config.quantization_config = NF4Config.from_bnb(quant).to_dict()
+    with contextlib.ExitStack() as stack:
+        if read == "pread":
+            if "state_dict" in kwargs:
+                raise ValueError("read='pread' builds the state_dict itself; do not pass state_dict")
+            # transformers takes a state_dict only in place of the folder's name
+            # (an Auto class then needs a name: resolve it to the config's model class).
+            state_dict = _pread_state_dict(folder, stack)
+            mapping = getattr(model_class, "_model_mapping", None)
+            concrete = mapping[type(config)] if mapping is not None else model_class
+            return concrete.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+        return model_class.from_pretrained(folder, config=config, **kwargs)
