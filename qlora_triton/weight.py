@@ -173,7 +173,10 @@ class NF4Weight:
         silently, as in bitsandbytes); returns ``self``. It reads the data (one
         device sync), so it runs where weights enter: ``quantize_nf4``,
         ``from_state_dict``, ``from_bnb``, ``Linear4bit`` and ``dequantize_nf4``,
-        not in every matmul."""
+        not in every matmul. Meta tensors hold no values: nothing to check
+        (a skeleton built on the meta device is checked when its data arrives)."""
+        if self.device.type == "meta":
+            return self
         for name in ("code", "code2", "offset"):
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
