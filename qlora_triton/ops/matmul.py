@@ -723,14 +723,14 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch
                                  interpret=INTERPRET)])
     splits = max(c.kwargs["SPLIT_K"] for c in configs)
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
-    tiles = max(triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in configs)
+    tiles = max(-(-N // c.kwargs["BLOCK_N"]) for c in configs)
     count = _split_counter(x.device, tiles) if splits > 1 else y
     args = (x, words, *_weight_tensors(qw)[1:], bias if bias is not None else y, y, partial, count,
             M, N, K, K // 8, x.stride(0), x.stride(1), bias.stride(0) if bias is not None else 0)
     const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
                  DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None)
     if name == "fma":
-        const["ROWS"] = triton.next_power_of_2(M)
+        const["ROWS"] = 1 << (M - 1).bit_length()  # next power of two
     else:
         const["DOT_FP32"] = dot_in_fp32(x.device)
     if tuned:
@@ -738,7 +738,7 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch
         _GEMV_WORDS_AUTOTUNED[name][grid](*args, **const)
     else:
         (cfg,) = configs
-        grid = (triton.cdiv(N, cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT_K"])
+        grid = (-(-N // cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT_K"])
         _GEMV_WORDS[name][grid](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
     return y
@@ -760,12 +760,12 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     meta = _weight_meta(qw)
     if bias is not None:
         bias = bias.contiguous()
-    args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
-    common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     launches[kernel] += 1
     words = _packed_words(qw) if kernel == "gemv" else None
     if words is not None:
         return _gemv_words(x, words, qw, bias, meta)
+    args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
+    common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     if kernel == "gemv":
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731

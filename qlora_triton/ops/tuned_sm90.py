@@ -10,6 +10,7 @@ gets its single config.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -74,6 +75,7 @@ def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
     return [c for c in configs if allowed(c, args["BLOCKSIZE"], x_fp32)]
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of its arguments, asked on every call
 def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
                 interpret: bool = False) -> triton.Config:
     """GEMV ``kernel``'s config for an [N, K] weight: the widest tile, with K
@@ -87,7 +89,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
     tiles_ = _TILES[kernel]
     tiles_ = [t for t in tiles_ if allowed(_config(t[0], block_k, 1, t[1], t[2]), blocksize, x_fp32)]
     for i, (block_n, warps, stages) in enumerate(tiles_):
-        tiles = triton.cdiv(N, block_n)
+        tiles = -(-N // block_n)
         split = 1
         while tiles * split < _MIN_PROGRAMS and split < 8 and K // (2 * split) >= 512:
             split *= 2
