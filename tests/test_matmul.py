@@ -15,6 +15,7 @@ from qlora_triton import backend as _backend
 from qlora_triton import reference
 from qlora_triton.library import weight_args
 from qlora_triton.ops import matmul as ops_matmul
+from qlora_triton.strategy import select_strategy
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
@@ -228,9 +229,11 @@ def test_strided_weight_fields_and_bias_equal_contiguous_copies(device, M):
 
 
 # -- the dispatcher ---------------------------------------------------------------
-def test_select_kernel_by_rows():
-    assert [ops_matmul.select_kernel(m) for m in (1, 2, 8, 16)] == ["gemv"] * 4
-    assert [ops_matmul.select_kernel(m) for m in (17, 64, 4096)] == ["gemm"] * 3
+def test_select_strategy_by_rows_on_the_cpu():
+    cpu = torch.device("cpu")
+    pick = lambda m: select_strategy(m, 4096, 4096, torch.bfloat16, cpu)  # noqa: E731
+    assert [pick(m) for m in (1, 2, 8, 16)] == ["gemv"] * 4
+    assert [pick(m) for m in (17, 64, 4096)] == ["fused"] * 3
 
 
 # -- autotune pruning (the GPU config lists; pure functions, checked here on the CPU) --
@@ -379,6 +382,7 @@ def test_int32_row_chunks_split_only_past_the_int32_range():
 def test_row_chunked_launches_match_one_launch(backend, device, monkeypatch):
     """The split the launchers make past int32 offsets, run at a small limit."""
     from qlora_triton.ops import matmul as ops_matmul
+from qlora_triton.strategy import select_strategy
 
     qw = qt.quantize_nf4(torch.randn(40, 96, device=device))
     x = torch.randn(70, 96, device=device)
