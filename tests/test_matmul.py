@@ -289,17 +289,21 @@ def test_gemv_pruning_keeps_useful_splits_that_compile(aligned, blocksize):
             assert split * bk <= max(K, 64), (N, K, split)  # no split without K to reduce
 
 
-@pytest.mark.parametrize("rows, kernel", [(1, "gemv"), (16, "gemv"), (17, "gemm"), (100, "gemm")])
-def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
+@pytest.mark.parametrize("rows, strategy, kernels", [
+    (1, None, {"gemv": 1, "grad_input": 1}), (16, None, {"gemv": 1, "grad_input": 1}),
+    (17, None, {"gemm": 1, "grad_input": 1}), (100, None, {"gemm": 1, "grad_input": 1}),
+    (3, "fused", {"gemm": 1, "grad_input": 1}), (3, "dequant", {"dequantize": 2}),
+])
+def test_dispatcher_runs_the_chosen_kernel(device, rows, strategy, kernels):
     if not (device.type == "cuda" or _backend.INTERPRET):
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
     qw = _weight(40, 96, 32, True, device)
     x = torch.randn(rows, 96, device=device, requires_grad=True)
-    with qt.force_backend("triton"):
+    with qt.force_backend("triton"), qt.force_strategy(strategy):
         before = ops_matmul.launches.copy()
         qt.nf4_matmul(x, qw).sum().backward()
         ran = ops_matmul.launches - before
-    assert ran == {kernel: 1, "grad_input": 1}
+    assert ran == kernels
 
 
 # -- torch.library ----------------------------------------------------------------
@@ -382,7 +386,6 @@ def test_int32_row_chunks_split_only_past_the_int32_range():
 def test_row_chunked_launches_match_one_launch(backend, device, monkeypatch):
     """The split the launchers make past int32 offsets, run at a small limit."""
     from qlora_triton.ops import matmul as ops_matmul
-from qlora_triton.strategy import select_strategy
 
     qw = qt.quantize_nf4(torch.randn(40, 96, device=device))
     x = torch.randn(70, 96, device=device)
