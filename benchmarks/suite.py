@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 import triton
 
+from qlora_triton import strategy as strategy_mod
+
 from . import report
 from .cases import OPS, SHAPES, SMOKE_SHAPES, Case, all_cases
 from .estimates import estimate
@@ -128,6 +130,7 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         row["error"] = status
         return row
     fn = None
+    before = strategy_mod.strategies.copy()
     try:
         # Memory on a fresh single instance (no rotation copies, no cache),
         # which is also what is timed when the working set already beats L2.
@@ -152,7 +155,18 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
     finally:
         fn = None
         free_device_memory(device)
+        if provider == "qlora_triton":
+            row["strategy"] = _strategy_ran(case.op, strategy_mod.strategies - before)
     return row
+
+
+def _strategy_ran(op: str, ran) -> str | None:
+    """The matmul strategy (qlora_triton.strategy) that ran for ``op``'s base
+    product: the forward's, grad-input's for matmul_grad_input; None when no
+    product ran on the Triton backend (the reference, quantize, ...)."""
+    kind = "grad_input" if op == "matmul_grad_input" else "forward"
+    names = {name for (which, name) in ran if which == kind}
+    return names.pop() if len(names) == 1 else None
 
 
 @dataclasses.dataclass
@@ -164,6 +178,7 @@ class RunOptions:
     providers: tuple[str, ...] = PROVIDERS
     shapes: tuple[tuple[int, int], ...] | None = None  # a subset of the run's shapes (None: all)
     ms: tuple[int, ...] | None = None  # a subset of the run's M values (None: all)
+    strategy: str | None = None  # qlora_triton's matmul strategy for the run (None: its own choice)
     prog: str = "python -m benchmarks"  # recorded in meta.command
     progress: bool = True
     argv: list[str] = dataclasses.field(default_factory=list)  # recorded in meta.command
@@ -185,12 +200,15 @@ def run_suite(opts: RunOptions, timer: Timer | None = None) -> dict[str, Any]:
     gc.freeze()
     try:
         ceilings = measure_ceilings(timer, opts.smoke)
-        rows = _run_cases(all_cases(opts.smoke, opts.ops, opts.shapes, opts.ms), opts, statuses, timer, ceilings)
+        with strategy_mod.force_strategy(opts.strategy):
+            rows = _run_cases(all_cases(opts.smoke, opts.ops, opts.shapes, opts.ms), opts, statuses, timer,
+                              ceilings)
     finally:
         gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit, opts.prog),
+        "meta": {**environment(device, opts.smoke, timer, opts.argv, opts.git_commit, opts.prog),
+                 "strategy": opts.strategy},
         "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
                      "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
         "providers": {p: statuses[p] or "ok" for p in opts.providers},
@@ -278,6 +296,9 @@ def parse_args(argv: list[str], prog: str = "python -m benchmarks", ops: tuple[s
                                          + ",".join(f"{n}x{k}" for n, k in SMOKE_SHAPES) + ")")
     parser.add_argument("--m", help="comma-separated subset of the run's M values (rows of x) for the matmul "
                                     "and LoRA cases, e.g. 1,16,4096")
+    parser.add_argument("--strategy", choices=strategy_mod.STRATEGIES,
+                        help="run qlora_triton's matmuls with this strategy (qt.force_strategy); default: "
+                             "the package's choice. Each qlora_triton row records the strategy that ran")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
     parser.add_argument("--resume", metavar="ROWS_JSONL",
@@ -328,6 +349,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks", o
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
     opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, shapes=args.shapes, ms=args.m,
+                      strategy=args.strategy,
                       progress=not args.no_progress, argv=argv, prog=prog, git_commit=args.git_commit, done=done,
                       on_row=on_row)
     try:
