@@ -9,7 +9,8 @@ optional bias ``b [N]``, ``A [r, K]``, ``B [N, r]`` and scaling ``s``::
     y   = x @ W.T + b + s * h @ B.T          # [..., N]  (one addmm into the base output)
 
 Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
-plain matmul; nothing ever forms ``W`` densely or the ``[N, K]`` update ``B @ A``)::
+plain matmul; nothing forms the ``[N, K]`` update ``B @ A``, and ``W`` is dense only
+in the "dequant" strategy's one reused scratch buffer, never saved)::
 
     gB      = s * (g @ B)                    # [M, r], shared by dL/dx and dL/dA
     dL/dx   = g @ W  +  (gB @ A) * m         # NF4 grad-input op + rank-r path (addmm_ when p == 0)
