@@ -752,13 +752,13 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
         return torch.cat([nf4_matmul(x[i:i + rows], qw, bias) for i in range(0, M, rows)])
     if M == 0:
         return x.new_empty((0, N))
+    meta = _weight_meta(qw)  # also the int32 limit of the dequantize kernel
     strategy = select_strategy(M, N, K, x.dtype, x.device)
     strategies["forward", strategy] += 1
     if strategy == "dequant":
         launches["dequantize"] += 1
         return dequant_matmul(x, qw, bias)
     kernel = "gemv" if strategy == "gemv" else "gemm"
-    meta = _weight_meta(qw)
     if bias is not None:
         bias = bias.contiguous()
     args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
@@ -790,6 +790,7 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
         return torch.cat([nf4_matmul_grad_input(grad_y[i:i + rows], qw) for i in range(0, M, rows)])
     if M == 0:
         return grad_y.new_empty((0, K))
+    meta = _weight_meta(qw)
     # No GEMV for grad-input: "gemv" and "fused" both run the fused kernel.
     if select_strategy(M, N, K, grad_y.dtype, grad_y.device) == "dequant":
         strategies["grad_input", "dequant"] += 1
@@ -801,5 +802,5 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
     _nf4_grad_input_kernel[grid](grad_y, *_weight_tensors(qw), gx, M, N, K,
                                  _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
-                                 DOT_FP32=dot_in_fp32(grad_y.device), **_weight_meta(qw))
+                                 DOT_FP32=dot_in_fp32(grad_y.device), **meta)
     return gx
