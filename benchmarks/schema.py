@@ -95,6 +95,10 @@ RESULT = {
         # qlora_triton rows: the matmul strategy that ran (qlora_triton.strategy);
         # null where no product ran on the Triton backend. Optional.
         "strategy": {"enum": ["gemv", "fused", "dequant", None]},
+        # --time-strategies: ms under each forced strategy (null: not a strategy
+        # of its own for this case). Optional.
+        "strategy_ms": {"type": ["object", "null"], "additionalProperties": False,
+                        "properties": {s: _NUM_OR_NULL for s in ("gemv", "fused", "dequant")}},
     },
 }
 

@@ -243,3 +243,19 @@ def test_forced_strategy_is_run_and_recorded(tmp_path):
     bad = copy.deepcopy(doc)
     bad["results"][0]["strategy"] = "cublas"
     assert any("strategy" in e for e in validate(bad))
+
+
+def test_time_strategies_times_each_strategy_side_by_side(tmp_path):
+    from benchmarks.suite import main
+
+    assert main(["--smoke", "--providers", "qlora_triton", "--ops", "matmul_fwd,matmul_grad_input",
+                 "--m", "1", "--time-strategies", "--no-plots", "--no-progress", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["results"]
+    for row in doc["results"]:
+        times = row["strategy_ms"]
+        assert set(times) == {"gemv", "fused", "dequant"} and times["fused"] > 0 and times["dequant"] > 0
+        assert (times["gemv"] is None) == (row["op"] == "matmul_grad_input"), row  # M = 1
+    bad = copy.deepcopy(doc)
+    bad["results"][0]["strategy_ms"]["cublas"] = 1.0
+    assert any("cublas" in e for e in validate(bad))
