@@ -238,8 +238,11 @@ def test_compiled_lora_forward_and_backward_have_no_graph_break(backend, strateg
     with qt.force_strategy(strategy):
         for fn in (layer, compiled):
             xi = x.clone().requires_grad_()
+            before = strategy_mod.strategies.copy()
             y = fn(xi)
             y.square().sum().backward()
+            # the compiled graph runs the forced strategy too (read inside the op)
+            assert strategy_mod.strategies - before == _ran(backend, strategy, 20)
             results.append((y.detach(), xi.grad, layer.lora_A.weight.grad.clone()))
             layer.zero_grad()
     assert torch._dynamo.utils.counters["graph_break"] == {}
