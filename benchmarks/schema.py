@@ -45,6 +45,7 @@ META = {
         "smoke": {"type": "boolean"},
         "timer": _STR,
         "command": _STR,
+        "strategy": {"enum": ["gemv", "fused", "dequant", None]},  # --strategy (optional; null: default)
     },
 }
 
@@ -91,6 +92,13 @@ RESULT = {
         # qlora_triton matmul_fwd: the static sm_90 profile's figures for this
         # case (benchmarks/estimates.py), compile-time estimates; optional.
         "sass_estimate": {"type": ["object", "null"]},
+        # qlora_triton rows: the matmul strategy that ran (qlora_triton.strategy);
+        # null where no product ran on the Triton backend. Optional.
+        "strategy": {"enum": ["gemv", "fused", "dequant", None]},
+        # --time-strategies: ms under each forced strategy (null: not a strategy
+        # of its own for this case). Optional.
+        "strategy_ms": {"type": ["object", "null"], "additionalProperties": False,
+                        "properties": {s: _NUM_OR_NULL for s in ("gemv", "fused", "dequant")}},
     },
 }
 

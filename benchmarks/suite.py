@@ -31,6 +31,9 @@ from typing import Any, Callable
 import torch
 import triton
 
+import qlora_triton
+from qlora_triton import strategy as strategy_mod
+
 from . import report
 from .cases import OPS, SHAPES, SMOKE_SHAPES, Case, all_cases
 from .estimates import estimate
@@ -108,9 +111,13 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:300]
 
 
+_STRATEGY_OPS = ("matmul_fwd", "matmul_grad_input", "lora_fwd_bwd")
+
+
 def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilings: Ceilings,
-             cache: WeightCache) -> dict[str, Any]:
-    """One row of the results: time, memory and floor of ``case`` on ``provider``."""
+             cache: WeightCache, time_strategies: bool = False) -> dict[str, Any]:
+    """One row of the results: time, memory and floor of ``case`` on ``provider``;
+    ``time_strategies``: also time each qlora_triton matmul strategy (strategy_ms)."""
     device = timer.device
     floor, bound = case.floor_ms(ceilings.copy_gbps, ceilings.matmul_tflops)
     row = {
@@ -128,6 +135,9 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         row["error"] = status
         return row
     fn = None
+    before = strategy_mod.strategies.copy()
+    if provider == "qlora_triton":
+        qlora_triton.release_scratch()  # a dequant case's peak then includes its own scratch
     try:
         # Memory on a fresh single instance (no rotation copies, no cache),
         # which is also what is timed when the working set already beats L2.
@@ -145,6 +155,8 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         row["ms"] = timer(fn)
         row["copies"] = copies
         row["x_floor"] = row["ms"] / floor if floor > 0 else None
+        if time_strategies and provider == "qlora_triton" and case.op in _STRATEGY_OPS:
+            row["strategy_ms"] = _time_strategies(case, fn, timer)
     except NotApplicable:
         row.update(status="n/a", error=None, peak_mem_MB=None, resident_mem_MB=None)
     except Exception as e:  # one provider failing must not stop the others
@@ -152,7 +164,31 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
     finally:
         fn = None
         free_device_memory(device)
+        if provider == "qlora_triton":
+            row["strategy"] = _strategy_ran(case.op, strategy_mod.strategies - before)
     return row
+
+
+def _time_strategies(case: Case, fn: Callable[[], object], timer: Timer) -> dict[str, float | None]:
+    """ms of ``fn`` under each forced strategy; None where a strategy would run
+    another's code (the GEMV takes M <= 16, and grad-input has none)."""
+    out: dict[str, float | None] = {}
+    for name in strategy_mod.STRATEGIES:
+        if name == "gemv" and (case.m > strategy_mod.GEMV_MAX_M or case.op == "matmul_grad_input"):
+            out[name] = None
+            continue
+        with strategy_mod.force_strategy(name):
+            out[name] = timer(fn)
+    return out
+
+
+def _strategy_ran(op: str, ran) -> str | None:
+    """The matmul strategy (qlora_triton.strategy) that ran for ``op``'s base
+    product: the forward's, grad-input's for matmul_grad_input; None when no
+    product ran on the Triton backend (the reference, quantize, ...)."""
+    kind = "grad_input" if op == "matmul_grad_input" else "forward"
+    names = {name for (which, name) in ran if which == kind}
+    return names.pop() if len(names) == 1 else None
 
 
 @dataclasses.dataclass
@@ -164,6 +200,8 @@ class RunOptions:
     providers: tuple[str, ...] = PROVIDERS
     shapes: tuple[tuple[int, int], ...] | None = None  # a subset of the run's shapes (None: all)
     ms: tuple[int, ...] | None = None  # a subset of the run's M values (None: all)
+    strategy: str | None = None  # qlora_triton's matmul strategy for the run (None: its own choice)
+    time_strategies: bool = False  # also time every strategy in each qlora_triton matmul row
     prog: str = "python -m benchmarks"  # recorded in meta.command
     progress: bool = True
     argv: list[str] = dataclasses.field(default_factory=list)  # recorded in meta.command
@@ -185,12 +223,15 @@ def run_suite(opts: RunOptions, timer: Timer | None = None) -> dict[str, Any]:
     gc.freeze()
     try:
         ceilings = measure_ceilings(timer, opts.smoke)
-        rows = _run_cases(all_cases(opts.smoke, opts.ops, opts.shapes, opts.ms), opts, statuses, timer, ceilings)
+        with strategy_mod.force_strategy(opts.strategy):
+            rows = _run_cases(all_cases(opts.smoke, opts.ops, opts.shapes, opts.ms), opts, statuses, timer,
+                              ceilings)
     finally:
         gc.unfreeze()  # at exit, nanobind (Triton) reports frozen objects as leaks
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "meta": environment(device, opts.smoke, timer, opts.argv, opts.git_commit, opts.prog),
+        "meta": {**environment(device, opts.smoke, timer, opts.argv, opts.git_commit, opts.prog),
+                 "strategy": opts.strategy},
         "ceilings": {"copy_GBps": ceilings.copy_gbps, "matmul_TFLOPs": ceilings.matmul_tflops,
                      "copy_bytes": ceilings.copy_bytes, "matmul_size": ceilings.matmul_size},
         "providers": {p: statuses[p] or "ok" for p in opts.providers},
@@ -226,7 +267,7 @@ def _run_cases(cases: list[Case], opts: RunOptions, statuses: dict[str, str | No
                 row = dict(row, floor_ms=floor, bound=bound,
                            x_floor=row["ms"] / floor if row["ms"] is not None and floor > 0 else None)
             else:
-                row = run_case(case, provider, statuses[provider], timer, ceilings, cache)
+                row = run_case(case, provider, statuses[provider], timer, ceilings, cache, opts.time_strategies)
                 if opts.on_row:
                     opts.on_row(row)
             rows.append(row)
@@ -278,6 +319,12 @@ def parse_args(argv: list[str], prog: str = "python -m benchmarks", ops: tuple[s
                                          + ",".join(f"{n}x{k}" for n, k in SMOKE_SHAPES) + ")")
     parser.add_argument("--m", help="comma-separated subset of the run's M values (rows of x) for the matmul "
                                     "and LoRA cases, e.g. 1,16,4096")
+    parser.add_argument("--strategy", choices=strategy_mod.STRATEGIES,
+                        help="run qlora_triton's matmuls with this strategy (qt.force_strategy); default: "
+                             "the package's choice. Each qlora_triton row records the strategy that ran")
+    parser.add_argument("--time-strategies", action="store_true",
+                        help="also time gemv, fused and dequant side by side in each qlora_triton matmul and "
+                             "LoRA row (strategy_ms)")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per timing (CUDA)")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition budget per timing (CUDA)")
     parser.add_argument("--resume", metavar="ROWS_JSONL",
@@ -328,6 +375,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks", o
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=1 if args.smoke else 3)
     opts = RunOptions(smoke=args.smoke, ops=args.ops, providers=args.providers, shapes=args.shapes, ms=args.m,
+                      strategy=args.strategy, time_strategies=args.time_strategies,
                       progress=not args.no_progress, argv=argv, prog=prog, git_commit=args.git_commit, done=done,
                       on_row=on_row)
     try:

@@ -7,6 +7,8 @@ from .codebooks import dynamic_map, nf4_codebook
 from .convert import merge_and_unload, replace_linear
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
+from .ops.scratch import release_scratch
+from .strategy import force_strategy
 from .optim import PagedAdamW, PagedAdamW8bit
 from .training import prepare_for_kbit_training
 from .quantization import dequantize_blockwise_8bit, dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
@@ -44,6 +46,7 @@ __all__ = [
     "dequantize_nf4",
     "dynamic_map",
     "force_backend",
+    "force_strategy",
     "from_pretrained",
     "load_adapter",
     "merge_and_unload",
@@ -53,6 +56,7 @@ __all__ = [
     "prepare_for_kbit_training",
     "quantize_blockwise_8bit",
     "quantize_nf4",
+    "release_scratch",
     "replace_linear",
     "save_adapter",
 ]

@@ -9,10 +9,11 @@ optional bias ``b [N]``, ``A [r, K]``, ``B [N, r]`` and scaling ``s``::
     y   = x @ W.T + b + s * h @ B.T          # [..., N]  (one addmm into the base output)
 
 Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
-plain matmul; nothing ever forms ``W`` densely or the ``[N, K]`` update ``B @ A``)::
+plain matmul; nothing forms the ``[N, K]`` update ``B @ A``, and ``W`` is dense only
+in the "dequant" strategy's one reused scratch buffer, never saved)::
 
     gB      = s * (g @ B)                    # [M, r], shared by dL/dx and dL/dA
-    dL/dx   = g @ W  +  (gB @ A) * m         # fused NF4 transposed kernel + rank-r path
+    dL/dx   = g @ W  +  (gB @ A) * m         # NF4 grad-input op + rank-r path (addmm_ when p == 0)
     dL/dA   = gB.T @ x_d                     # [r, K]  (= s * (g @ B).T @ x_d)
     dL/dB   = s * g.T @ h                    # [N, r]
     dL/db   = g.sum(0)
@@ -113,11 +114,13 @@ class LoRANF4Function(torch.autograd.Function):
 
         gB = (g @ lora_B).mul_(s) if (need_x or need_A) else None  # [M, r]
         if need_x:
-            lora_path = gB @ lora_A  # [M, K]
-            if mask is not None:
-                lora_path = _dropped(lora_path, mask.reshape(-1, k), p)
+            # The base product (any strategy) returns a fresh contiguous tensor:
+            # the rank-r term goes into it in place.
             grad_x = nf4_matmul_grad_input_args(grad_y, ctx.wargs).contiguous()
-            _rows(grad_x).add_(lora_path)
+            if mask is None:
+                _rows(grad_x).addmm_(gB, lora_A)  # no [M, K] temporary
+            else:  # the mask applies to the rank-r term alone
+                _rows(grad_x).add_(_dropped(gB @ lora_A, mask.reshape(-1, k), p))
         if need_A:
             x_d = _dropped(x, mask, p).reshape(-1, k)
             grad_A = gB.t() @ x_d

@@ -26,8 +26,10 @@ class NF4Matmul(torch.autograd.Function):
     Writing g = dL/dy [M, N]:
 
     * ``y_mn = sum_k x_mk W_nk + b_n`` gives ``dL/dx_mk = sum_n g_mn W_nk``, i.e.
-      ``grad_x = g @ W`` ([M, N] @ [N, K]): the ``nf4_matmul_grad_input`` op, which
-      decodes the same packed W tiles as the forward and never forms W densely.
+      ``grad_x = g @ W`` ([M, N] @ [N, K]): the ``nf4_matmul_grad_input`` op, through
+      the packed weight again under the same strategy as the forward
+      (:mod:`qlora_triton.strategy`): the fused kernel decodes the same W tiles,
+      "dequant" dequantizes into its scratch buffer again (nothing is saved).
     * ``dL/db_n = sum_m g_mn``: a column sum of g (in fp32, cast to b's dtype).
     * ``dL/dW = g^T @ x`` would be a dense [N, K] gradient of a quantized weight.
       QLoRA freezes the base weight (only adapters train), so that path does not

@@ -299,8 +299,9 @@ def picks(case: Case) -> tuple[str, str, list]:
 
     from qlora_triton.ops import matmul as mm
     from qlora_triton.ops import tuned_sm90
+    from qlora_triton.strategy import GEMV_MAX_M
 
-    if mm.select_kernel(case.M) != "gemv":
+    if case.M > GEMV_MAX_M:  # the table's "gemv" rows (qlora_triton.strategy)
         raise ValueError(f"M={case.M}: the profile covers the GEMVs only")
     if case.aligned:
         name = "fma" if case.M <= mm.GEMV_FMA_MAX_M else "dot"

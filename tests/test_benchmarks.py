@@ -196,6 +196,19 @@ def test_smoke_checks_matmul_results(smoke):
             assert 0 < row["rel_err"] <= 2e-2, row
 
 
+def test_smoke_records_the_strategy_that_ran(smoke):
+    from qlora_triton import backend as _backend
+
+    rows = [r for r in smoke[0]["results"] if r["provider"] == "qlora_triton"]
+    for row in rows:
+        if not _backend.INTERPRET or row["op"] not in ("matmul_fwd", "matmul_grad_input", "lora_fwd_bwd"):
+            assert row["strategy"] is None, row  # the reference, or no matmul
+        elif row["op"] == "matmul_grad_input":
+            assert row["strategy"] == "fused", row  # grad-input has no GEMV
+        else:  # the CPU's default: never dequant
+            assert row["strategy"] == ("gemv" if row["m"] <= 16 else "fused"), row
+
+
 def test_resume_keeps_earlier_rows(tmp_path):
     from benchmarks.suite import main
 
@@ -211,3 +224,38 @@ def test_resume_keeps_earlier_rows(tmp_path):
     assert [{k: r[k] for k in kept} for r in doc["results"][:2]] == [{k: r[k] for k in kept} for r in first]
     assert [r["op"] for r in doc["results"]] == ["quantize"] * 2 + ["dequantize"] * 2
     assert len((tmp_path / "b" / "rows.jsonl").read_text().splitlines()) == 4
+
+
+def test_forced_strategy_is_run_and_recorded(tmp_path):
+    from benchmarks.suite import main
+
+    from qlora_triton import backend as _backend
+
+    assert main(["--smoke", "--providers", "qlora_triton", "--ops", "matmul_fwd,matmul_grad_input",
+                 "--m", "1", "--strategy", "dequant", "--no-plots", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["meta"]["strategy"] == "dequant"
+    assert doc["results"] and all(r["status"] == "ok" for r in doc["results"])
+    # Without the interpreter the CPU runs the reference: no strategy ran.
+    want = "dequant" if _backend.INTERPRET else None
+    assert [r["strategy"] for r in doc["results"]] == [want] * len(doc["results"])
+    bad = copy.deepcopy(doc)
+    bad["results"][0]["strategy"] = "cublas"
+    assert any("strategy" in e for e in validate(bad))
+
+
+def test_time_strategies_times_each_strategy_side_by_side(tmp_path):
+    from benchmarks.suite import main
+
+    assert main(["--smoke", "--providers", "qlora_triton", "--ops", "matmul_fwd,matmul_grad_input",
+                 "--m", "1", "--time-strategies", "--no-plots", "--no-progress", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["results"]
+    for row in doc["results"]:
+        times = row["strategy_ms"]
+        assert set(times) == {"gemv", "fused", "dequant"} and times["fused"] > 0 and times["dequant"] > 0
+        assert (times["gemv"] is None) == (row["op"] == "matmul_grad_input"), row  # M = 1
+    bad = copy.deepcopy(doc)
+    bad["results"][0]["strategy_ms"]["cublas"] = 1.0
+    assert any("cublas" in e for e in validate(bad))

@@ -15,6 +15,7 @@ from qlora_triton import backend as _backend
 from qlora_triton import reference
 from qlora_triton.library import weight_args
 from qlora_triton.ops import matmul as ops_matmul
+from qlora_triton.strategy import select_strategy
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
@@ -228,9 +229,11 @@ def test_strided_weight_fields_and_bias_equal_contiguous_copies(device, M):
 
 
 # -- the dispatcher ---------------------------------------------------------------
-def test_select_kernel_by_rows():
-    assert [ops_matmul.select_kernel(m) for m in (1, 2, 8, 16)] == ["gemv"] * 4
-    assert [ops_matmul.select_kernel(m) for m in (17, 64, 4096)] == ["gemm"] * 3
+def test_select_strategy_by_rows_on_the_cpu():
+    cpu = torch.device("cpu")
+    pick = lambda m: select_strategy(m, 4096, 4096, torch.bfloat16, cpu)  # noqa: E731
+    assert [pick(m) for m in (1, 2, 8, 16)] == ["gemv"] * 4
+    assert [pick(m) for m in (17, 64, 4096)] == ["fused"] * 3
 
 
 # -- autotune pruning (the GPU config lists; pure functions, checked here on the CPU) --
@@ -286,17 +289,21 @@ def test_gemv_pruning_keeps_useful_splits_that_compile(aligned, blocksize):
             assert split * bk <= max(K, 64), (N, K, split)  # no split without K to reduce
 
 
-@pytest.mark.parametrize("rows, kernel", [(1, "gemv"), (16, "gemv"), (17, "gemm"), (100, "gemm")])
-def test_dispatcher_runs_the_chosen_kernel(device, rows, kernel):
+@pytest.mark.parametrize("rows, strategy, kernels", [
+    (1, None, {"gemv": 1, "grad_input": 1}), (16, None, {"gemv": 1, "grad_input": 1}),
+    (17, None, {"gemm": 1, "grad_input": 1}), (100, None, {"gemm": 1, "grad_input": 1}),
+    (3, "fused", {"gemm": 1, "grad_input": 1}), (3, "dequant", {"dequantize": 2}),
+])
+def test_dispatcher_runs_the_chosen_kernel(device, rows, strategy, kernels):
     if not (device.type == "cuda" or _backend.INTERPRET):
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
     qw = _weight(40, 96, 32, True, device)
     x = torch.randn(rows, 96, device=device, requires_grad=True)
-    with qt.force_backend("triton"):
+    with qt.force_backend("triton"), qt.force_strategy(strategy):
         before = ops_matmul.launches.copy()
         qt.nf4_matmul(x, qw).sum().backward()
         ran = ops_matmul.launches - before
-    assert ran == {kernel: 1, "grad_input": 1}
+    assert ran == kernels
 
 
 # -- torch.library ----------------------------------------------------------------

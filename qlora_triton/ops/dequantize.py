@@ -134,10 +134,12 @@ def scale_args(qw: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return qw.absmax, qw.absmax, qw.absmax, qw.absmax
 
 
-def nf4_dequantize(qw: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """Launch NF4 dequantization; returns a dense tensor of ``qw.shape``."""
+def nf4_dequantize(qw: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch NF4 dequantization; returns a dense tensor of ``qw.shape``:
+    ``out`` (contiguous, ``dtype``, on qw's device) when given, else a new one."""
     n = qw.numel
-    out = torch.empty(qw.shape, dtype=dtype, device=qw.device)
+    if out is None:
+        out = torch.empty(qw.shape, dtype=dtype, device=qw.device)
     grid = (triton.cdiv((n + 1) // 2, _PAIRS),)
     _nf4_dequantize_kernel[grid](qw.packed, qw.code, *scale_args(qw), out, n,
                                  BLOCKSIZE=qw.blocksize, BLOCKSIZE2=qw.blocksize2,

@@ -17,6 +17,9 @@ first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` a row
 segment of ``BLOCK_K <= blocksize`` columns lies in one block, so the fast path
 loads one scale per row and contiguous bytes; otherwise (blocks crossing rows)
 the general path indexes every element.
+
+Which of them runs (or the "dequant" strategy of :mod:`.scratch` instead) is
+decided by :func:`qlora_triton.strategy.select_strategy`.
 """
 
 from __future__ import annotations
@@ -29,30 +32,23 @@ import triton
 import triton.language as tl
 
 from ..backend import INTERPRET, dot_in_fp32
+from ..strategy import GEMV_MAX_M, select_strategy, strategies
 from ..weight import NF4Weight
 from .cast import cast_rtne
 from .dequantize import nf4_code, nf4_code_table, nf4_decode_words, nf4_scale, scale_args
+from .scratch import dequant_grad_input, dequant_matmul
 from .tuned_sm90 import autotune_enabled, gemv_config, gemv_configs, prune_gemv
 
-# Largest M the split-K GEMV handles; its tile is 16 rows (the smallest tl.dot
-# tile on tensor cores), so up to 16 rows cost the same bytes as one.
-GEMV_MAX_M = 16
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
 # per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
 # at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
 # costs 5.1 at any M <= 16, so it takes M >= 2.
 GEMV_FMA_MAX_M = 1
 
-# How often each kernel ran, by name ("gemm", "gemv", "grad_input"): tests read
-# it to see which kernel the dispatcher chose.
+# How often each kernel ran, by name ("gemm", "gemv", "grad_input",
+# "dequantize"): tests read it to see which kernels a strategy launched
+# (qlora_triton.strategy.strategies says which strategy ran).
 launches: collections.Counter = collections.Counter()
-
-
-def select_kernel(M: int) -> str:
-    """The forward kernel for ``M`` rows of x: ``"gemv"`` for decode-sized M
-    (memory-bound: the floor is the packed bytes), ``"gemm"`` otherwise. By M
-    alone: the autotuners pick tiles and splits for N and K."""
-    return "gemv" if M <= GEMV_MAX_M else "gemm"
 
 
 # --------------------------------------------------------------------------- decode
@@ -754,10 +750,15 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if rows is not None:
         x = x.contiguous()
         return torch.cat([nf4_matmul(x[i:i + rows], qw, bias) for i in range(0, M, rows)])
-    kernel = select_kernel(M)
     if M == 0:
         return x.new_empty((0, N))
-    meta = _weight_meta(qw)
+    meta = _weight_meta(qw)  # also the int32 limit of the dequantize kernel
+    strategy = select_strategy(M, N, K, x.dtype, x.device)
+    strategies["forward", strategy] += 1
+    if strategy == "dequant":
+        launches["dequantize"] += 1
+        return dequant_matmul(x, qw, bias)
+    kernel = "gemv" if strategy == "gemv" else "gemm"
     if bias is not None:
         bias = bias.contiguous()
     launches[kernel] += 1
@@ -789,10 +790,17 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
         return torch.cat([nf4_matmul_grad_input(grad_y[i:i + rows], qw) for i in range(0, M, rows)])
     if M == 0:
         return grad_y.new_empty((0, K))
+    meta = _weight_meta(qw)
+    # No GEMV for grad-input: "gemv" and "fused" both run the fused kernel.
+    if select_strategy(M, N, K, grad_y.dtype, grad_y.device) == "dequant":
+        strategies["grad_input", "dequant"] += 1
+        launches["dequantize"] += 1
+        return dequant_grad_input(grad_y, qw)
+    strategies["grad_input", "fused"] += 1
     launches["grad_input"] += 1
     gx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
     _nf4_grad_input_kernel[grid](grad_y, *_weight_tensors(qw), gx, M, N, K,
                                  _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
-                                 DOT_FP32=dot_in_fp32(grad_y.device), **_weight_meta(qw))
+                                 DOT_FP32=dot_in_fp32(grad_y.device), **meta)
     return gx

@@ -1,0 +1,135 @@
+"""Which matmul strategy a call through an NF4 weight runs: the one place that decides.
+
+* ``"gemv"``: the split-K decode GEMV (``M <= GEMV_MAX_M``); memory-bound, it
+  reads the packed bytes once.
+* ``"fused"``: the NF4 GEMM, decoding W tile by tile in registers; no dense
+  copy of W ever exists.
+* ``"dequant"``: our dequantize kernel writes W in x's dtype into one reused
+  scratch buffer (:mod:`qlora_triton.ops.scratch`), then ``torch.addmm`` /
+  ``torch.mm`` (cuBLAS on the GPU). Its transient memory is one largest layer
+  in x's dtype.
+
+The grad-input product (``grad_y @ W``) has no GEMV: ``"gemv"`` runs the fused
+grad-input kernel there. ``"gemv"`` forced for more than ``GEMV_MAX_M`` rows
+runs ``"fused"`` (the GEMV's tile is 16 rows); :data:`strategies` records what
+actually ran.
+
+Precedence: :func:`force_strategy` (innermost block wins), then the
+``QLORA_TRITON_STRATEGY`` environment variable (read once, at import), then
+the crossover table :data:`CROSSOVER`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+from typing import Iterator, Literal
+
+import torch
+
+Strategy = Literal["gemv", "fused", "dequant"]
+STRATEGIES = ("gemv", "fused", "dequant")
+ENV_VAR = "QLORA_TRITON_STRATEGY"
+
+# Largest M the split-K GEMV takes; its tile is 16 rows (the smallest tl.dot
+# tile on tensor cores), so up to 16 rows cost the same bytes as one.
+GEMV_MAX_M = 16
+
+# Layers of fewer weights than this are "small" (below 4096 x 4096): the
+# dequantize pass is a larger share of their time, so they cross over later.
+_SMALL_LAYER = 4096 * 4096
+
+# The smallest M that runs "dequant", per (GPU kind, shape bucket, dtype);
+# None: never by default. UNCALIBRATED: these sm_90 values come from the
+# static estimates of issue 12 and the peers' published behaviour, not from
+# a measurement on our kernels; the GPU check has to time all three
+# strategies and replace them.
+# * bitsandbytes 0.50 runs its fused 4-bit kernel only up to M of about 16-64
+#   on sm_90 and dequantize + F.linear beyond.
+# * Estimate for bf16/fp16 (per weight, H200): fused GEMM at ~25% of the
+#   790 TFLOP/s tensor peak = 2M / 197e12 s; dequant = 2.5 B written+read at
+#   4.3 TB/s, 2 B read by cuBLAS, plus 2M / 790e12 s. Equal at M ~ 140; at
+#   M = 4096 on 4096x4096: fused 334-576 us, dequant ~184 us.
+# * fp32: the fused kernel's dot runs in tf32 on tensor cores, cuBLAS fp32
+#   (tf32 off by default in torch) at the ~67 TFLOP/s fp32 rate: fused wins.
+CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {
+    ("sm_90", "large", torch.bfloat16): 128,
+    ("sm_90", "large", torch.float16): 128,
+    ("sm_90", "large", torch.float32): None,
+    ("sm_90", "small", torch.bfloat16): 256,
+    ("sm_90", "small", torch.float16): 256,
+    ("sm_90", "small", torch.float32): None,
+}
+# CUDA GPUs without rows of their own use this kind's; the CPU (the Triton
+# interpreter) never picks "dequant" by default, so the fused kernels stay
+# what CPU tests of the default path exercise.
+_DEFAULT_GPU_KIND = "sm_90"
+
+# How often each strategy ran, by (op, strategy) with op "forward" or
+# "grad_input": tests and benchmarks read it to see what the dispatcher chose.
+strategies: collections.Counter = collections.Counter()
+
+_forced: Strategy | None = None
+
+
+def _check(name: str, value) -> Strategy | None:
+    if value is not None and value not in STRATEGIES:
+        raise ValueError(f"{name} must be 'gemv', 'fused', 'dequant' or None, got {value!r}")
+    return value
+
+
+_env: str | None = os.environ.get(ENV_VAR) or None
+
+
+def env_strategy() -> Strategy | None:
+    """The strategy named by ``QLORA_TRITON_STRATEGY`` (unset or empty: None)."""
+    return _check(f"the environment variable {ENV_VAR}", _env)
+
+
+@contextlib.contextmanager
+def force_strategy(strategy: Strategy | None) -> Iterator[None]:
+    """Run every NF4 matmul inside the block with ``strategy`` ("gemv",
+    "fused" or "dequant") on the Triton backend; ``None`` restores the
+    default choice (environment variable, then the table). The reference
+    backend ignores it."""
+    global _forced
+    _check("strategy", strategy)
+    previous, _forced = _forced, strategy
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_kind(device: torch.device) -> str:
+    """``"sm_XY"`` for a CUDA device, ``"cpu"`` otherwise."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def shape_bucket(N: int, K: int) -> str:
+    return "small" if N * K < _SMALL_LAYER else "large"
+
+
+def select_strategy(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Strategy:
+    """The forward strategy for ``x [M, K] @ W[N, K].T`` in ``dtype`` on ``device``
+    (the grad-input product of the same layer uses the same answer, with
+    "gemv" meaning its fused kernel)."""
+    strategy = _forced or env_strategy()
+    if strategy is None:
+        kind = gpu_kind(device)
+        if kind != "cpu":
+            bucket = shape_bucket(N, K)
+            start = CROSSOVER.get((kind, bucket, dtype),
+                                  CROSSOVER.get((_DEFAULT_GPU_KIND, bucket, dtype)))
+            if start is not None and M >= start:
+                return "dequant"
+        strategy = "gemv"
+    if strategy == "gemv" and M > GEMV_MAX_M:
+        return "fused"
+    return strategy
