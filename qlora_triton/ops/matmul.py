@@ -690,6 +690,21 @@ def _packed_words(qw: NF4Weight) -> torch.Tensor | None:
     return packed.view(torch.int32)
 
 
+def _gemv_operands(qw: NF4Weight) -> tuple:
+    """``(words, weight tensors)`` of the word GEMVs (:func:`_packed_words`,
+    :func:`_weight_tensors`), made once per weight and kept on it: at M = 1 the
+    host time of a call is the cost. Rebuilt when a field of ``qw`` is replaced;
+    copies made here (strided fields, a misaligned ``packed``) do not follow
+    later in-place edits of the originals."""
+    fields = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset)
+    kept = qw.__dict__.get("_gemv_operands")
+    if kept is not None and all(a is b for a, b in zip(kept[0], fields)):
+        return kept[1]
+    operands = (_packed_words(qw), _weight_tensors(qw))
+    qw.__dict__["_gemv_operands"] = (fields, operands)
+    return operands
+
+
 # Per (device, stream): the split-K row-tile counters of the FMA GEMV. Zeroed
 # once when made; every launch leaves them at zero again.
 _split_counters: dict = {}
@@ -705,8 +720,8 @@ def _split_counter(device: torch.device, tiles: int) -> torch.Tensor:
     return count
 
 
-def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None,
-                meta: dict) -> torch.Tensor:
+def _gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weight,
+                bias: torch.Tensor | None, meta: dict) -> torch.Tensor:
     """The aligned-path GEMVs (``_nf4_gemv_fma_kernel`` for one row, the
     tensor-core ``_nf4_gemv_dot_kernel`` up to GEMV_MAX_M): one launch."""
     M, K = x.shape
@@ -721,7 +736,7 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, qw: NF4Weight, bias: torch
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     tiles = max(-(-N // c.kwargs["BLOCK_N"]) for c in configs)
     count = _split_counter(x.device, tiles) if splits > 1 else y
-    args = (x, words, *_weight_tensors(qw)[1:], bias if bias is not None else y, y, partial, count,
+    args = (x, words, *tensors[1:], bias if bias is not None else y, y, partial, count,
             M, N, K, K // 8, x.stride(0), x.stride(1), bias.stride(0) if bias is not None else 0)
     const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
                  DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None)
@@ -762,9 +777,10 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if bias is not None:
         bias = bias.contiguous()
     launches[kernel] += 1
-    words = _packed_words(qw) if kernel == "gemv" else None
-    if words is not None:
-        return _gemv_words(x, words, qw, bias, meta)
+    if kernel == "gemv":
+        words, tensors = _gemv_operands(qw)
+        if words is not None:
+            return _gemv_words(x, words, tensors, qw, bias, meta)
     args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
     common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     if kernel == "gemv":
