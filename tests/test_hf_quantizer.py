@@ -125,6 +125,21 @@ def test_save_and_reload_is_bit_exact_without_requantization(dense_folder, arch,
     assert torch.equal(logits(q, x), logits(again, x))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pread_load_equals_the_default_read(dense_folder, arch):
+    # read="pread" (the low-memory path of benchmarks/bench_load.py) must give the
+    # very bytes and logits of transformers' own (mmap) read.
+    folder = dense_folder(arch)
+    mmap = qt.from_pretrained(folder, quantization_config=qt.NF4Config())
+    pread = qt.from_pretrained(folder, quantization_config=qt.NF4Config(), read="pread")
+    a, b = mmap.state_dict(), pread.state_dict()
+    assert sorted(a) == sorted(b) and sorted(nf4_layers(mmap)) == sorted(nf4_layers(pread))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    x = tokens()
+    assert torch.equal(logits(pread, x), logits(mmap, x))
+
+
 def test_config_arguments_and_round_trip():
     config = qt.NF4Config(blocksize=256, double_quant=False, compute_dtype="bfloat16",
                           target_modules=["q_proj", "v_proj"], skip_modules=["model.layers.0"])
