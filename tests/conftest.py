@@ -69,3 +69,24 @@ def pytest_terminal_summary(terminalreporter):
     for name, label in (("triton", f"Triton kernels, {mode}"), ("torch", "plain-torch reference")):
         parts = ", ".join(f"{counts.get((name, o), 0)} {o}" for o in ("passed", "failed", "skipped"))
         terminalreporter.write_line(f"backend={name}: {parts}  ({label})")
+
+
+def _dist_pool(request, world_size: int):
+    from dist_pool import DistPool
+
+    pool = DistPool(world_size)
+    request.addfinalizer(pool.close)
+    return pool
+
+
+@pytest.fixture(scope="session")
+def dist2(request):
+    """Two processes in one gloo (or NCCL) process group: ``dist2.run(fn, *args)``
+    (tests/dist_pool.py)."""
+    return _dist_pool(request, 2)
+
+
+@pytest.fixture(scope="session")
+def dist3(request):
+    """Three processes in one process group (uneven shards)."""
+    return _dist_pool(request, 3)
