@@ -141,10 +141,13 @@ def _check_targets(target_modules) -> str | tuple[str, ...] | None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)``; NF4 weights count at their dense size."""
+    """``(trainable, total)``; NF4 weights count at their dense size (not their
+    storage parameters' element counts)."""
+    nf4 = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    storage = {id(p) for m in nf4 for p in m.nf4_parameters().values()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total = sum(p.numel() for p in model.parameters() if id(p) not in storage)
+    total += sum(m.in_features * m.out_features for m in nf4)
     return trainable, total
 
 

@@ -1,12 +1,37 @@
 """``Linear4bit`` and ``LoRALinear4bit``: drop-in ``nn.Linear`` modules on a
 frozen NF4 weight.
 
-The NF4 tensors are registered as buffers (``weight`` is the packed uint8 data,
-shaped ``[(n + 1) // 2, 1]`` as in bitsandbytes; ``weight_absmax``,
-``weight_code`` and, with double quantization, ``weight_absmax2``,
-``weight_code2``, ``weight_offset``), so ``.to()``, ``.cuda()`` and
-``state_dict`` see them. ``.half()`` / ``.to(dtype)`` move them but never
-change their dtypes: the codebooks and scales stay float32.
+Storage. The NF4 tensors are frozen Parameters (``requires_grad=False``), one
+per bitsandbytes tensor, each in a non-float storage dtype: ``weight`` is the
+packed uint8 data, shaped ``[(n + 1) // 2, 1]`` as in bitsandbytes;
+``weight_absmax`` is uint8 (double quantization) or the int32 bit pattern of
+the float32 scales; ``weight_code`` and, with double quantization,
+``weight_absmax2``, ``weight_code2`` and ``weight_offset`` (shape ``[1]``) are
+int32 bit patterns of float32 tensors. Why Parameters: FSDP2
+(``torch.distributed.fsdp.fully_shard``) shards Parameters only, so the NF4
+base is split across ranks (each tensor on dim 0) and all-gathered bit for bit
+in forward; buffers would stay whole on every rank. Why non-float: nothing
+that casts float parameters touches them (FSDP2's ``MixedPrecisionPolicy``
+casts every float parameter, frozen or not; ``.half()``, ``.to(dtype)`` and
+PEFT's kbit preparation cast float parameters), and no float dtype ever holds
+packed bytes (a bf16 store can rewrite NaN bit patterns). One Parameter per
+bitsandbytes tensor, not one flat byte Parameter per layer, so that a sharded
+state dict still holds bitsandbytes' keys, each a ``Shard(0)`` DTensor (the
+float32 ones as ``DTensor.view(torch.float32)`` of the int32 storage), and
+``get_model_state_dict(..., full_state_dict=True)`` gathers exactly
+bitsandbytes' tensors; the ``quant_state`` JSON is made from static facts kept
+as Python values (shape, blocksize, the nested offset), so it needs no
+collective. The kernels are unchanged: forward builds the ``NF4Weight`` view of
+the tensors FSDP2 has just all-gathered.
+
+``parameters()`` therefore includes the frozen NF4 pieces (as bitsandbytes'
+``Params4bit`` does); :meth:`Linear4bit.nf4_parameters` names them.
+
+Outside a forward (``quant_weight``, ``dequantized_weight``,
+``merged_weight``, merging, export) a sharded layer raises a ``RuntimeError``
+saying to unshard it first (``qlora_triton.distributed.unsharded(model)``, or
+``unshard()`` on the FSDP module that holds the layer): gathering is a
+collective that every rank must enter, so a layer never does it on its own.
 
 State dicts use bitsandbytes' ``Linear4bit`` keys (``weight``, ``bias``,
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
@@ -17,7 +42,16 @@ prefix (``q_proj.base_layer.weight`` ...) is accepted on load and never
 written: a saved ``LoRALinear4bit`` looks like a bitsandbytes layer plus
 ``lora_A.weight`` / ``lora_B.weight``, so the base part of a converted model's
 state dict is exactly a transformers bnb-4bit checkpoint. A dense ``weight``
-(a plain ``nn.Linear`` state dict) is quantized on load.
+(a plain ``nn.Linear`` state dict) is quantized on load. A sharded layer
+loads in place into its shards, from full tensors (each rank keeps its rows)
+or from DTensors sharded as its own (a sharded state dict, DCP); the format
+(shape, blocksize, double quantization) must then be the layer's. Values read
+whole (a full state dict) are checked as in one process; DTensor shards are
+copied as they are (their bytes came from a sharded state dict of this layout).
+``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` /
+``set_model_state_dict``) works with and without FSDP2; its
+``ignore_frozen_params`` option does not (it looks the frozen parameters' own
+names up among the state-dict keys).
 
 Compute dtype: under ``torch.autocast`` for the input's device the layer
 computes in, and returns, the autocast dtype (as ``nn.Linear`` does).
@@ -25,11 +59,12 @@ Otherwise it computes in ``compute_dtype`` (``None``: the input's dtype) and
 returns the input's dtype (as bitsandbytes does).
 
 Per call, forward builds nothing that depends only on the weight: the
-``NF4Weight`` view of the buffers and the ops' argument tuple are made once and
-remade only when a buffer is replaced (``.to()``, ``load_state_dict``,
-assignment; checked by identity on every call, so nothing can go stale). In
-eval mode the compute-dtype copies of the bias and adapters are kept too (see
-``_cast``).
+``NF4Weight`` view of the parameters and the ops' argument tuple are made once
+and remade when a parameter is replaced or its data moves (``.to()``,
+``load_state_dict``, assignment, ``param.data = ...``, FSDP2's all-gather into
+freshly allocated storage; checked by identity and data pointer on every call,
+so nothing can go stale). In eval mode the compute-dtype copies of the bias
+and adapters are kept too (see ``_cast``).
 """
 
 from __future__ import annotations
@@ -45,10 +80,10 @@ from .library import weight_args
 from .lora import lora_nf4_linear_args
 from .matmul import nf4_matmul_args
 from .quantization import quantize_nf4
-from .weight import FLOAT_DTYPES, NF4Weight
+from .weight import FLOAT_DTYPES, NF4Weight, parse_quant_state, quant_state_blob
 
-# buffer name -> NF4Weight field
-_QUANT_BUFFERS = {
+# parameter name -> NF4Weight field
+_QUANT_PARAMS = {
     "weight": "packed",
     "weight_absmax": "absmax",
     "weight_code": "code",
@@ -56,11 +91,51 @@ _QUANT_BUFFERS = {
     "weight_code2": "code2",
     "weight_offset": "offset",
 }
-_QUANT_NAMES = tuple(_QUANT_BUFFERS)
+_QUANT_NAMES = tuple(_QUANT_PARAMS)
+# NF4Weight field -> bitsandbytes' key after "weight" (the offset lives in the quant_state JSON)
+_BNB_KEY = {"packed": "", "absmax": ".absmax", "code": ".quant_map", "absmax2": ".nested_absmax",
+            "code2": ".nested_quant_map"}
 PEFT_BASE_PREFIX = "base_layer."
 # bitsandbytes' keys of a 4-bit weight, after "weight"
 _BNB_WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                     ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+_QUANT_STATE_KEY = ".quant_state.bitsandbytes__nf4"
+SHARDED_HINT = ("its NF4 weight is sharded by FSDP2 (fully_shard); unshard it first, on every rank: "
+                "`with qlora_triton.distributed.unsharded(model): ...` (or call unshard() on the "
+                "FSDP module that holds this layer, then reshard())")
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """An NF4 tensor in its storage dtype: float32 as its int32 bit pattern (a view)."""
+    return t.reshape(-1).view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _viewed(p: torch.Tensor | None) -> torch.Tensor | None:
+    """The NF4 tensor a stored parameter holds (a view: float32 from int32 bits)."""
+    return p.view(torch.float32) if p is not None and p.dtype == torch.int32 else p
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+class _AnyAttribute:
+    """Every public attribute is this object again. ``torch.distributed.
+    checkpoint.state_dict`` resolves each state-dict key by ``getattr`` along
+    its dots, and bitsandbytes' keys (``weight.absmax``, ``weight.quant_state.
+    bitsandbytes__nf4``) are no attribute paths; ``Linear4bit._fqn_modifiers``
+    (that module's hook) points the walk here, which keeps the key as it is."""
+
+    def __getattr__(self, name: str) -> "_AnyAttribute":
+        if name.startswith("_"):  # (the walk asks for hooks such as _fqn_modifiers)
+            raise AttributeError(name)
+        return self
+
+
+_ANY_ATTRIBUTE = _AnyAttribute()
 
 
 def _check_compute_dtype(compute_dtype: Any) -> torch.dtype | None:
@@ -133,48 +208,68 @@ class Linear4bit(nn.Module):
     # -- the quantized weight --------------------------------------------------------
     def _set_quant_weight(self, qw: NF4Weight) -> None:
         qw.check_finite()  # once per weight here, so that forward never syncs to check
-        for name, field in _QUANT_BUFFERS.items():
+        for name, field in _QUANT_PARAMS.items():
             t = getattr(qw, field)
-            self.register_buffer(name, t.reshape(-1, 1) if name == "weight" else t)
-        # Static facts, kept as Python values so forward reads no tensor data.
+            if t is not None:
+                t = nn.Parameter(t.reshape(-1, 1) if name == "weight" else _stored(t), requires_grad=False)
+            self.register_parameter(name, t)
+        # Static facts, kept as Python values so forward reads no tensor data
+        # and a sharded layer writes its quant_state without a collective.
         self._qshape, self._qdtype = qw.shape, qw.dtype
         self._blocksize, self._blocksize2 = qw.blocksize, qw.blocksize2
-        self._build_weight()
+        self._double_quant = qw.double_quant
+        self._offset = float(qw.offset) if qw.double_quant and qw.device.type != "meta" else None
+        self._weight_cache = ((), (), None, ())
+        self._casts: dict[str, tuple] = {}
+
+    def nf4_parameters(self) -> dict[str, nn.Parameter]:
+        """The frozen parameters that store the NF4 weight, by attribute name."""
+        return {n: p for n in _QUANT_NAMES if (p := self._parameters.get(n)) is not None}
 
     def _build_weight(self) -> tuple[NF4Weight, tuple]:
-        buffers = tuple(map(self._buffers.get, _QUANT_NAMES))
-        qw = NF4Weight(packed=self.weight, absmax=self.weight_absmax, shape=self._qshape,
-                       dtype=self._qdtype, blocksize=self._blocksize, code=self.weight_code,
-                       absmax2=self.weight_absmax2, code2=self.weight_code2,
-                       offset=self.weight_offset, blocksize2=self._blocksize2)
-        # (buffers it was built from, the weight, the ops' arguments)
-        self._weight_cache = (buffers, qw, weight_args(qw))
+        params = tuple(map(self._parameters.get, _QUANT_NAMES))
+        if any(map(_is_dtensor, params)):
+            raise RuntimeError(f"{type(self).__name__}: {SHARDED_HINT}")
+        packed, absmax, code, absmax2, code2, offset = map(_viewed, params)
+        qw = NF4Weight(packed=packed, absmax=absmax, shape=self._qshape, dtype=self._qdtype,
+                       blocksize=self._blocksize, code=code, absmax2=absmax2, code2=code2,
+                       offset=offset, blocksize2=self._blocksize2)
+        # (parameters it was built from, their data pointers, the weight, the ops' arguments)
+        self._weight_cache = (params, self._data_ptrs(params), qw, weight_args(qw))
         self._casts: dict[str, tuple] = {}
-        return qw, self._weight_cache[2]
+        return qw, self._weight_cache[3]
+
+    @staticmethod
+    def _data_ptrs(params: tuple) -> tuple:
+        return tuple(p.data_ptr() for p in params if p is not None)
 
     def _weight(self) -> tuple[NF4Weight, tuple]:
         """``(quant_weight, weight_args(quant_weight))``, rebuilt only when a
-        buffer is no longer the tensor it was built from."""
-        built, qw, args = self._weight_cache
-        if all(map(operator.is_, built, map(self._buffers.get, _QUANT_NAMES))):
-            return qw, args
+        parameter is not the tensor it was built from or its data has moved
+        (FSDP2 all-gathers into the same Parameter objects, whose storage it
+        frees after each use and allocates again)."""
+        built, ptrs, qw, args = self._weight_cache
+        params = tuple(map(self._parameters.get, _QUANT_NAMES))
+        if all(map(operator.is_, built, params)) and len(built) == len(params) and (
+                torch.compiler.is_compiling() or ptrs == self._data_ptrs(params)):
+            return qw, args  # (a compiled graph guards on the tensors itself)
         return self._build_weight()
 
     @property
     def quant_weight(self) -> NF4Weight:
-        """An ``NF4Weight`` view of the buffers (no copy, no device sync)."""
+        """An ``NF4Weight`` view of the parameters (no copy, no device sync); a
+        sharded layer raises (see the module docstring)."""
         return self._weight()[0]
 
     def _apply(self, fn, recurse=True):
-        # Let .to()/.cuda() move the NF4 buffers, but undo any dtype change
-        # (.half() would otherwise round the fp32 codebooks and scales).
-        before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        # Let .to()/.cuda() move the NF4 tensors, but never change their dtypes
+        # (Module.type() would cast the integer storage too).
+        before = {n: p.dtype for n, p in self.nf4_parameters().items()}
         super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        self._build_weight()
+        for name, p in self.nf4_parameters().items():
+            if p.dtype != before[name]:
+                raise TypeError(f"{type(self).__name__}.{name}: the NF4 storage must stay {before[name]}, "
+                                f"a conversion made it {p.dtype}")
         return self
 
     def train(self, mode: bool = True) -> "Linear4bit":
@@ -239,12 +334,31 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, blocksize={self._blocksize}, "
-                f"double_quant={self.weight_absmax.dtype == torch.uint8}, compute_dtype={self.compute_dtype}")
+                f"double_quant={self._double_quant}, compute_dtype={self.compute_dtype}")
 
     # -- state dict in bitsandbytes' keys ----------------------------------------------
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint.state_dict's hook: resolve "weight.<...>" keys (see _AnyAttribute).
+        return {"weight": "_any_attribute"}
+
+    _any_attribute = _ANY_ATTRIBUTE
+
+    def _bnb_tensors(self) -> dict[str, torch.Tensor]:
+        """bitsandbytes' tensors after ``weight``, straight from the parameters
+        (plain or sharded; float32 ones as views of their int32 storage)."""
+        out = {}
+        for name, field in _QUANT_PARAMS.items():
+            p = self._parameters.get(name)
+            if p is not None and field in _BNB_KEY:
+                out[_BNB_KEY[field]] = _viewed(p)
+        nested = (self._blocksize2, self._offset) if self._double_quant else None
+        if nested is None or self._offset is not None:  # (a meta skeleton has no offset yet)
+            out[_QUANT_STATE_KEY] = quant_state_blob(self._qshape, self._qdtype, self._blocksize, nested)
+        return out
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, t in self.quant_weight.state_dict(prefix + "weight").items():
-            destination[key] = t if keep_vars else t.detach()
+        for suffix, t in self._bnb_tensors().items():
+            destination[prefix + "weight" + suffix] = t if keep_vars else t.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -260,17 +374,21 @@ class Linear4bit(nn.Module):
         wkey = prefix + "weight"
         if wkey in state_dict:
             qkeys = {wkey + suffix for suffix in _BNB_WEIGHT_KEYS if wkey + suffix in state_dict}
-            handled |= qkeys
+            # set_model_state_dict adds each parameter under its own name too
+            # (weight_absmax ...): the bitsandbytes keys are the ones read.
+            handled |= qkeys | {prefix + n for n in _QUANT_NAMES if prefix + n in state_dict}
+            sd = {k[len(prefix):]: state_dict[k] for k in qkeys}
             try:
-                qw = self._weight_from_state_dict({k[len(prefix):]: state_dict[k] for k in qkeys})
+                if _is_dtensor(self._parameters["weight"]):
+                    self._load_shards(sd)
+                else:
+                    qw = self._weight_from_state_dict(sd)
+                    if tuple(qw.shape) != (self.out_features, self.in_features):
+                        raise ValueError(f"shape {tuple(qw.shape)} does not match this layer's "
+                                         f"({self.out_features}, {self.in_features})")
+                    self._set_quant_weight(qw.to(self.weight.device))
             except (KeyError, TypeError, ValueError) as e:
                 error_msgs.append(f"{wkey}: {e}")
-            else:
-                if tuple(qw.shape) != (self.out_features, self.in_features):
-                    error_msgs.append(f"{wkey}: shape {tuple(qw.shape)} does not match this layer's "
-                                      f"({self.out_features}, {self.in_features})")
-                else:
-                    self._set_quant_weight(qw.to(self.weight.device))
         elif strict:
             missing_keys.append(wkey)
 
@@ -283,7 +401,7 @@ class Linear4bit(nn.Module):
                     error_msgs.append(f"{bkey}: shape {tuple(bias.shape)} does not match {tuple(self.bias.shape)}")
                 else:
                     with torch.no_grad():
-                        self.bias.copy_(bias)
+                        _copy_into(self.bias, bias)
             elif strict:
                 missing_keys.append(bkey)
 
@@ -296,14 +414,103 @@ class Linear4bit(nn.Module):
 
     def _weight_from_state_dict(self, sd: dict[str, torch.Tensor]) -> NF4Weight:
         weight = sd["weight"]
+        if any(map(_is_dtensor, sd.values())):
+            raise TypeError("a sharded (DTensor) state dict loads only into a layer sharded by FSDP2; "
+                            "gather it first (get_model_state_dict(..., options=StateDictOptions("
+                            "full_state_dict=True)))")
         if weight.dtype in FLOAT_DTYPES and len(sd) == 1:
             # A dense nn.Linear checkpoint: quantize it like this layer's weight.
             if tuple(weight.shape) != (self.out_features, self.in_features):
                 raise ValueError(f"dense shape {tuple(weight.shape)} does not match this layer's "
                                  f"({self.out_features}, {self.in_features})")
             return quantize_nf4(weight.to(self.weight.device), blocksize=self._blocksize,
-                                double_quant=self.weight_absmax.dtype == torch.uint8)
+                                double_quant=self._double_quant)
         return NF4Weight.from_state_dict(sd, "weight")
+
+    def _load_shards(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy bitsandbytes' tensors into this sharded layer's shards, in place
+        (FSDP2 holds the Parameter objects). Each value is a full tensor (this
+        rank keeps its rows; the whole weight is checked first) or a DTensor
+        sharded as the parameter (copied as it is)."""
+        if not any(map(_is_dtensor, sd.values())):
+            self._check_same_format(self._weight_from_state_dict(sd))
+        else:
+            key = "weight" + _QUANT_STATE_KEY
+            if key not in sd:
+                raise ValueError(f"state_dict has no {key!r}: not a bitsandbytes NF4 weight")
+            self._check_same_format(parse_quant_state(key, sd[key]))
+        fields = {_BNB_KEY[f]: n for n, f in _QUANT_PARAMS.items() if f in _BNB_KEY}
+        with torch.no_grad():
+            for suffix, name in fields.items():
+                p = self._parameters.get(name)
+                if p is None:
+                    continue
+                if "weight" + suffix not in sd:
+                    raise ValueError(f"state_dict has no 'weight{suffix}', which this layer needs")
+                _copy_into(p, _stored(sd["weight" + suffix].contiguous())
+                           if name != "weight" else sd["weight"].view(torch.uint8), f"weight{suffix}")
+            if self._double_quant:
+                offset = _stored(torch.tensor([self._offset], dtype=torch.float32))
+                _copy_into(self.weight_offset, offset, "nested_offset")
+
+    def _check_same_format(self, got: NF4Weight | dict) -> None:
+        """A sharded layer keeps its format: ``got`` (a weight or its quant_state
+        JSON) must have this layer's shape, dtype, blocksize and nesting; the
+        nested offset is taken from it."""
+        if isinstance(got, NF4Weight):
+            facts = (tuple(got.shape), got.dtype, got.blocksize, got.double_quant,
+                     got.blocksize2 if got.double_quant else None)
+            offset = float(got.offset) if got.double_quant else None
+        else:
+            dtypes = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+            nested = "nested_blocksize" in got
+            facts = (tuple(got.get("shape", ())), dtypes.get(got.get("dtype")), got.get("blocksize"), nested,
+                     got.get("nested_blocksize"))
+            offset = got.get("nested_offset") if nested else None
+            if nested and not isinstance(offset, (int, float)):
+                raise ValueError(f"quant_state: nested_offset must be a number, got {offset!r}")
+        mine = (tuple(self._qshape), self._qdtype, self._blocksize, self._double_quant,
+                self._blocksize2 if self._double_quant else None)
+        if facts != mine:
+            raise ValueError(f"a layer sharded by FSDP2 loads only its own format (shape, dtype, blocksize, "
+                             f"double_quant, nested blocksize) {mine}, got {facts}")
+        self._offset = None if offset is None else float(torch.tensor(offset, dtype=torch.float32))
+
+
+def _copy_into(p: torch.Tensor, value: torch.Tensor, name: str = "bias") -> None:
+    """``p.copy_(value)`` for a plain or sharded ``p``: a full ``value`` gives
+    this rank its rows (FSDP2's dim-0 chunks); a DTensor must be sharded as ``p``."""
+    if not _is_dtensor(p):
+        if _is_dtensor(value):
+            raise TypeError(f"{name}: a DTensor loads only into a parameter sharded by FSDP2")
+        p.copy_(value)
+        return
+    local = p.to_local()
+    if _is_dtensor(value):
+        if value.shape != p.shape or value.placements != p.placements or value.device_mesh != p.device_mesh:
+            raise ValueError(f"{name}: a DTensor {tuple(value.shape)} {value.placements} does not match "
+                             f"the parameter's {tuple(p.shape)} {p.placements}")
+        part = value.to_local()
+    else:
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match {tuple(p.shape)}")
+        part = _local_rows(value, p)
+    if part.dtype != local.dtype:
+        if part.element_size() != local.element_size():
+            raise TypeError(f"{name}: dtype {part.dtype} cannot fill the {local.dtype} storage")
+        part = part.view(local.dtype)
+    local.copy_(part)
+
+
+def _local_rows(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``full`` for the dim-0 sharded DTensor ``p``
+    (FSDP2's rule: ``torch.chunk`` over the mesh, trailing ranks may be empty)."""
+    (placement,) = p.placements
+    if not placement.is_shard(0):
+        raise ValueError(f"only FSDP2's Shard(0) placement is supported, got {p.placements}")
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    rows = -(-full.shape[0] // world) if full.shape[0] else 0
+    return full[rank * rows:(rank + 1) * rows].to(p.device)
 
 
 def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, use_rslora: Any) -> None:

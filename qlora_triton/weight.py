@@ -197,24 +197,17 @@ class NF4Weight:
     # -- bitsandbytes state-dict form (no bitsandbytes needed) -------------------
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors under bitsandbytes' ``Linear4bit`` state-dict keys."""
-        meta: dict[str, Any] = {
-            "quant_type": "nf4",
-            "blocksize": self.blocksize,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "shape": list(self.shape),
-        }
         out = {
             prefix: self.packed.reshape(-1, 1),
             f"{prefix}.absmax": self.absmax,
             f"{prefix}.quant_map": self.code,
         }
         if self.double_quant:
-            meta.update(nested_blocksize=self.blocksize2, nested_dtype="float32",
-                        nested_offset=float(self.offset))
             out[f"{prefix}.nested_absmax"] = self.absmax2
             out[f"{prefix}.nested_quant_map"] = self.code2
-        blob = json.dumps(meta).encode()
-        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = quant_state_blob(
+            self.shape, self.dtype, self.blocksize,
+            (self.blocksize2, float(self.offset)) if self.double_quant else None)
         return out
 
     @classmethod
@@ -236,7 +229,7 @@ class NF4Weight:
                 raise TypeError(f"state_dict[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
             return t
 
-        meta = _parse_quant_state(key, tensor(key))
+        meta = parse_quant_state(key, tensor(key))
         packed = tensor(prefix)
         kwargs: dict[str, Any] = {}
         if "nested_blocksize" in meta or f"{prefix}.nested_absmax" in state_dict:
@@ -310,7 +303,23 @@ class NF4Weight:
         ).check_finite()
 
 
-def _parse_quant_state(key: str, blob: torch.Tensor) -> dict[str, Any]:
+def quant_state_blob(shape: torch.Size, dtype: torch.dtype, blocksize: int,
+                     nested: tuple[int, float] | None) -> torch.Tensor:
+    """bitsandbytes' ``quant_state.bitsandbytes__nf4`` entry: uint8 bytes of JSON
+    made from static facts only (``nested``: ``(blocksize2, offset)``), so it
+    reads no tensor data."""
+    meta: dict[str, Any] = {
+        "quant_type": "nf4",
+        "blocksize": blocksize,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": list(shape),
+    }
+    if nested is not None:
+        meta.update(nested_blocksize=nested[0], nested_dtype="float32", nested_offset=nested[1])
+    return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+def parse_quant_state(key: str, blob: torch.Tensor) -> dict[str, Any]:
     """The JSON object stored as uint8 bytes under ``key``."""
     if blob.dtype != torch.uint8:
         raise TypeError(f"{key} must be uint8 bytes of JSON, got {blob.dtype}")

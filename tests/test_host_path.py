@@ -138,13 +138,13 @@ def test_dense_weight_quantized_on_load_renews_the_weight(backend, pair):
         same_output(dst, x, want=want)
 
 
-def test_buffer_assignment_renews_the_weight(backend, pair):
+def test_parameter_assignment_renews_the_weight(backend, pair):
     dst, src, x = pair
     # Only the packed bytes: the weight must combine the new bytes with the old scales.
-    dst.weight = src.weight.clone()
+    dst.weight = torch.nn.Parameter(src.weight.detach().clone(), requires_grad=False)
     same_output(dst, x)
-    for name, buf in src.named_buffers():
-        setattr(dst, name, buf.clone())
+    for name, p in src.nf4_parameters().items():
+        setattr(dst, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
     if dst.bias is not None:
         dst.bias.data = src.bias.detach().clone()
     if isinstance(dst, qt.LoRALinear4bit):
@@ -153,11 +153,9 @@ def test_buffer_assignment_renews_the_weight(backend, pair):
     same_output(dst, x, want=src(x).detach())
 
 
-def test_in_place_buffer_edits_are_seen(backend, pair):
+def test_in_place_edits_are_seen(backend, pair):
     dst, src, x = pair
-    with torch.no_grad():
-        for (name, buf), theirs in zip(dst.named_buffers(), src.buffers()):
-            buf.copy_(theirs)
+    with torch.no_grad():  # (the NF4 storage is among the parameters)
         for mine, theirs in zip(dst.parameters(), src.parameters()):
             mine.copy_(theirs)
     same_output(dst, x, want=src(x).detach())
@@ -167,8 +165,6 @@ def test_apply_renews_the_weight(backend, pair):
     dst, src, x = pair
     dst._apply(lambda t: t.clone())  # every tensor replaced ...
     with torch.no_grad():            # ... then the new ones edited in place
-        for (name, buf), theirs in zip(dst.named_buffers(), src.buffers()):
-            buf.copy_(theirs)
         for mine, theirs in zip(dst.parameters(), src.parameters()):
             mine.copy_(theirs)
     same_output(dst, x, want=src(x).detach())
@@ -180,8 +176,6 @@ def test_deepcopy_edits_reach_the_copys_weight(backend, pair):
     dst, src, x = pair
     twin = copy.deepcopy(dst)
     with torch.no_grad():
-        for buf, theirs in zip(twin.buffers(), src.buffers()):
-            buf.copy_(theirs)
         for mine, theirs in zip(twin.parameters(), src.parameters()):
             mine.copy_(theirs)
     same_output(twin, x, want=src(x).detach())
@@ -197,13 +191,13 @@ def test_dtype_and_device_moves_renew_the_weight(backend, pair, move):
     elif move == "to_bfloat16":
         dst.to(torch.bfloat16)
         x = x.bfloat16()
-    else:  # through the meta device and back: every buffer is a new, empty tensor
+    else:  # through the meta device and back: every tensor is a new, empty one
         dst.to("meta").to_empty(device="cpu")
         dst.load_state_dict(src.state_dict())
         same_output(dst, x, want=src(x).detach())
         return
     same_output(dst, x)
-    assert all(b.dtype != torch.float16 or n == "bias" for n, b in dst.named_buffers())
+    assert all(not p.is_floating_point() for p in dst.nf4_parameters().values())
 
 
 # -- the eval-mode cast copies of the bias and adapters ------------------------------
@@ -255,7 +249,7 @@ def test_compiled_eval_forward_has_no_graph_break(backend):
     with torch.no_grad():
         want, got = layer(x), compiled(x)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        layer.load_state_dict(lora_layer().state_dict())  # new buffers: a guard must notice
+        layer.load_state_dict(lora_layer().state_dict())  # new NF4 parameters: a guard must notice
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 

@@ -1,4 +1,4 @@
-"""Linear4bit: forward vs the float64 reference, buffers under .to()/.half(),
+"""Linear4bit: forward vs the float64 reference, NF4 storage under .to()/.half(),
 and state dicts in bitsandbytes' keys, both ways with bitsandbytes itself."""
 
 from __future__ import annotations
@@ -48,26 +48,51 @@ def test_trainable_bias_gets_a_grad():
     assert torch.allclose(layer.bias.grad, g.sum(0))
 
 
-def test_half_and_to_keep_the_quant_buffers_exact():
+def test_half_and_to_keep_the_nf4_storage_exact():
     layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
-    before = {n: b.clone() for n, b in layer.named_buffers()}
+    before = {n: p.clone() for n, p in layer.nf4_parameters().items()}
+    assert len(before) == 6
     layer.half()
     assert layer.bias.dtype == torch.float16
-    for n, b in layer.named_buffers():
-        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
-    layer.to(torch.float32).to("cpu")
-    assert {n for n, _ in layer.named_buffers()} == set(before)
+    for n, p in layer.nf4_parameters().items():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+    layer.to(torch.float32).to("cpu").bfloat16()
+    assert set(layer.nf4_parameters()) == set(before)
+    assert all(torch.equal(p, before[n]) for n, p in layer.nf4_parameters().items())
     x = torch.randn(2, 40, dtype=torch.float16)
     assert layer(x).dtype == torch.float16
 
 
-def test_buffers_are_registered():
+def test_nf4_storage_is_frozen_non_float_parameters():
+    # Parameters so that FSDP2 shards them; integer dtypes so that nothing
+    # that casts float parameters (mixed precision, .half()) touches them.
     layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24), double_quant=False)
-    names = {n for n, _ in layer.named_buffers()}
-    assert names == {"weight", "weight_absmax", "weight_code"}
+    params = layer.nf4_parameters()
+    assert set(params) == {"weight", "weight_absmax", "weight_code"}
+    assert dict(layer.named_buffers()) == {}
+    assert {n for n, _ in layer.named_parameters()} == set(params) | {"bias"}
+    assert params["weight_absmax"].dtype == torch.int32 and params["weight_code"].dtype == torch.int32
+    assert torch.equal(params["weight_code"].view(torch.float32), qt.nf4_codebook())
     layer2 = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
-    assert {n for n, _ in layer2.named_buffers()} == names | {"weight_absmax2", "weight_code2", "weight_offset"}
+    params2 = layer2.nf4_parameters()
+    assert set(params2) == set(params) | {"weight_absmax2", "weight_code2", "weight_offset"}
     assert layer2.weight.shape == (40 * 24 // 2, 1) and layer2.weight.dtype == torch.uint8
+    assert params2["weight_absmax"].dtype == torch.uint8 and params2["weight_offset"].shape == (1,)
+    assert not any(p.requires_grad or p.is_floating_point() for p in params2.values())
+    assert torch.equal(params2["weight_code2"].view(torch.float32), qt.dynamic_map())
+
+
+def test_a_data_swap_is_seen():
+    # param.data = ... keeps the Parameter object: the view must follow the data.
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
+    other = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    layer(x)
+    for name, p in layer.nf4_parameters().items():
+        p.data = other.nf4_parameters()[name].detach().clone()
+    with torch.no_grad():
+        layer.bias.copy_(other.bias)
+    assert torch.equal(layer(x), other(x))
 
 
 def _bnb_layer(k, n, bias=True, sd=None):
@@ -118,7 +143,7 @@ def test_state_dict_round_trip_and_format_change():
     src = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30), blocksize=128, double_quant=False)
     dst = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))  # blocksize 64, nested
     dst.load_state_dict(src.state_dict())
-    assert dst.weight_absmax.dtype == torch.float32 and dst.weight_absmax2 is None
+    assert dst.quant_weight.absmax.dtype == torch.float32 and dst.weight_absmax2 is None
     assert dst.quant_weight.blocksize == 128
     x = torch.randn(4, 50)
     assert torch.equal(dst(x), src(x))
