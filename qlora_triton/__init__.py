@@ -5,6 +5,7 @@ from .adapter import load_adapter, save_adapter
 from .backend import force_backend
 from .codebooks import dynamic_map, nf4_codebook
 from .convert import merge_and_unload, replace_linear
+from .ddp import wrap_ddp
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
 from .ops.scratch import release_scratch
@@ -59,4 +60,5 @@ __all__ = [
     "release_scratch",
     "replace_linear",
     "save_adapter",
+    "wrap_ddp",
 ]

@@ -5,6 +5,18 @@ Keys are ``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and
 ``...lora_B.weight`` ``[out, r]``, where ``<module path>`` is the layer's name
 in the model given to ``save_adapter`` (PEFT wraps that model as
 ``base_model.model``).
+
+Several processes (``torch.distributed`` initialized with more than one
+rank): both functions are collective, so every rank must call them, in the
+same order; a rank that does not leaves the others waiting until the process
+group's timeout (nothing cheaper can tell). ``save_adapter`` gathers sharded
+(FSDP2 ``DTensor``) adapter weights on every rank, rank 0 writes, and every
+rank returns once the folder is complete (or raises rank 0's error).
+``load_adapter`` reads on rank 0 only (the folder need not be on a shared file
+system), sends the tensors to every rank and copies each rank's part into its
+shard; an error in the file is raised on every rank. A ``DistributedDataParallel``
+wrapper may be passed for its module. The file is the one a single process
+writes for the same weights, byte for byte.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import uuid
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .linear import Linear4bit, LoRALinear4bit, check_lora_args
@@ -33,9 +46,48 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (whose ``module.``
+    prefix is no part of the adapter's keys)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded weight is all-gathered (every rank must call)."""
+    return t.full_tensor() if dist.is_available() and _is_dtensor(t) else t
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0, its result (or its exception) on every rank: one
+    broadcast, which is also the barrier the other ranks wait on."""
+    if not _distributed():
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:  # re-raised on every rank below
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
     if not layers:
         raise ValueError("model has no LoRALinear4bit layers (call qlora_triton.replace_linear first)")
@@ -84,9 +136,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
 
     Every ``LoRALinear4bit`` must share ``r``, ``lora_alpha``, ``lora_dropout``
     and ``use_rslora`` (one PEFT ``LoraConfig``); otherwise a ``ValueError``.
+    With several processes every rank must call it (see the module docstring).
     """
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     layers = _lora_layers(model)
     settings = {(m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) for m in layers.values()}
     if len(settings) != 1:
@@ -111,14 +165,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     tensors = {}
     for name, m in layers.items():
         for part in ("lora_A", "lora_B"):
-            weight = getattr(m, part).weight
-            tensors[f"{KEY_PREFIX}{name}.{part}.weight"] = weight.detach().to("cpu").contiguous()
+            weight = _full(getattr(m, part).weight.detach())
+            tensors[f"{KEY_PREFIX}{name}.{part}.weight"] = weight.to("cpu").contiguous()
     def write(folder: str) -> None:
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
 
-    _replace_folder(os.fspath(path), write, (CONFIG_NAME, WEIGHTS_NAME))
+    _on_rank0(lambda: _replace_folder(os.fspath(path), write, (CONFIG_NAME, WEIGHTS_NAME)))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -130,10 +184,40 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     the offending keys (a rank other than the model's included: convert the
     model with the adapter's ``r``). The layers take the adapter's ``lora_alpha``,
     ``use_rslora`` and ``lora_dropout`` (its scaling is part of what it computes).
+    With several processes every rank must call it (see the module docstring).
     """
+    model = _unwrap(model)
+    layers = _lora_layers(model)
+    r, lora_alpha, use_rslora, lora_dropout, tensors = _on_rank0(lambda: _read_adapter(path, layers))
+    for name, m in layers.items():
+        m.lora_alpha, m.use_rslora, m.lora_dropout = lora_alpha, use_rslora, lora_dropout
+        with torch.no_grad():
+            for part in ("lora_A", "lora_B"):
+                _copy_into(getattr(m, part).weight, tensors[f"{KEY_PREFIX}{name}.{part}.weight"])
+    logger.info("loaded a LoRA adapter (r=%d, lora_alpha=%s) into %d layers from %s",
+                r, lora_alpha, len(layers), os.fspath(path))
+    return model
+
+
+def _copy_into(weight: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor ``full`` into ``weight``, into this rank's shard
+    when ``weight`` is sharded (no communication: every rank holds ``full``)."""
+    if not (dist.is_available() and _is_dtensor(weight)):
+        weight.copy_(full)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = weight.to_local()
+    full = full.to(device=local.device, dtype=local.dtype)
+    local.copy_(distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None).to_local())
+
+
+def _read_adapter(path: str | os.PathLike, layers: dict[str, LoRALinear4bit]
+                  ) -> tuple[int, float, bool, float, dict[str, torch.Tensor]]:
+    """``(r, lora_alpha, use_rslora, lora_dropout, tensors)`` of the adapter
+    folder ``path``, checked against ``layers``."""
     from safetensors.torch import load_file
 
-    layers = _lora_layers(model)
     config_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     for p in (config_path, weights_path):
@@ -184,15 +268,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             errors.append(f"{key}: the config says r={r}, the model's layer has r={m.r}")
     if errors:
         raise ValueError(f"{weights_path}: " + "; ".join(errors[:6]))
-
-    for name, m in layers.items():
-        m.lora_alpha, m.use_rslora, m.lora_dropout = lora_alpha, use_rslora, lora_dropout
-        with torch.no_grad():
-            for part in ("lora_A", "lora_B"):
-                getattr(m, part).weight.copy_(tensors[f"{KEY_PREFIX}{name}.{part}.weight"])
-    logger.info("loaded a LoRA adapter (r=%d, lora_alpha=%s) into %d layers from %s",
-                r, lora_alpha, len(layers), os.fspath(path))
-    return model
+    return r, lora_alpha, use_rslora, lora_dropout, tensors
 
 
 # -- atomic replacement of a folder ----------------------------------------------------

@@ -25,6 +25,26 @@ State layout (``optimizer.state[p]`` and ``state_dict()["state"][i]``):
   ``load_state_dict`` takes the codes when present (exact continuation) and
   otherwise quantizes ``exp_avg`` / ``exp_avg_sq``. A parameter with fewer
   than ``min_8bit_size`` (default 4096) elements has PagedAdamW's fp32 layout.
+
+Which parameters are updated: those with ``requires_grad=True`` and a
+``.grad``. Frozen parameters (``requires_grad=False``) of any dtype, such as a
+model's NF4 base or embeddings, may be passed (``model.parameters()`` is
+fine): they are kept in their group, as torch.optim.AdamW does, but never
+updated and never given state. A trainable parameter must be float32,
+bfloat16 or float16 (else a ``TypeError``).
+
+Sharded parameters (FSDP2's ``fully_shard``: ``DTensor`` parameters and
+gradients): each rank updates its own shard (``p.to_local()``) with moments of
+the shard's shape (paged as above), so the optimizer state is sharded like the
+parameters and no communication happens in ``step``. ``state_dict()`` gives
+each moment as a ``DTensor`` of the parameter's full shape, mesh and
+placements, so torch.distributed.checkpoint (``get_optimizer_state_dict`` /
+``set_optimizer_state_dict``, full or sharded) saves and loads it;
+``load_state_dict`` takes a moment as such a ``DTensor`` or as a full tensor
+(its shard is taken). For 8-bit states of a sharded parameter the state dict
+carries only the fp32 ``exp_avg`` / ``exp_avg_sq`` (each rank's absmax blocks
+cover its own shard, which no full tensor describes); loading re-quantizes
+them, so that continuation matches to 8-bit rounding, not bitwise.
 """
 
 from __future__ import annotations
@@ -44,6 +64,23 @@ from .codebooks import dynamic_map
 from .quantization import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded
+    DTensor = ()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the
+    parameter), else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _as_dtensor(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A state tensor of p's local shape as a DTensor laid out like ``p``."""
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
@@ -93,26 +130,29 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
-            if isinstance(p, torch.Tensor) and p.dtype not in _PARAM_DTYPES:
-                raise TypeError(f"params must be float32, bfloat16 or float16 tensors, got one of {p.dtype}")
-            if isinstance(p, torch.Tensor) and self._is_paged(p):
+            if not (isinstance(p, torch.Tensor) and p.requires_grad):
+                continue  # frozen: never updated (torch rejects a non-tensor)
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"trainable params must be float32, bfloat16 or float16 tensors, got one of "
+                                f"{p.dtype} (freeze it with requires_grad_(False) to pass it along)")
+            if self._is_paged(p):
                 _paged.helper()  # fail now, saying how to build it, not at the first step
         # The list, not the caller's (possibly exhausted) generator.
         super().add_param_group({**param_group, "params": params})
 
     def _is_paged(self, p: torch.Tensor) -> bool:
-        return self.paged and p.device.type == "cuda"
+        return self.paged and _local(p).device.type == "cuda"
 
     # -- states ----------------------------------------------------------------
 
     def _alloc(self, p: torch.Tensor, shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_paged(p):
-            return _paged.managed_empty(shape, dtype, p.device)
-        return torch.empty(tuple(shape), dtype=dtype, device=p.device)
+            return _paged.managed_empty(shape, dtype, _local(p).device)
+        return torch.empty(tuple(shape), dtype=dtype, device=_local(p).device)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fresh states of ``p`` (zero moments), written on p's device so that
-        managed pages start out resident there."""
+        """Fresh states of ``p`` (zero moments, the shape of p's local shard),
+        written on p's device so that managed pages start out resident there."""
         raise NotImplementedError
 
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
@@ -173,14 +213,21 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or not p.requires_grad:
                     continue
                 grad = p.grad
                 if grad.is_sparse:
                     raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+                if isinstance(p, DTensor) != isinstance(grad, DTensor) or (
+                        isinstance(p, DTensor) and grad.placements != p.placements):
+                    raise TypeError("grad must be sharded like its parameter: got "
+                                    f"{getattr(grad, 'placements', 'a plain tensor')} for "
+                                    f"{getattr(p, 'placements', 'a plain tensor')}")
+                local, grad = _local(p), _local(grad)
+                if grad.dtype != p.dtype or grad.shape != local.shape or grad.device != local.device:
                     raise TypeError(f"grad must match its parameter: got {grad.dtype} {tuple(grad.shape)} on "
-                                    f"{grad.device} for a {p.dtype} {tuple(p.shape)} parameter on {p.device}")
+                                    f"{grad.device} for a {p.dtype} {tuple(local.shape)} parameter on "
+                                    f"{local.device}")
                 if not self.state[p]:
                     self.state[p].update(self._init_state(p))
                     if self._is_paged(p):
@@ -193,14 +240,17 @@ class _PagedAdamWBase(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             scalars = AdamWScalars(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                    weight_decay=group["weight_decay"], step=state["step"].item())
-            target = p if p.is_contiguous() else p.contiguous()
-            if use_triton(p.device):
+            local = _local(p)
+            if local.numel() == 0:  # an empty shard (FSDP2 pads uneven splits)
+                continue
+            target = local if local.is_contiguous() else local.contiguous()
+            if use_triton(local.device):
                 from .ops.optimizer import adamw_step
             else:
                 adamw_step = reference.adamw_step
-            adamw_step(target, p.grad.contiguous(), scalars=scalars, **self._kernel_states(state))
-            if target is not p:
-                p.copy_(target)
+            adamw_step(target, _local(p.grad).contiguous(), scalars=scalars, **self._kernel_states(state))
+            if target is not local:
+                local.copy_(target)
         if self.evict_after_step:
             self._page([p for p, _ in work], "host")
         return loss
@@ -210,6 +260,18 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        sd["state"] = {i: self._saved_state(params[i], state) for i, state in sd["state"].items()}
+        return sd
+
+    def _saved_state(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` as ``state_dict()`` gives it: a sharded parameter's moments as DTensors."""
+        if not isinstance(p, DTensor):
+            return state
+        return {k: t if k == "step" else _as_dtensor(t, p) for k, t in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class, of the other paged class, or of
@@ -269,6 +331,22 @@ def _check_saved(name: str, saved: dict[str, Any], shape: torch.Size | tuple[int
     return t
 
 
+def _saved_moment(name: str, saved: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+    """A saved tensor of p's shape, as the part of it that p's local shard holds:
+    a DTensor's own shard, or this rank's shard of a full tensor."""
+    t = _check_saved(name, saved, p.shape)
+    if not isinstance(p, DTensor):  # a sharded run's DTensor into an unsharded parameter: gather it
+        return t.full_tensor() if isinstance(t, DTensor) else t
+    if isinstance(t, DTensor):
+        if t.placements != p.placements or t.device_mesh != p.device_mesh:
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    # Every rank holds the full tensor: take this rank's shard without communicating.
+    return distribute_tensor(t.to(_local(p).device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
 _FP32_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -284,14 +362,14 @@ class PagedAdamW(_PagedAdamWBase):
     """
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: self._alloc(p, p.shape, torch.float32).zero_() for k in _FP32_MOMENTS}
+        return {k: self._alloc(p, _local(p).shape, torch.float32).zero_() for k in _FP32_MOMENTS}
 
     def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: state[k] for k in _FP32_MOMENTS}
 
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
         for key in _FP32_MOMENTS:
-            state[key].copy_(_check_saved(key, saved, p.shape))
+            state[key].copy_(_saved_moment(key, saved, p))
 
 
 class PagedAdamW8bit(PagedAdamW):
@@ -318,13 +396,15 @@ class PagedAdamW8bit(PagedAdamW):
                          evict_after_step=evict_after_step)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The full parameter's size decides, so every rank (and one process) agrees.
         if p.numel() < self.min_8bit_size:  # fp32 moments; the other methods read the state's keys
             return super()._new_state(p)
-        nblocks = -(-p.numel() // QBLOCK)
+        local = _local(p)
+        nblocks = -(-local.numel() // QBLOCK)
         state = {}
         for moment, signed in self._SIGNED.items():
             zero_code = int((dynamic_map(signed=signed) == 0).nonzero()[0])  # 127 signed, 0 unsigned
-            state[f"{moment}_codes"] = self._alloc(p, p.shape, torch.uint8).fill_(zero_code)
+            state[f"{moment}_codes"] = self._alloc(p, local.shape, torch.uint8).fill_(zero_code)
             state[f"{moment}_absmax"] = self._alloc(p, (nblocks,), torch.float32).zero_()
         return state
 
@@ -337,37 +417,39 @@ class PagedAdamW8bit(PagedAdamW):
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
         if "exp_avg" in state:  # under min_8bit_size; a state_dict always has the fp32 moments
             return super()._load_moments(p, state, saved)
-        nblocks = -(-p.numel() // QBLOCK)
+        local = _local(p)
+        nblocks = -(-local.numel() // QBLOCK)
         for moment, signed in self._SIGNED.items():
-            if f"{moment}_codes" in saved:
+            if f"{moment}_codes" in saved and not isinstance(p, DTensor):
                 codes = _check_saved(f"{moment}_codes", saved, p.shape)
                 absmax = _check_saved(f"{moment}_absmax", saved, (nblocks,))
                 if codes.dtype != torch.uint8:
                     raise TypeError(f"state_dict's {moment}_codes must be uint8, got {codes.dtype}")
+            elif local.numel() == 0:
+                continue
             else:
-                x = _check_saved(moment, saved, p.shape).to(device=p.device, dtype=torch.float32)
-                codes, absmax = quantize_blockwise_8bit(x, dynamic_map(p.device, signed=signed), QBLOCK)
-            state[f"{moment}_codes"].copy_(codes.reshape(p.shape))
+                x = _saved_moment(moment, saved, p).to(device=local.device, dtype=torch.float32)
+                codes, absmax = quantize_blockwise_8bit(x, dynamic_map(local.device, signed=signed), QBLOCK)
+            state[f"{moment}_codes"].copy_(codes.reshape(local.shape))
             state[f"{moment}_absmax"].copy_(absmax)
 
     def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exp_avg, exp_avg_sq)`` of ``p`` as fp32 tensors of p's shape."""
-        state = self.state[p]
+        """``(exp_avg, exp_avg_sq)`` of ``p`` as fp32 tensors of the shape of
+        p's local shard (p's shape when it is not sharded)."""
+        state, local = self.state[p], _local(p)
         if "exp_avg" in state:
             return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+        if local.numel() == 0:
+            return torch.zeros_like(local, dtype=torch.float32), torch.zeros_like(local, dtype=torch.float32)
         return tuple(
             dequantize_blockwise_8bit(state[f"{m}_codes"], state[f"{m}_absmax"],
-                                      dynamic_map(p.device, signed=signed), QBLOCK).reshape(p.shape)
+                                      dynamic_map(local.device, signed=signed), QBLOCK).reshape(local.shape)
             for m, signed in self._SIGNED.items())
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
-        states = {}
-        for index, state in sd["state"].items():
-            if "exp_avg" not in state:  # 8-bit: add the fp32 moments
-                exp_avg, exp_avg_sq = self.dequantized_moments(params[index])
-                state = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-            states[index] = state
-        sd["state"] = states
-        return sd
+    def _saved_state(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        if "exp_avg" not in state:  # 8-bit: add the fp32 moments
+            exp_avg, exp_avg_sq = self.dequantized_moments(p)
+            state = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            if isinstance(p, DTensor):  # see the module docstring
+                state = {k: state[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+        return super()._saved_state(p, state)

@@ -296,8 +296,8 @@ def test_bad_hyperparameters(kwargs, match):
 
 
 def test_bad_params_and_grads():
-    with pytest.raises(TypeError, match="params"):
-        qt.PagedAdamW([torch.zeros(3, dtype=torch.int32)])
+    with pytest.raises(TypeError, match="trainable params must be float32"):
+        qt.PagedAdamW([torch.randn(3, dtype=torch.float64, requires_grad=True)])
     with pytest.raises(TypeError, match="paged"):
         qt.PagedAdamW([torch.randn(3, requires_grad=True)], paged="yes")
     p = torch.randn(5, 3, requires_grad=True)
@@ -350,3 +350,31 @@ def test_param_groups_from_generators_keep_their_params(opt_cls):
     model(torch.randn(4, 6)).square().sum().backward()
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("opt_cls", [qt.PagedAdamW, qt.PagedAdamW8bit], ids=lambda c: c.__name__)
+def test_frozen_params_of_any_dtype_are_kept_but_never_updated(opt_cls):
+    """model.parameters() of a QLoRA model holds frozen uint8 / fp32 pieces: they
+    stay in the group (state-dict indices as torch.optim.AdamW's) and get no
+    state, even with a stray .grad; the trainable one steps as alone."""
+    p0 = torch.randn(7, 5)
+    grads = [torch.randn(7, 5) for _ in range(3)]
+    u8_0 = torch.randint(0, 256, (33, 1), dtype=torch.uint8)
+    f0 = torch.randn(4, 3)
+
+    def run(with_frozen: bool):
+        p = torch.nn.Parameter(p0.clone())
+        u8 = torch.nn.Parameter(u8_0.clone(), requires_grad=False)
+        f = torch.nn.Parameter(f0.clone(), requires_grad=False)
+        f.grad = torch.randn(4, 3)
+        opt = opt_cls([u8, p, f] if with_frozen else [p], **HYPER)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p, u8, f, opt
+
+    alone = run(False)[0]
+    p, u8, f, opt = run(True)
+    assert torch.equal(p, alone)
+    assert torch.equal(u8, u8_0) and torch.equal(f, f0)
+    assert set(opt.state) == {p} and list(opt.state_dict()["state"]) == [1]

@@ -60,7 +60,8 @@ def test_optimizer_on_cuda_without_helper_says_how_to_build(monkeypatch, tmp_pat
     """A CUDA machine without the built helper, simulated: the optimizer asks
     for the helper when a paged CUDA parameter arrives."""
     monkeypatch.setattr(paged, "HELPER_PATH", tmp_path / "_managed_alloc.so")
-    fake_cuda = torch.empty(3, device="meta")  # any non-CPU tensor the check sees as CUDA
+    # Any trainable non-CPU tensor the check sees as CUDA (frozen ones get no state).
+    fake_cuda = torch.empty(3, device="meta", requires_grad=True)
     monkeypatch.setattr(qt.PagedAdamW, "_is_paged", lambda self, p: self.paged and p is fake_cuda)
     with pytest.raises(paged.ManagedMemoryError, match="QLORA_TRITON_BUILD_CUDA=1"):
         qt.PagedAdamW([fake_cuda])
