@@ -111,7 +111,6 @@ def run_multirank(config: FinetuneConfig) -> dict:
     from tqdm.auto import tqdm
 
     from . import data as data_mod
-    from .model import lora_targets
     from ..distributed import base_bytes, load_sharded
 
     device = _init_process_group(config)
@@ -143,10 +142,11 @@ def run_multirank(config: FinetuneConfig) -> dict:
                                          config.size["eval_windows"])
     backend = pick_backend(config)
     with qt.force_backend(backend) if backend else contextlib.nullcontext():
-        torch.manual_seed(config.seed + 5)  # the same initial adapter on every rank
-        model, targets = load_sharded(info["model_dir"], lora_targets, r=config.r, lora_alpha=config.alpha,
-                                      lora_dropout=config.dropout, device=device,
-                                      compute_dtype=torch.bfloat16)
+        # The same initial adapter on every rank (lora_A from one seeded generator).
+        model = load_sharded(info["model_dir"], r=config.r, lora_alpha=config.alpha,
+                             lora_dropout=config.dropout, compute_dtype=torch.bfloat16,
+                             seed=config.seed + 5)
+        targets = [name for name, m in model.named_modules() if isinstance(m, qt.LoRALinear4bit)]
         nbytes = base_bytes(model)
         print(f"rank {rank}/{world}: NF4 base {nbytes['local']:,} of {nbytes['total']:,} bytes "
               f"({nbytes['local'] / max(nbytes['total'], 1):.1%})", file=sys.stderr, flush=True)
