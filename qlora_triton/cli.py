@@ -34,21 +34,59 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("auto", "triton", "torch"),
                    help="NF4 ops: auto (default) = Triton on CUDA, the torch reference on the CPU")
-    p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b"),
-                   help="instead: build a LLaMA-1-shaped NF4 model of this size and time a few LoRA steps")
+    p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b", "70b"),
+                   help="instead: build a LLaMA-shaped NF4 model of this size (LLaMA-1; 70b: LLaMA-2) "
+                        "and time a few LoRA steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --preset: print the memory one rank needs with 1, 2, 4 and 8 FSDP2 ranks and "
+                        "the fewest ranks of --rank-memory that fit, then exit (builds nothing)")
+    p.add_argument("--rank-memory", type=float, metavar="GIB",
+                   help="with --estimate: memory per rank in GiB (default: this device's total)")
 
 
 # Options of the fine-tune that a --preset run has no use for (it builds a random-weight
 # model of the preset's shape, on the default backend of its device).
 PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend")
+# Options that only --preset takes.
+PRESET_ONLY = ("estimate", "rank_memory")
+
+
+def _print_estimate(args: argparse.Namespace) -> None:
+    from .finetune import presets
+
+    shape = presets.LLAMA_SHAPES[args.preset]
+    batch_size, seq_len = args.batch_size or 1, args.seq_len or 512
+    if args.rank_memory is not None:
+        if args.rank_memory <= 0:
+            raise ValueError(f"--rank-memory: expected a positive number of GiB, got {args.rank_memory}")
+        rank_bytes = int(args.rank_memory * 2**30)
+    else:
+        import torch
+        from .finetune.memory import total_bytes
+
+        rank_bytes = total_bytes(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    print(f"preset {args.preset}: {presets.linear_params(shape) / 1e9:.1f}B linear weights, LoRA r={args.r}, "
+          f"{batch_size} x {seq_len} tokens per rank (estimates; see presets.estimate_bytes)")
+    for world in (1, 2, 4, 8):
+        est = presets.estimate_bytes(shape, args.r, batch_size, seq_len, world)
+        print(f"  {world} rank{'s' if world > 1 else ' '}: {est['total'] / 2**30:6.1f} GiB per rank "
+              f"(NF4 base {est['nf4_weights'] / 2**30:.1f} GiB)")
+    need = presets.ranks_needed(shape, rank_bytes, args.r, batch_size, seq_len)
+    where = f"ranks of {rank_bytes / 2**30:.1f} GiB"
+    print(f"  fewest {where}: {need}" if need else f"  more than 64 {where}")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, run, run_preset
 
     # Options left out (None) take the defaults of FinetuneConfig / run_preset.
-    given = {name: value for name, value in vars(args).items() if value is not None}
+    given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
+    if not args.preset and any(name in given for name in PRESET_ONLY):
+        raise ValueError("--estimate and --rank-memory go with --preset")
+    if args.preset and args.estimate:
+        _print_estimate(args)
+        return 0
     if args.preset:
         unused = [f"--{name.replace('_', '-')}" for name in PRESET_UNUSED if name in given]
         if unused:
@@ -61,6 +99,17 @@ def run_finetune(args: argparse.Namespace) -> int:
         return 0
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     config = FinetuneConfig(**{name: value for name, value in given.items() if name in fields})
+    from .finetune.multirank import run_multirank, world_size_from_env
+
+    if world_size_from_env() > 1:  # started by torchrun
+        import torch.distributed as dist
+
+        try:
+            run_multirank(config)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
     summary = run(config)
     print(f"wrote {config.output_dir}/summary.json and {config.output_dir}/{summary['plot']}")
     return 0

@@ -98,7 +98,7 @@ def test_big_preset_refuses_when_memory_is_short(monkeypatch):
     with pytest.raises(MemoryError, match="65b.*GiB"):
         run_preset("65b", device="cpu", quiet=True)
     with pytest.raises(ValueError, match="preset"):
-        run_preset("70b", device="cpu", quiet=True)
+        run_preset("71b", device="cpu", quiet=True)
 
 
 def test_bad_options_are_named():

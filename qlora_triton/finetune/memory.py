@@ -72,6 +72,17 @@ def available_bytes(device: torch.device) -> int:
     return 0
 
 
+def total_bytes(device: torch.device) -> int:
+    """The device's whole memory: the GPU's, or MemTotal."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a timer or a memory reading covers it."""
     if device.type == "cuda":

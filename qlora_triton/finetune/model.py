@@ -25,12 +25,21 @@ class ModelShape:
     num_hidden_layers: int
     vocab_size: int
     max_position_embeddings: int = 2048
+    num_key_value_heads: int | None = None  # grouped-query attention; None: one per head
+
+    @property
+    def kv_size(self) -> int:
+        """Output features of k_proj and v_proj."""
+        heads = self.num_key_value_heads or self.num_attention_heads
+        return self.hidden_size * heads // self.num_attention_heads
 
 
 def llama_config(shape: ModelShape):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**asdict(shape), num_key_value_heads=shape.num_attention_heads,
+    fields = asdict(shape)
+    fields["num_key_value_heads"] = shape.num_key_value_heads or shape.num_attention_heads
+    return LlamaConfig(**fields,
                        rms_norm_eps=1e-6, tie_word_embeddings=False, use_cache=False,
                        attn_implementation="sdpa")
 

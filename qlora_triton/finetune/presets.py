@@ -44,45 +44,68 @@ def bundled_shape(size: dict, vocab_size: int, seq_len: int) -> ModelShape:
                       max_position_embeddings=max(seq_len, 128))
 
 
-# LLaMA-1 shapes (Touvron et al. 2023, table 2; intermediate sizes of the released checkpoints).
+# LLaMA-1 shapes (Touvron et al. 2023, table 2; intermediate sizes of the released checkpoints),
+# and LLaMA-2 70B (grouped-query attention: 8 key/value heads).
 LLAMA_SHAPES = {
     "tiny": ModelShape(128, 344, 4, 2, 1024, 2048),
     "7b": ModelShape(4096, 11008, 32, 32, 32000, 2048),
     "13b": ModelShape(5120, 13824, 40, 40, 32000, 2048),
     "33b": ModelShape(6656, 17920, 52, 60, 32000, 2048),
     "65b": ModelShape(8192, 22016, 64, 80, 32000, 2048),
+    "70b": ModelShape(8192, 28672, 64, 80, 32000, 4096, num_key_value_heads=8),
 }
 
 
 def linear_params(shape: ModelShape) -> int:
-    h, i = shape.hidden_size, shape.intermediate_size
-    return shape.num_hidden_layers * (4 * h * h + 3 * h * i)
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    return shape.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * i)
 
 
 def lora_params(shape: ModelShape, r: int) -> int:
-    h, i = shape.hidden_size, shape.intermediate_size
-    per_layer = 4 * r * (h + h) + 2 * r * (h + i) + r * (i + h)
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    per_layer = 2 * r * (h + h) + 2 * r * (h + kv) + 2 * r * (h + i) + r * (i + h)
     return shape.num_hidden_layers * per_layer
 
 
-def estimate_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> dict:
-    """What the preset run will hold at its peak, roughly (bytes).
+def estimate_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int, world_size: int = 1) -> dict:
+    """What one rank will hold at its peak, roughly (bytes), with ``batch_size``
+    sequences per rank.
 
     NF4 with double quant is 4.127 bits per weight; embeddings and head stay
     bf16; LoRA params, grads and Adam moments fp32; activations with
     gradient checkpointing: one bf16 hidden state per layer plus one layer's
-    full set of activations and the fp32 logits."""
+    full set of activations and the fp32 logits. With ``world_size`` > 1
+    (FSDP2, ``qlora_triton.distributed``) the NF4 base, the LoRA state and
+    the embeddings are sharded, and a rank also holds the gathered NF4 of two
+    decoder layers (the one running and the one prefetched) and, for the
+    whole step, the root's gathered embeddings and head."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: expected a positive integer, got {world_size!r}")
     h, i, v, n_layers = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_hidden_layers
     tokens = batch_size * seq_len
+    nf4 = linear_params(shape) * 4.127 / 8
+    embed_and_head = 2 * v * h * 2
     parts = {
-        "nf4_weights": linear_params(shape) * 4.127 / 8,
-        "embed_and_head": 2 * v * h * 2,
-        "lora_and_adam": lora_params(shape, r) * (4 + 4 + 8),  # fp32 weights, grads, 2 moments
+        "nf4_weights": nf4 / world_size,
+        "embed_and_head": embed_and_head,
+        "lora_and_adam": lora_params(shape, r) * (4 + 4 + 8) / world_size,  # fp32 weights, grads, 2 moments
         "one_dense_layer": i * h * 2 * 2,  # the dense weight being quantized, plus its copy in flight
         "activations": tokens * (n_layers * h * 2 + (10 * h + 4 * i) * 2 + v * 4 * 3),
     }
+    if world_size > 1:
+        parts["gathered_layers"] = 2 * nf4 / n_layers
     parts["total"] = sum(parts.values())
     return {k: int(val) for k, val in parts.items()}
+
+
+def ranks_needed(shape: ModelShape, rank_bytes: int, r: int = 8, batch_size: int = 1,
+                 seq_len: int = 512, max_ranks: int = 64) -> int | None:
+    """The fewest FSDP2 ranks of ``rank_bytes`` each that ``shape`` fits on
+    (:func:`estimate_bytes` per rank), or None if more than ``max_ranks``."""
+    for world in range(1, max_ranks + 1):
+        if estimate_bytes(shape, r, batch_size, seq_len, world)["total"] <= rank_bytes:
+            return world
+    return None
 
 
 def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -139,7 +139,8 @@ def cosine_schedule(optimizer, steps: int, floor: float = 0.1):
     Decaying makes the final losses settle instead of depending on where the
     last few large steps happened to land, so two runs compare fairly."""
     def factor(step: int) -> float:
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+        # (steps = 0: --pretrain-steps 0 trains nothing; the factor is never used)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
