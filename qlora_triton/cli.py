@@ -36,6 +36,12 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="NF4 ops: auto (default) = Triton on CUDA, the torch reference on the CPU")
     p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b"),
                    help="instead: build a LLaMA-1-shaped NF4 model of this size and time a few LoRA steps")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --preset: no training run; print the peak memory of one LoRA step "
+                        "(forward, backward, optimizer) under each NF4 matmul strategy (gemv, fused, "
+                        "dequant). With CUDA: a random-weight model, torch.cuda.max_memory_allocated; "
+                        "without (or --device meta): the model on the meta device, by tensor "
+                        "accounting (no GPU, seconds). Default tokens: --batch-size 1 --seq-len 512")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
 
@@ -54,15 +60,41 @@ def run_finetune(args: argparse.Namespace) -> int:
         if unused:
             raise ValueError(f"--preset builds its own random-weight model and times LoRA steps on it; "
                              f"it does not take {', '.join(unused)}")
+        if args.memory_only:
+            return _memory_only(args, given)
         run_preset(args.preset, device=args.device, steps=args.steps or 4, batch_size=args.batch_size,
                    seq_len=args.seq_len, r=args.r, alpha=args.alpha, seed=args.seed,
                    output_dir=args.output_dir or "runs", quiet=args.quiet,
                    **({"lr": args.lr} if args.lr is not None else {}))
         return 0
+    if args.memory_only:
+        raise ValueError("--memory-only measures a --preset model; give --preset NAME")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     config = FinetuneConfig(**{name: value for name, value in given.items() if name in fields})
     summary = run(config)
     print(f"wrote {config.output_dir}/summary.json and {config.output_dir}/{summary['plot']}")
+    return 0
+
+
+def _memory_only(args: argparse.Namespace, given: dict) -> int:
+    import json
+
+    from .finetune.strategy_memory import format_peaks, step_peaks
+
+    unused = [f"--{name.replace('_', '-')}" for name in ("steps", "lr") if name in given]
+    if unused:
+        raise ValueError(f"--memory-only measures one step and trains nothing; it does not take {', '.join(unused)}")
+    result = step_peaks(args.preset, device=args.device, batch_size=args.batch_size or 1,
+                        seq_len=args.seq_len or 512, r=args.r, alpha=args.alpha)
+    print(format_peaks(result))
+    if args.output_dir:
+        out = pathlib.Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"memory-{args.preset}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)  # atomically
+        print(f"wrote {path}")
     return 0
 
 
