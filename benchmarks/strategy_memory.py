@@ -76,6 +76,9 @@ def extra_peak_bytes(case: Case, device: torch.device) -> tuple[str, dict[str, i
         if not applies(name, case):
             out[name] = None
             continue
+        if dev.type == "cuda":  # compile and autotune outside the measurement
+            with qt.force_strategy(name):
+                run()
         qt.release_scratch()
         meter = memory_meter(dev, existing)
         with qt.force_strategy(name), meter:

@@ -182,3 +182,24 @@ def test_cli_memory_only_prints_every_strategy(tmp_path, capsys):
     assert (tmp_path / "memory-tiny.json").is_file()
     assert main(args + ["--steps", "3"]) == 2 and "--steps" in capsys.readouterr().err
     assert main(["finetune", "--memory-only"]) == 2 and "--preset" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device accounting needs CUDA")
+def test_device_accounting_sees_the_scratch_on_cuda():
+    from qlora_triton.tensor_memory import DeviceMemory
+
+    N, K = 1024, 768  # N * K * 2 bytes: whole allocator blocks
+    layer = qt.LoRALinear4bit(qt.quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16)), r=4)
+    peaks = {}
+    for strategy in ("fused", "dequant"):
+        x = torch.randn(64, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with qt.force_strategy(strategy):
+            layer(x).float().sum().backward()  # compile, autotune, cuBLAS workspace: not measured
+        layer.zero_grad(set_to_none=True)
+        qt.release_scratch()
+        with qt.force_strategy(strategy), DeviceMemory(torch.device("cuda")) as mem:
+            with mem.phase("step"):
+                layer(x).float().sum().backward()
+        layer.zero_grad(set_to_none=True)
+        peaks[strategy] = mem.result()["phases"]["step"]["peak_bytes"]
+    assert N * K * 2 <= peaks["dequant"] - peaks["fused"] <= N * K * 2 + 2**20
