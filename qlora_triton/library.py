@@ -125,6 +125,8 @@ def _(grad_y, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blo
 # own code, as a GPU call would: the strategy choice, the "dequant" scratch
 # buffer, the GEMV's split-K partials and the dense matmul, all on meta, with
 # the kernels skipped (ops/meta.py); the reference under force_backend("torch").
+# Unforced, a meta call chooses as a GPU without a table of its own would (the
+# sm_90 rows of strategy.CROSSOVER), so accounting on meta models a GPU run.
 # These replace the Meta kernels register_fake made above. FakeTensors
 # (torch.compile, FakeTensorMode) never get here: they take the fake impls.
 def _on_meta(run):
