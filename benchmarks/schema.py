@@ -99,6 +99,13 @@ RESULT = {
         # of its own for this case). Optional.
         "strategy_ms": {"type": ["object", "null"], "additionalProperties": False,
                         "properties": {s: _NUM_OR_NULL for s in ("gemv", "fused", "dequant")}},
+        # qlora_triton matmul and LoRA rows: each strategy's bytes at its peak
+        # above what the call leaves alive (benchmarks/strategy_memory.py; null:
+        # the strategy runs another's code there), and how they were measured.
+        "strategy_memory": {"enum": ["cuda_max_memory_allocated", "meta_tensor_accounting"]},
+        "strategy_extra_peak_bytes": {"type": "object", "additionalProperties": False,
+                                      "required": ["gemv", "fused", "dequant"],
+                                      "properties": {s: _INT_OR_NULL for s in ("gemv", "fused", "dequant")}},
     },
 }
 

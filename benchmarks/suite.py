@@ -40,6 +40,8 @@ from .estimates import estimate
 from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
                         rotation_bytes)
 from .schema import SCHEMA_VERSION, validate
+from .strategy_memory import OPS as MEMORY_OPS
+from .strategy_memory import extra_peak_bytes
 from .timing import Ceilings, Timer, free_device_memory, measure_ceilings, measure_memory, rotation_copies
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -166,6 +168,13 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         free_device_memory(device)
         if provider == "qlora_triton":
             row["strategy"] = _strategy_ran(case.op, strategy_mod.strategies - before)
+    if provider == "qlora_triton" and case.op in MEMORY_OPS and row["status"] == "ok":
+        try:  # device accounting on CUDA, meta tensor accounting on the CPU (the row says which)
+            row["strategy_memory"], row["strategy_extra_peak_bytes"] = extra_peak_bytes(case, device)
+        except Exception as e:
+            row.update(status="error", error=_error_text(e), ms=None, x_floor=None, copies=None)
+        finally:
+            free_device_memory(device)
     return row
 
 

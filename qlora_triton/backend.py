@@ -40,6 +40,11 @@ def force_backend(backend: Backend | None) -> Iterator[None]:
         _forced = previous
 
 
+def forced_backend() -> Backend | None:
+    """The backend :func:`force_backend` set now (None: the default rule)."""
+    return _forced
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether an op on tensors of ``device`` runs the Triton kernels."""
     triton_can_run = device.type == "cuda" or (device.type == "cpu" and INTERPRET)

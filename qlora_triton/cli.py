@@ -37,6 +37,12 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b", "70b"),
                    help="instead: build a LLaMA-shaped NF4 model of this size (LLaMA-1; 70b: LLaMA-2) "
                         "and time a few LoRA steps")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --preset: no training run; print the peak memory of one LoRA step "
+                        "(forward, backward, optimizer) under each NF4 matmul strategy (gemv, fused, "
+                        "dequant). With CUDA: a random-weight model, torch.cuda.max_memory_allocated; "
+                        "without (or --device meta): the model on the meta device, by tensor "
+                        "accounting (no GPU, seconds). Default tokens: --batch-size 1 --seq-len 512")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("--estimate", action="store_true",
                    help="with --preset: print the memory one rank needs with 1, 2, 4 and 8 FSDP2 ranks and "
@@ -49,7 +55,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 # model of the preset's shape, on the default backend of its device).
 PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend")
 # Options that only --preset takes.
-PRESET_ONLY = ("estimate", "rank_memory")
+PRESET_ONLY = ("estimate", "rank_memory", "memory_only")
 
 
 def _print_estimate(args: argparse.Namespace) -> None:
@@ -83,7 +89,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     # Options left out (None) take the defaults of FinetuneConfig / run_preset.
     given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
     if not args.preset and any(name in given for name in PRESET_ONLY):
-        raise ValueError("--estimate and --rank-memory go with --preset")
+        raise ValueError("--estimate, --rank-memory and --memory-only measure a --preset model; "
+                         "give --preset NAME")
     if args.preset and args.estimate:
         _print_estimate(args)
         return 0
@@ -92,6 +99,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         if unused:
             raise ValueError(f"--preset builds its own random-weight model and times LoRA steps on it; "
                              f"it does not take {', '.join(unused)}")
+        if args.memory_only:
+            return _memory_only(args, given)
         run_preset(args.preset, device=args.device, steps=args.steps or 4, batch_size=args.batch_size,
                    seq_len=args.seq_len, r=args.r, alpha=args.alpha, seed=args.seed,
                    output_dir=args.output_dir or "runs", quiet=args.quiet,
@@ -112,6 +121,28 @@ def run_finetune(args: argparse.Namespace) -> int:
         return 0
     summary = run(config)
     print(f"wrote {config.output_dir}/summary.json and {config.output_dir}/{summary['plot']}")
+    return 0
+
+
+def _memory_only(args: argparse.Namespace, given: dict) -> int:
+    import json
+
+    from .finetune.strategy_memory import format_peaks, step_peaks
+
+    unused = [f"--{name.replace('_', '-')}" for name in ("steps", "lr") if name in given]
+    if unused:
+        raise ValueError(f"--memory-only measures one step and trains nothing; it does not take {', '.join(unused)}")
+    result = step_peaks(args.preset, device=args.device, batch_size=args.batch_size or 1,
+                        seq_len=args.seq_len or 512, r=args.r, alpha=args.alpha)
+    print(format_peaks(result))
+    if args.output_dir:
+        out = pathlib.Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"memory-{args.preset}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)  # atomically
+        print(f"wrote {path}")
     return 0
 
 

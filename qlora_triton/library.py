@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import use_triton
+from .backend import forced_backend, use_triton
 from .weight import NF4Weight
 
 _lib = torch.library.Library("qlora_triton", "DEF")
@@ -71,9 +71,15 @@ def _nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2
                 code2: Tensor | None, offset: Tensor | None, bias: Tensor | None,
                 n: int, k: int, blocksize: int, blocksize2: int) -> Tensor:
     """``x @ W.T (+ bias)``: x [..., k] -> [..., n] in x's dtype."""
+    return _run_matmul(use_triton(x.device), x, packed, absmax, code, absmax2, code2, offset, bias,
+                       n, k, blocksize, blocksize2)
+
+
+def _run_matmul(triton: bool, x, packed, absmax, code, absmax2, code2, offset, bias,
+                n, k, blocksize, blocksize2) -> Tensor:
     qw = _weight(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if use_triton(x.device):
+    if triton:
         from .ops.matmul import nf4_matmul as launch
         y = launch(x2, qw, bias)
     else:
@@ -85,9 +91,15 @@ def _nf4_matmul_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, code:
                            absmax2: Tensor | None, code2: Tensor | None, offset: Tensor | None,
                            n: int, k: int, blocksize: int, blocksize2: int) -> Tensor:
     """``grad_y @ W``: grad_y [..., n] -> [..., k] in grad_y's dtype."""
+    return _run_grad_input(use_triton(grad_y.device), grad_y, packed, absmax, code, absmax2, code2,
+                           offset, n, k, blocksize, blocksize2)
+
+
+def _run_grad_input(triton: bool, grad_y, packed, absmax, code, absmax2, code2, offset,
+                    n, k, blocksize, blocksize2) -> Tensor:
     qw = _weight(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2)
     g2 = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, n)
-    if use_triton(grad_y.device):
+    if triton:
         from .ops.matmul import nf4_matmul_grad_input as launch
         gx = launch(g2, qw)
     else:
@@ -107,3 +119,25 @@ def _(x, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, bl
 @torch.library.register_fake("qlora_triton::nf4_matmul_grad_input", lib=_lib)
 def _(grad_y, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2):
     return grad_y.new_empty((*grad_y.shape[:-1], k))
+
+
+# Meta tensors (tensor accounting: qlora_triton.tensor_memory) run the launchers'
+# own code, as a GPU call would: the strategy choice, the "dequant" scratch
+# buffer, the GEMV's split-K partials and the dense matmul, all on meta, with
+# the kernels skipped (ops/meta.py); the reference under force_backend("torch").
+# Unforced, a meta call chooses as a GPU without a table of its own would (the
+# sm_90 rows of strategy.CROSSOVER), so accounting on meta models a GPU run.
+# These replace the Meta kernels register_fake made above. FakeTensors
+# (torch.compile, FakeTensorMode) never get here: they take the fake impls.
+def _on_meta(run):
+    def meta_kernel(*args):
+        from .ops.meta import kernels_skipped
+
+        with kernels_skipped():
+            return run(forced_backend() != "torch", *args)
+
+    return meta_kernel
+
+
+_lib.impl("nf4_matmul", _on_meta(_run_matmul), "Meta", allow_override=True)
+_lib.impl("nf4_matmul_grad_input", _on_meta(_run_grad_input), "Meta", allow_override=True)

@@ -125,6 +125,25 @@ class NF4Weight:
         for name, t in self.tensors().items():
             setattr(self, name, _dense(t))
 
+    @classmethod
+    def empty(cls, shape: tuple, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
+              device: torch.device | str = "meta") -> "NF4Weight":
+        """A weight with the layout ``quantize_nf4`` makes for a ``shape`` tensor,
+        its values uninitialized: the skeleton of a model built on the meta
+        device (for tensor accounting), where there is nothing to quantize."""
+        numel = math.prod(_check_shape(shape))
+        blocks = math.ceil(numel / check_blocksize(blocksize))
+        f32 = dict(dtype=torch.float32, device=device)
+        nested: dict[str, Any] = {}
+        if double_quant:
+            nested = dict(absmax2=torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), **f32),
+                          code2=torch.empty(256, **f32), offset=torch.empty((), **f32))
+        return cls(packed=torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device),
+                   absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32,
+                                      device=device),
+                   shape=shape, dtype=dtype, blocksize=blocksize,
+                   code=torch.empty(16, **f32), **nested)
+
     # -- shape facts ---------------------------------------------------------------
     @property
     def numel(self) -> int:

@@ -209,6 +209,34 @@ def test_smoke_records_the_strategy_that_ran(smoke):
             assert row["strategy"] == ("gemv" if row["m"] <= 16 else "fused"), row
 
 
+def test_smoke_reports_each_strategys_extra_peak_bytes(smoke):
+    rows = [r for r in smoke[0]["results"] if r["provider"] == "qlora_triton"
+            and r["op"] in ("matmul_fwd", "matmul_grad_input", "lora_fwd_bwd")]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    for row in rows:
+        extra, layer = row["strategy_extra_peak_bytes"], row["n"] * row["k"] * 2  # bf16
+        assert row["strategy_memory"] == "meta_tensor_accounting", row  # the CPU: no allocator to ask
+        assert (extra["gemv"] is None) == (row["m"] > 16 or row["op"] == "matmul_grad_input"), row
+        if row["op"] == "lora_fwd_bwd":  # plus the [M, N] output the step frees again
+            assert extra["dequant"] - extra["fused"] == layer, row
+        else:
+            assert extra["fused"] == 0 and extra["dequant"] == layer, row
+    bad = copy.deepcopy(smoke[0])
+    bad["results"][smoke[0]["results"].index(rows[0])]["strategy_extra_peak_bytes"]["cublas"] = 0
+    assert any("cublas" in e for e in validate(bad))
+
+
+def test_strategy_memory_table_on_llama_shapes(capsys):
+    from benchmarks.strategy_memory import extra_peak_bytes, main
+
+    kind, extra = extra_peak_bytes(Case("matmul_fwd", (28672, 8192), 4096), "cpu")
+    assert kind == "meta_tensor_accounting"
+    assert extra == {"gemv": None, "fused": 0, "dequant": 28672 * 8192 * 2}
+    assert main(["--shapes", "11008x4096", "--m", "1,4096", "--ops", "matmul_fwd"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in lines[2:4]] == ["MiB"] * 2 and "86.0" in lines[3]
+
+
 def test_resume_keeps_earlier_rows(tmp_path):
     from benchmarks.suite import main
 

@@ -54,7 +54,7 @@ def test_cli_estimate(capsys):
     out = capsys.readouterr().out
     assert re.search(r"fewest ranks of 24\.0 GiB: 2\b", out), out
     assert cli_main(["finetune", "--estimate"]) == 2
-    assert "go with --preset" in capsys.readouterr().err
+    assert "give --preset NAME" in capsys.readouterr().err
     assert cli_main(["finetune", "--preset", "7b", "--estimate", "--rank-memory", "-1"]) == 2
     assert "--rank-memory" in capsys.readouterr().err
 

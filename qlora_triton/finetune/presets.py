@@ -124,12 +124,14 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
 
 def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha: float,
                           dtype: torch.dtype = torch.bfloat16, progress=None):
-    """A LLaMA model of ``shape`` with NF4 + LoRA linears, built layer by layer."""
+    """A LLaMA model of ``shape`` with NF4 + LoRA linears, built layer by layer
+    (on the meta device: every tensor without storage, for tensor accounting)."""
     import qlora_triton as qt
     from ..convert import freeze_all_but_lora
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    device = torch.device(device)
     config = llama_config(shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -137,13 +139,18 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS]
     for name, meta_linear in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        dense = torch.nn.Linear(meta_linear.in_features, meta_linear.out_features, bias=False,
-                                device=device, dtype=dtype)
-        with torch.no_grad():
-            dense.weight.normal_(0.0, 0.02)
-        lora = qt.LoRALinear4bit.from_linear(dense, r=r, lora_alpha=alpha, lora_dropout=0.0)
+        if device.type == "meta":  # tensor accounting: no values, only quantize_nf4's layout
+            qw = qt.NF4Weight.empty((meta_linear.out_features, meta_linear.in_features), dtype)
+            lora = qt.LoRALinear4bit(qw, r=r, lora_alpha=alpha, lora_dropout=0.0)
+        else:
+            dense = torch.nn.Linear(meta_linear.in_features, meta_linear.out_features, bias=False,
+                                    device=device, dtype=dtype)
+            with torch.no_grad():
+                dense.weight.normal_(0.0, 0.02)
+            lora = qt.LoRALinear4bit.from_linear(dense, r=r, lora_alpha=alpha, lora_dropout=0.0)
+            del dense
         setattr(parent, name.rsplit(".", 1)[-1], lora)
-        del dense, lora
+        del lora
         if progress is not None:
             progress.update(1)
     _materialize(model, device, dtype)
