@@ -34,6 +34,35 @@ Method:
   static count cannot see). ``bound_over_floor`` is the largest of the three.
   ``grid_factor`` (busiest SM's programs over the mean) is reported beside it:
   a grid of fewer programs than SMs leaves bandwidth unused.
+
+Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
+28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
+
+* ``strategy``: what ``qlora_triton.strategy.select_strategy`` answers for the
+  row on sm_90 (``strategy.assume_gpu_kind("sm_90")``: its table, no device).
+* Fused estimate: compile the fused kernel with the config the launcher runs
+  (the shipped sm_90 one; every autotune candidate is profiled beside it) and
+  count its main loop. Per trip, one SM's time for each resource: tensor
+  cores = the loop's HGMMA/HMMA flops at 790 TFLOP/s / 132 SMs (or the wgmma
+  operands' shared-memory reads, when longer); decode = the largest of issue
+  (4 schedulers), LSU and the other shared-memory traffic, as above. Decode and
+  MMA overlap when the loop leaves wgmma groups in flight across iterations
+  (its smallest ``WARPGROUP.DEPBAR.LE gsb0, N`` has N >= 1) or when two or more
+  programs fit on an SM (registers, allocated 8 per thread at a time, of 64 K;
+  228 KB shared memory with 1 KB reserved per block; 64 warps) and the grid
+  has two per SM to give them: a trip then costs the largest of tensor,
+  decode and all shared-memory traffic; otherwise tensor + decode. The kernel
+  costs waves (ceil(programs / 132)) x trips x that, at least its bytes (packed
+  weights and scales, x and y once) at 4.3 TB/s; the epilogue is not counted
+  and HMMA is taken at the HGMMA rate (both optimistic).
+* Dequant estimate: ``_nf4_dequantize_kernel`` profiled like a GEMV (it has no
+  loop: the whole kernel per program), its bytes floor (packed + scales read,
+  x's dtype written, at 4.3 TB/s) times its bound over that floor (at least
+  1), plus cuBLAS at 790 TFLOP/s (the issue's assumption) or its own bytes at
+  4.3 TB/s when more.
+* ``floor_s``: the flops at 790 TFLOP/s, plus the dequantize's bytes at
+  4.3 TB/s when the strategy is ``dequant``; ``bound_over_floor``: the chosen
+  strategy's estimate over it.
 """
 
 from __future__ import annotations
@@ -469,24 +498,42 @@ def chosen_strategy(case: TrainCase, kind: str = "sm_90") -> str:
 
 
 def fused_kernel(case: TrainCase) -> tuple[str, str]:
-    return (("gemm", "_nf4_gemm_kernel") if case.op == "forward"
+    """(family, kernel) of the fused strategy: the word-decoding kernels when
+    K % blocksize == 0, else the per-element decode."""
+    words = case.K % case.blocksize == 0
+    if case.op == "forward":
+        return ("gemm_words", "_nf4_gemm_words_kernel") if words else ("gemm", "_nf4_gemm_kernel")
+    return (("grad_input_words", "_nf4_grad_input_words_kernel") if words
             else ("grad_input", "_nf4_grad_input_kernel"))
 
 
-def fused_configs(case: TrainCase) -> list:
-    """The fused kernel's configs the package can run for ``case`` on sm_90:
-    every autotune candidate its pruner keeps (the autotuner times them)."""
+def fused_configs(case: TrainCase) -> tuple:
+    """(the config the launcher runs on sm_90, every autotune candidate of
+    QLORA_TRITON_AUTOTUNE=1 its pruner keeps)."""
     from qlora_triton.ops import matmul as mm
+    from qlora_triton.ops import tuned_sm90
 
+    family, _ = fused_kernel(case)
+    if family.endswith("_words"):
+        fp32 = case.dtype == "fp32"
+        kept = [c for c in tuned_sm90.gemm_configs(case.op)
+                if tuned_sm90.gemm_allowed(c, case.blocksize, fp32)]
+        return (tuned_sm90.gemm_config(case.op, case.M, case.N, case.K, case.blocksize, fp32),
+                [c for c in kept if c.kwargs["BLOCK_K"] == min(64, case.blocksize)])
     prune = mm._prune_forward if case.op == "forward" else mm._prune_grad_input
-    return prune(mm._tile_configs(interpret=False), {}, m_bucket=mm._m_bucket(case.M),
-                 BLOCKSIZE=case.blocksize, ALIGNED=case.K % case.blocksize == 0)
+    kept = prune(mm._tile_configs(interpret=False), {}, m_bucket=mm._m_bucket(case.M),
+                 BLOCKSIZE=case.blocksize, ALIGNED=False)
+    return mm.general_config(case.op), kept
 
 
 def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
     family, kernel = fused_kernel(case)
-    (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [case.K % case.blocksize == 0],
-                               [case.double_quant], [False] if family == "gemm" else [None])
+    if family.endswith("_words"):
+        (v,) = sc.words_matmul_variants(family, [cfg], [case.dtype], [case.double_quant],
+                                        blocksize=case.blocksize)
+        return v
+    (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [False], [case.double_quant],
+                               [False] if family == "gemm" else [None])
     return v
 
 
@@ -591,15 +638,18 @@ def fused_estimate(case: TrainCase, cfg, prof: dict) -> dict:
     t_lsu = loop["lsu"] * warps / CLOCK_HZ
     t_dec = max(t_issue, t_lsu, smem_s - mma_smem_s)
     resident = programs_per_sm(prof["registers"], warps, prof["shared"])
-    programs = math.ceil(case.M / bm) * math.ceil(out_cols / out_block)
+    split = kw.get("SPLIT_K", kw.get("SPLIT_N", 1))
+    programs = math.ceil(case.M / bm) * math.ceil(out_cols / out_block) * split
     wait = prof["wgmma_wait"]
     overlap = (wait is not None and wait >= 1) or (resident >= 2 and programs >= 2 * SMS)
     t_trip = max(t_mma, t_dec, smem_s) if overlap else t_mma + t_dec
-    trips = math.ceil(red / red_block)
+    trips = math.ceil(math.ceil(red / red_block) / split)
     compute_s = math.ceil(programs / SMS) * trips * t_trip
     elem = _DTYPE_BYTES[case.dtype]
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant)
-    bytes_s = (case.N * case.K * fb + case.M * (case.N + case.K) * elem) / HBM_BYTES_PER_S
+    # A split writes fp32 partial sums and reads them back once.
+    partial = 2 * 4 * split * case.M * out_cols if split > 1 else 0
+    bytes_s = (case.N * case.K * fb + case.M * (case.N + case.K) * elem + partial) / HBM_BYTES_PER_S
     fused_s = max(compute_s, bytes_s)
     flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
     weights = bn * bk
@@ -651,13 +701,15 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
 
 def train_profile(selected: list[TrainCase], jobs: int = 1) -> list[dict]:
     """One row per case: the chosen strategy's estimate over its floor, with the
-    fused kernel's (best kept config) and the dequant strategy's beside it."""
+    fused kernel's (the config the launcher runs; the best autotune candidate
+    beside it) and the dequant strategy's."""
     import triton
 
     sc._require_compiled_mode()
     plans, todo = [], {}
     for case in selected:
-        vs = [(cfg, fused_variant(case, cfg)) for cfg in fused_configs(case)]
+        shipped, candidates = fused_configs(case)
+        vs = [(cfg, fused_variant(case, cfg)) for cfg in [shipped, *candidates]]
         dv = dequantize_variant(case)
         plans.append((case, vs, dv))
         for _, v in vs:
@@ -678,20 +730,24 @@ def train_profile(selected: list[TrainCase], jobs: int = 1) -> list[dict]:
                 "path": "aligned" if case.K % case.blocksize == 0 else "general",
                 "blocksize": case.blocksize, "double_quant": case.double_quant,
                 "kernel_fn": kernel, "strategy": strategy}
-        errors = [profs[v.label] for _, v in vs if "error" in profs[v.label]]
-        kept = [fused_estimate(case, cfg, profs[v.label]) for cfg, v in vs
-                if "error" not in profs[v.label]]
-        if not kept or "error" in profs[dv.label]:
-            rows.append({**head, "error": (errors or [profs[dv.label]])[0]["error"]})
+        (_, v_run), rest = vs[0], vs[1:]
+        if "error" in profs[v_run.label] or "error" in profs[dv.label]:
+            rows.append({**head, "error": (profs[v_run.label].get("error")
+                                           or profs[dv.label]["error"])})
             continue
-        best = min(kept, key=lambda r: r["fused_s"])
+        run = fused_estimate(case, vs[0][0], profs[v_run.label])
+        kept = [fused_estimate(case, cfg, profs[v.label]) for cfg, v in rest
+                if "error" not in profs[v.label]]
+        best = min(kept, key=lambda r: r["fused_s"]) if kept else run
         deq = dequantize_estimate(case, profs[dv.label])
         flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
         floor_s = flops_s + (deq["dequant_bytes_floor_s"] if strategy == "dequant" else 0.0)
-        chosen_s = deq["dequant_s"] if strategy == "dequant" else best["fused_s"]
-        rows.append({**head, **best, **deq, "flops": 2 * case.M * case.N * case.K,
+        chosen_s = deq["dequant_s"] if strategy == "dequant" else run["fused_s"]
+        rows.append({**head, **run, **deq, "flops": 2 * case.M * case.N * case.K,
                      "floor_s": floor_s, "estimate_s": chosen_s,
                      "bound_over_floor": round(chosen_s / floor_s, 3),
+                     "best_kept_config": best["config"],
+                     "best_kept_fused_over_floor": best["fused_over_floor"],
                      "kept_configs": len(kept),
                      "kept": [{k: r[k] for k in ("config", "thread_instr_per_weight",
                                                  "fused_over_floor", "registers", "overlap")}
