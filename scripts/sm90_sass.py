@@ -699,17 +699,17 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
             "dequant_s": total, "dequant_over_floor": round(total / (flops_s + deq_floor_s), 3)}
 
 
-def train_profile(selected: list[TrainCase], jobs: int = 1) -> list[dict]:
+def train_profile(selected: list[TrainCase], jobs: int = 1, candidates: bool = True) -> list[dict]:
     """One row per case: the chosen strategy's estimate over its floor, with the
     fused kernel's (the config the launcher runs; the best autotune candidate
-    beside it) and the dequant strategy's."""
+    beside it, unless ``candidates`` is False) and the dequant strategy's."""
     import triton
 
     sc._require_compiled_mode()
     plans, todo = [], {}
     for case in selected:
-        shipped, candidates = fused_configs(case)
-        vs = [(cfg, fused_variant(case, cfg)) for cfg in [shipped, *candidates]]
+        shipped, kept = fused_configs(case)
+        vs = [(cfg, fused_variant(case, cfg)) for cfg in [shipped, *(kept if candidates else [])]]
         dv = dequantize_variant(case)
         plans.append((case, vs, dv))
         for _, v in vs:
@@ -889,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report folder (writes triton-<version>.json, "
                    "then report.json / report.md from every triton-*.json there)")
     p.add_argument("--title", default="after", help="the report's name, e.g. 'before, d545751'")
-    p.add_argument("--subset", action="store_true", help="one case (the CI set)")
+    p.add_argument("--subset", action="store_true", help="one case (the CI set); with --train "
+                   "only the launcher's config, no autotune candidates")
     p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     p.add_argument("--train", action="store_true", help="training shapes: the fused GEMM / "
                    "grad-input against dequantize + cuBLAS, and the strategy the table picks")
@@ -915,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train_main(args, argv) -> int:
     import triton
 
-    rows = train_profile(train_cases(args.subset), args.jobs)
+    rows = train_profile(train_cases(args.subset), args.jobs, candidates=not args.subset)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     cmd = "python scripts/sm90_sass.py " + " ".join(argv if argv is not None else sys.argv[1:])
