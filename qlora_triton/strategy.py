@@ -72,6 +72,7 @@ _DEFAULT_GPU_KIND = "sm_90"
 strategies: collections.Counter = collections.Counter()
 
 _forced: Strategy | None = None
+_assumed_kind: str | None = None
 
 
 def _check(name: str, value) -> Strategy | None:
@@ -103,6 +104,22 @@ def force_strategy(strategy: Strategy | None) -> Iterator[None]:
         _forced = previous
 
 
+@contextlib.contextmanager
+def assume_gpu_kind(kind: str | None) -> Iterator[None]:
+    """Inside the block, :func:`select_strategy` answers as on a GPU of ``kind``
+    (e.g. ``"sm_90"``) whatever the device: a static profile
+    (scripts/sm90_sass.py) asks what the table picks on a GPU this machine
+    lacks. ``None`` restores the device's own kind."""
+    global _assumed_kind
+    if kind is not None and not (isinstance(kind, str) and kind.startswith("sm_")):
+        raise ValueError(f"kind must be a GPU kind like 'sm_90' or None, got {kind!r}")
+    previous, _assumed_kind = _assumed_kind, kind
+    try:
+        yield
+    finally:
+        _assumed_kind = previous
+
+
 @functools.lru_cache(maxsize=None)
 def gpu_kind(device: torch.device) -> str:
     """``"sm_XY"`` for a CUDA device, ``"cpu"`` otherwise."""
@@ -122,7 +139,7 @@ def select_strategy(M: int, N: int, K: int, dtype: torch.dtype, device: torch.de
     "gemv" meaning its fused kernel)."""
     strategy = _forced or env_strategy()
     if strategy is None:
-        kind = gpu_kind(device)
+        kind = _assumed_kind or gpu_kind(device)
         if kind != "cpu":
             bucket = shape_bucket(N, K)
             start = CROSSOVER.get((kind, bucket, dtype),

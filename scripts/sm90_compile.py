@@ -189,6 +189,47 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
     return out
 
 
+def words_matmul_variants(family: str, configs, dtypes, dq_opts, bias_opts=(False,),
+                          blocksize: int = 64) -> list[Variant]:
+    """The word-decoding fused GEMM (``family`` "gemm_words") and grad-input
+    ("grad_input_words"), K % blocksize == 0; configs carry BLOCK_M/N/K, the
+    split (SPLIT_K / SPLIT_N) and GROUP_M."""
+    from qlora_triton.ops import matmul as mm
+    from qlora_triton.ops import tuned_sm90
+
+    name = "_nf4_gemm_words_kernel" if family == "gemm_words" else "_nf4_grad_input_words_kernel"
+    fn = _jit_fn(getattr(mm, name))
+    forward = family == "gemm_words"
+    out = []
+    for cfg in configs:
+        kw = cfg.kwargs
+        tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        extra = ",".join(f"{k}={v}" for k, v in kw.items() if not k.startswith("BLOCK_"))
+        # Only what the launcher and the autotune pruner can run.
+        for dt in [d for d in dtypes if tuned_sm90.gemm_allowed(cfg, blocksize, d == "fp32")]:
+            for dq in dq_opts:
+                for bias in (bias_opts if forward else (False,)):
+                    ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq, DOT_FP32=False)
+                    types = dict(_scale_types(dq), words_ptr="*i32", partial_ptr="*fp32",
+                                 count_ptr="*i32", M="i32", N="i32", K="i32", stride_wn="i32")
+                    if forward:
+                        types.update(x_ptr=DTYPES[dt], bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt],
+                                     stride_xm="i32")
+                        ce.update(stride_xk=1, stride_b=1, HAS_BIAS=bias)
+                        div = ["x_ptr", "bias_ptr", "y_ptr", "stride_xm"]
+                    else:
+                        types.update(gy_ptr=DTYPES[dt], gx_ptr=DTYPES[dt], stride_gm="i32")
+                        ce["stride_gn"] = 1
+                        div = ["gy_ptr", "gx_ptr", "stride_gm"]
+                    div += ["words_ptr", "partial_ptr", "count_ptr", "N", "K", "stride_wn",
+                            *_MATMUL_POINTERS[1:]]
+                    label = (f"{tile} w{cfg.num_warps} s{cfg.num_stages} {extra} {dt} aligned "
+                             f"bs={blocksize} dq={int(dq)}" + (f" bias={int(bias)}" if forward else ""))
+                    out.append(Variant(family, label, "qlora_triton.ops.matmul", name,
+                                       _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages))
+    return out
+
+
 def matmul_variants(subset: bool = False) -> list[Variant]:
     from qlora_triton.ops import matmul as mm
 
@@ -210,7 +251,11 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                 + _matmul_variants("_nf4_gemv_kernel", "gemv", gemv, DTYPES, (True, False),
                                    (True, False), (True, False))
                 + _matmul_variants("_nf4_grad_input_kernel", "grad_input", tiles, DTYPES,
-                                   (True, False), (True, False), (None,)))
+                                   (True, False), (True, False), (None,))
+                + words_matmul_variants("gemm_words", tuned_sm90.gemm_configs("forward"), DTYPES,
+                                        (True, False), (True, False))
+                + words_matmul_variants("grad_input_words", tuned_sm90.gemm_configs("grad_input"),
+                                        DTYPES, (True, False)))
     # Every constexpr branch once (aligned/general x double quant on/off, bf16
     # and fp32), each with the largest tile the pruner can choose for that
     # decode path (ops/matmul.py _compiles_well and _fits): the one most likely to spill.
@@ -231,6 +276,11 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
                                [True], [True], blocksize=32)
+    # The word GEMMs: each op's tallest shipped tile, split, on bf16 and fp32.
+    for op, family in (("forward", "gemm_words"), ("grad_input", "grad_input_words")):
+        cfg = tuned_sm90.gemm_config(op, 64, 4096, 4096)
+        tall = tuned_sm90.gemm_config(op, 4096, 4096, 4096)
+        out += words_matmul_variants(family, [cfg, tall], ["bf16", "fp32"], [True, False], [True])
     for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
                             ("fp32", False, True)]:
         out += _matmul_variants("_nf4_gemm_kernel", "gemm", [largest(tiles, aligned, "forward")],

@@ -34,6 +34,35 @@ Method:
   static count cannot see). ``bound_over_floor`` is the largest of the three.
   ``grid_factor`` (busiest SM's programs over the mean) is reported beside it:
   a grid of fewer programs than SMs leaves bandwidth unused.
+
+Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
+28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
+
+* ``strategy``: what ``qlora_triton.strategy.select_strategy`` answers for the
+  row on sm_90 (``strategy.assume_gpu_kind("sm_90")``: its table, no device).
+* Fused estimate: compile the fused kernel with the config the launcher runs
+  (the shipped sm_90 one; every autotune candidate is profiled beside it) and
+  count its main loop. Per trip, one SM's time for each resource: tensor
+  cores = the loop's HGMMA/HMMA flops at 790 TFLOP/s / 132 SMs (or the wgmma
+  operands' shared-memory reads, when longer); decode = the largest of issue
+  (4 schedulers), LSU and the other shared-memory traffic, as above. Decode and
+  MMA overlap when the loop leaves wgmma groups in flight across iterations
+  (its smallest ``WARPGROUP.DEPBAR.LE gsb0, N`` has N >= 1) or when two or more
+  programs fit on an SM (registers, allocated 8 per thread at a time, of 64 K;
+  228 KB shared memory with 1 KB reserved per block; 64 warps) and the grid
+  has two per SM to give them: a trip then costs the largest of tensor,
+  decode and all shared-memory traffic; otherwise tensor + decode. The kernel
+  costs waves (ceil(programs / 132)) x trips x that, at least its bytes (packed
+  weights and scales, x and y once) at 4.3 TB/s; the epilogue is not counted
+  and HMMA is taken at the HGMMA rate (both optimistic).
+* Dequant estimate: ``_nf4_dequantize_kernel`` profiled like a GEMV (it has no
+  loop: the whole kernel per program), its bytes floor (packed + scales read,
+  x's dtype written, at 4.3 TB/s) times its bound over that floor (at least
+  1), plus cuBLAS at 790 TFLOP/s (the issue's assumption) or its own bytes at
+  4.3 TB/s when more.
+* ``floor_s``: the flops at 790 TFLOP/s, plus the dequantize's bytes at
+  4.3 TB/s when the strategy is ``dequant``; ``bound_over_floor``: the chosen
+  strategy's estimate over it.
 """
 
 from __future__ import annotations
@@ -204,8 +233,10 @@ def smem_bytes(ins: Instr) -> int:
         # 4 warps of a warpgroup each issue the instruction).
         m, n, k = (int(v) for v in re.search(r"(\d+)x(\d+)x(\d+)", ins.opcode).groups())
         elem = 4 if ".TF32" in ins.opcode else 2
-        descs = ins.operands.count("gdesc")
-        a = m * k * elem if descs >= 2 else 0
+        # "Rd, gdesc[..], Rc": A and B in shared memory (one descriptor pair);
+        # "Rd, Ra, gdesc[..], Rc": A from registers.
+        operands = [o.strip() for o in ins.operands.split(",")]
+        a = m * k * elem if len(operands) > 1 and operands[1].startswith("gdesc") else 0
         return (a + n * k * elem) // 4
     return 0
 
@@ -418,6 +449,312 @@ def profile(selected: list[Case], jobs: int = 1) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- training shapes
+TENSOR_FLOPS = 790e12               # bf16 dense, measured on the H200 (issue 12's assumption)
+SM_FLOPS = TENSOR_FLOPS / SMS
+SM_REGISTERS = 65536
+SM_SHARED = 228 * 1024              # per SM; a block may take 227 KB, 1 KB is reserved per block
+SM_MAX_WARPS = 64
+TRAIN_SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192)]
+TRAIN_MS = [64, 256, 4096, 8192]
+TRAIN_OPS = ("forward", "grad_input")
+# The dequantize kernel writes x's dtype: bytes per weight read and written.
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclasses.dataclass
+class TrainCase:
+    """One training-shape row: W [N, K], M rows, the forward (x[M, K] @ W^T) or
+    grad-input (grad_y[M, N] @ W) product."""
+
+    N: int
+    K: int
+    M: int
+    op: str = "forward"
+    dtype: str = "bf16"
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+def train_cases(subset: bool = False) -> list[TrainCase]:
+    if subset:
+        return [TrainCase(4096, 4096, 4096, "forward")]
+    return [TrainCase(N, K, M, op) for op in TRAIN_OPS for N, K in TRAIN_SHAPES for M in TRAIN_MS]
+
+
+def chosen_strategy(case: TrainCase, kind: str = "sm_90") -> str:
+    """What :func:`qlora_triton.strategy.select_strategy` picks for ``case`` on
+    a GPU of ``kind`` (its table, assumed for this device-less machine)."""
+    import torch
+
+    from qlora_triton import strategy
+
+    if strategy.env_strategy() is not None:
+        raise RuntimeError(f"{strategy.ENV_VAR} is set: the profile reports the table's choice")
+    with strategy.assume_gpu_kind(kind):
+        return strategy.select_strategy(case.M, case.N, case.K, getattr(torch, _TORCH_DTYPES[case.dtype]),
+                                        torch.device("cpu"))
+
+
+def fused_kernel(case: TrainCase) -> tuple[str, str]:
+    """(family, kernel) of the fused strategy: the word-decoding kernels when
+    K % blocksize == 0, else the per-element decode."""
+    words = case.K % case.blocksize == 0
+    if case.op == "forward":
+        return ("gemm_words", "_nf4_gemm_words_kernel") if words else ("gemm", "_nf4_gemm_kernel")
+    return (("grad_input_words", "_nf4_grad_input_words_kernel") if words
+            else ("grad_input", "_nf4_grad_input_kernel"))
+
+
+def fused_configs(case: TrainCase) -> tuple:
+    """(the config the launcher runs on sm_90, every autotune candidate of
+    QLORA_TRITON_AUTOTUNE=1 its pruner keeps)."""
+    from qlora_triton.ops import matmul as mm
+    from qlora_triton.ops import tuned_sm90
+
+    family, _ = fused_kernel(case)
+    if family.endswith("_words"):
+        fp32 = case.dtype == "fp32"
+        kept = [c for c in tuned_sm90.gemm_configs(case.op)
+                if tuned_sm90.gemm_allowed(c, case.blocksize, fp32)]
+        return (tuned_sm90.gemm_config(case.op, case.M, case.N, case.K, case.blocksize, fp32),
+                [c for c in kept if c.kwargs["BLOCK_K"] == min(64, case.blocksize)])
+    prune = mm._prune_forward if case.op == "forward" else mm._prune_grad_input
+    kept = prune(mm._tile_configs(interpret=False), {}, m_bucket=mm._m_bucket(case.M),
+                 BLOCKSIZE=case.blocksize, ALIGNED=False)
+    return mm.general_config(case.op), kept
+
+
+def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
+    family, kernel = fused_kernel(case)
+    if family.endswith("_words"):
+        (v,) = sc.words_matmul_variants(family, [cfg], [case.dtype], [case.double_quant],
+                                        blocksize=case.blocksize)
+        return v
+    (v,) = sc._matmul_variants(kernel, family, [cfg], [case.dtype], [False], [case.double_quant],
+                               [False] if family == "gemm" else [None])
+    return v
+
+
+def dequantize_variant(case: TrainCase) -> "sc.Variant":
+    from qlora_triton.ops import dequantize as dq_mod
+
+    ce = dict(BLOCKSIZE=case.blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=case.double_quant,
+              PAIRS=dq_mod._PAIRS)
+    fn = dq_mod._nf4_dequantize_kernel
+    types = dict(sc._scale_types(case.double_quant), out_ptr=sc.DTYPES[case.dtype], n="i32")
+    return sc.Variant("nf4_dequantize", f"{case.dtype} blocksize={case.blocksize} "
+                      f"dq={int(case.double_quant)} pairs={dq_mod._PAIRS}", dq_mod.__name__,
+                      "_nf4_dequantize_kernel", sc._sig(fn, types, ce), ce,
+                      sc._MATMUL_POINTERS + ["out_ptr", "n"])
+
+
+def mma_flops(body: list[Instr], warps: int) -> int:
+    """Flops the tensor-core instructions of ``body`` do in one program: an
+    HGMMA (2 m n k) per warpgroup, an HMMA (``HMMA.16816``: m16 n8 k16) per warp."""
+    out = 0
+    for ins in body:
+        cls = instr_class(ins)
+        if cls == "HGMMA":
+            m, n, k = (int(v) for v in re.search(r"(\d+)x(\d+)x(\d+)", ins.opcode).groups())
+            out += 2 * m * n * k * warps // 4
+        elif cls == "HMMA":
+            shape = ins.opcode.split(".")[1]  # e.g. "16816"
+            m, n, k = int(shape[:2]), int(shape[2]), int(shape[3:])
+            out += 2 * m * n * k * warps
+    return out
+
+
+def wgmma_wait(body: list[Instr]) -> int | None:
+    """The smallest count of ``WARPGROUP.DEPBAR.LE gsb0, N`` in the loop (wgmma
+    groups left in flight): 0 waits for this iteration's MMA before the next
+    decode; None when the loop has no wait."""
+    waits = [int(m.group(1), 0) for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")
+             if (m := re.search(r"gsb0,\s*(0x[0-9a-f]+|\d+)", i.operands))]
+    return min(waits) if waits else None
+
+
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Programs of one kernel resident on an SM: registers (allocated 8 per
+    thread at a time), shared memory, warps."""
+    regs = -(-registers // 8) * 8 * warps * 32
+    return max(0, min(SM_REGISTERS // regs, SM_SHARED // (shared + 1024), SM_MAX_WARPS // warps))
+
+
+def profile_loop_kernel(v: "sc.Variant") -> dict:
+    """``profile_variant`` plus the tensor-core facts of the main loop."""
+    c, log = sc.compile_kernel(v)
+    instrs, labels = disassemble(c.asm["cubin"])
+    body = main_loop(instrs, labels)
+    usage = sc.parse_ptxas_log(log)
+    counts = count(body)
+    hgmma_smem = sum(smem_bytes(i) for i in body if instr_class(i) == "HGMMA")
+    return {"label": v.label, "num_warps": v.num_warps, "registers": usage["registers"],
+            "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
+            "kernel_instructions": len(instrs), "loop": counts,
+            "loop_global_load_bytes": global_load_bytes(body, v.num_warps),
+            "mma_flops": mma_flops(body, v.num_warps), "hgmma_smem_bytes_per_warp": hgmma_smem,
+            "wgmma_wait": wgmma_wait(body)}
+
+
+def profile_whole_kernel(v: "sc.Variant") -> dict:
+    """A loop-free kernel (the dequantize: one tile per program): every
+    instruction of the kernel counts once per program."""
+    c, log = sc.compile_kernel(v)
+    instrs, _ = disassemble(c.asm["cubin"])
+    usage = sc.parse_ptxas_log(log)
+    return {"label": v.label, "num_warps": v.num_warps, "registers": usage["registers"],
+            "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
+            "loop": count(instrs)}
+
+
+def _train_worker(job):
+    kind, v = job
+    try:
+        return profile_loop_kernel(v) if kind == "loop" else profile_whole_kernel(v)
+    except Exception as e:  # noqa: BLE001 - a failure is a row, not a crash
+        return {"label": v.label, "error": f"{type(e).__name__}: {e}"[-2000:]}
+
+
+def fused_estimate(case: TrainCase, cfg, prof: dict) -> dict:
+    """The fused kernel's time for ``case`` from its loop (the model of the
+    training mode, module docstring)."""
+    kw = cfg.kwargs
+    warps = prof["num_warps"]
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    out_cols, red, red_block = ((case.N, case.K, bk) if case.op == "forward"
+                                else (case.K, case.N, bn))
+    out_block = bn if case.op == "forward" else bk
+    loop = prof["loop"]
+    flops_trip = prof["mma_flops"]
+    if flops_trip != 2 * bm * bn * bk:
+        raise ValueError(f"{prof['label']}: the loop's HGMMAs do {flops_trip} flops per trip, "
+                         f"the tile {2 * bm * bn * bk}: a trip is not one iteration")
+    mma_smem_s = prof["hgmma_smem_bytes_per_warp"] * warps / SMEM_BYTES_PER_CLOCK / CLOCK_HZ
+    smem_s = loop["smem_wavefronts"] * warps / CLOCK_HZ
+    t_mma = max(flops_trip / SM_FLOPS, mma_smem_s)
+    t_issue = loop["instructions"] * warps / SCHEDULERS / CLOCK_HZ
+    t_lsu = loop["lsu"] * warps / CLOCK_HZ
+    t_dec = max(t_issue, t_lsu, smem_s - mma_smem_s)
+    resident = programs_per_sm(prof["registers"], warps, prof["shared"])
+    split = kw.get("SPLIT_K", kw.get("SPLIT_N", 1))
+    programs = math.ceil(case.M / bm) * math.ceil(out_cols / out_block) * split
+    wait = prof["wgmma_wait"]
+    overlap = (wait is not None and wait >= 1) or (resident >= 2 and programs >= 2 * SMS)
+    t_trip = max(t_mma, t_dec, smem_s) if overlap else t_mma + t_dec
+    trips = math.ceil(math.ceil(red / red_block) / split)
+    compute_s = math.ceil(programs / SMS) * trips * t_trip
+    elem = _DTYPE_BYTES[case.dtype]
+    fb = floor_bytes_per_weight(case.blocksize, case.double_quant)
+    # A split writes fp32 partial sums and reads them back once.
+    partial = 2 * 4 * split * case.M * out_cols if split > 1 else 0
+    bytes_s = (case.N * case.K * fb + case.M * (case.N + case.K) * elem + partial) / HBM_BYTES_PER_S
+    fused_s = max(compute_s, bytes_s)
+    flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
+    weights = bn * bk
+    per = warps * 32 / weights
+    return {"config": prof["label"].split(f" {case.dtype} ")[0], "num_warps": warps,
+            "mma": "HGMMA" if "HGMMA" in loop["classes"] else "HMMA",
+            "registers": prof["registers"], "spill_stores": prof["spill_stores"],
+            "shared": prof["shared"], "programs_per_sm": resident, "programs": programs,
+            "grid_factor": grid_factor(programs), "trips": trips,
+            "wgmma_wait": wait, "overlap": overlap,
+            "weights_per_trip": weights, "loop_instructions": loop["instructions"],
+            "thread_instr_per_weight": round(loop["instructions"] * per, 3),
+            "lsu_instr_per_weight": round(loop["lsu"] * per, 3),
+            "smem_bytes_per_weight": round(loop["smem_bytes"] * warps / weights, 3),
+            # Each resource's time per trip over the trip's tensor-core time at peak.
+            "issue_over_floor": round(t_issue * SM_FLOPS / flops_trip, 3),
+            "lsu_over_floor": round(t_lsu * SM_FLOPS / flops_trip, 3),
+            "smem_over_floor": round(smem_s * SM_FLOPS / flops_trip, 3),
+            "trip_us": {"mma": round(t_mma * 1e6, 4), "decode": round(t_dec * 1e6, 4),
+                        "issue": round(t_issue * 1e6, 4), "lsu": round(t_lsu * 1e6, 4),
+                        "smem": round(smem_s * 1e6, 4), "trip": round(t_trip * 1e6, 4)},
+            "fused_s": fused_s, "fused_over_floor": round(fused_s / flops_s, 3),
+            "fused_tensor_fraction": round(flops_s / fused_s, 3),
+            "classes": loop["classes"], "widths": loop["widths"]}
+
+
+def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
+    """The dequant strategy's time: the dequantize kernel (its HBM floor times
+    its bound over that floor, at least 1) plus cuBLAS at the tensor peak (or
+    its own bytes, when more)."""
+    from qlora_triton.ops import dequantize as dq_mod
+
+    elem = _DTYPE_BYTES[case.dtype]
+    fb = floor_bytes_per_weight(case.blocksize, case.double_quant) + elem
+    b = bounds(prof["loop"], prof["num_warps"], 2 * dq_mod._PAIRS, fb)
+    weights = case.N * case.K
+    deq_floor_s = weights * fb / HBM_BYTES_PER_S
+    deq_s = deq_floor_s * max(1.0, b["bound_over_floor"])
+    flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
+    cublas_s = max(flops_s, (weights + case.M * (case.N + case.K)) * elem / HBM_BYTES_PER_S)
+    total = deq_s + cublas_s
+    return {"dequant_kernel": {"config": prof["label"], **b, "registers": prof["registers"],
+                               "spill_stores": prof["spill_stores"],
+                               "floor_bytes_per_weight": round(fb, 5)},
+            "dequant_kernel_bound_over_floor": b["bound_over_floor"],
+            "dequant_bytes_floor_s": deq_floor_s, "dequantize_s": deq_s, "cublas_s": cublas_s,
+            "dequant_s": total, "dequant_over_floor": round(total / (flops_s + deq_floor_s), 3)}
+
+
+def train_profile(selected: list[TrainCase], jobs: int = 1, candidates: bool = True) -> list[dict]:
+    """One row per case: the chosen strategy's estimate over its floor, with the
+    fused kernel's (the config the launcher runs; the best autotune candidate
+    beside it, unless ``candidates`` is False) and the dequant strategy's."""
+    import triton
+
+    sc._require_compiled_mode()
+    plans, todo = [], {}
+    for case in selected:
+        shipped, kept = fused_configs(case)
+        vs = [(cfg, fused_variant(case, cfg)) for cfg in [shipped, *(kept if candidates else [])]]
+        dv = dequantize_variant(case)
+        plans.append((case, vs, dv))
+        for _, v in vs:
+            todo.setdefault(v.label, ("loop", v))
+        todo.setdefault(dv.label, ("whole", dv))
+    labels = list(todo)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            profs = dict(zip(labels, pool.map(_train_worker, [todo[k] for k in labels])))
+    else:
+        profs = {k: _train_worker(todo[k]) for k in labels}
+    rows = []
+    for case, vs, dv in plans:
+        strategy = chosen_strategy(case)
+        family, kernel = fused_kernel(case)
+        head = {"kernel": family, "op": case.op, "triton": triton.__version__, "N": case.N,
+                "K": case.K, "M": case.M, "dtype": case.dtype,
+                "path": "aligned" if case.K % case.blocksize == 0 else "general",
+                "blocksize": case.blocksize, "double_quant": case.double_quant,
+                "kernel_fn": kernel, "strategy": strategy}
+        (_, v_run), rest = vs[0], vs[1:]
+        if "error" in profs[v_run.label] or "error" in profs[dv.label]:
+            rows.append({**head, "error": (profs[v_run.label].get("error")
+                                           or profs[dv.label]["error"])})
+            continue
+        run = fused_estimate(case, vs[0][0], profs[v_run.label])
+        kept = [fused_estimate(case, cfg, profs[v.label]) for cfg, v in rest
+                if "error" not in profs[v.label]]
+        best = min(kept, key=lambda r: r["fused_s"]) if kept else run
+        deq = dequantize_estimate(case, profs[dv.label])
+        flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
+        floor_s = flops_s + (deq["dequant_bytes_floor_s"] if strategy == "dequant" else 0.0)
+        chosen_s = deq["dequant_s"] if strategy == "dequant" else run["fused_s"]
+        rows.append({**head, **run, **deq, "flops": 2 * case.M * case.N * case.K,
+                     "floor_s": floor_s, "estimate_s": chosen_s,
+                     "bound_over_floor": round(chosen_s / floor_s, 3),
+                     "best_kept_config": best["config"],
+                     "best_kept_fused_over_floor": best["fused_over_floor"],
+                     "kept_configs": len(kept),
+                     "kept": [{k: r[k] for k in ("config", "thread_instr_per_weight",
+                                                 "fused_over_floor", "registers", "overlap")}
+                              for r in kept]})
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 _NOTE = ("compile-time estimates (static SASS counts, sm_90 ahead of time, no GPU): "
          "not GPU measurements")
@@ -478,13 +815,67 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+_TRAIN_COLUMNS = [("triton", "triton"), ("op", "op"), ("N", "N"), ("K", "K"), ("M", "M"),
+                  ("strategy", "strategy"), ("bound_over_floor", "bound"),
+                  ("floor_s", "floor us"), ("estimate_s", "est. us"),
+                  ("fused_over_floor", "fused/flops"), ("fused_tensor_fraction", "fused peak"),
+                  ("dequant_over_floor", "dequant/floor"), ("config", "fused config"),
+                  ("thread_instr_per_weight", "instr/wt"), ("overlap", "overlap"),
+                  ("programs_per_sm", "prog/SM"), ("registers", "regs"),
+                  ("dequant_kernel_bound_over_floor", "deq. kernel bound")]
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key, "")
+    if key in ("floor_s", "estimate_s") and v != "":
+        return f"{v * 1e6:.1f}"
+    return str(v)
+
+
+def markdown_train(report: dict) -> str:
+    out = [f"# sm_90 SASS profile at training shapes ({report['title']})", "",
+           f"**{_NOTE[0].upper() + _NOTE[1:]}.** Method: `scripts/sm90_sass.py --train` (module "
+           "docstring, \"Training mode\"). `strategy`: what `select_strategy` picks on sm_90; "
+           "`bound`: its estimate over its floor (flops at 790 TFLOP/s, plus the dequantize's "
+           "bytes at 4.3 TB/s for `dequant`); `fused/flops`: the fused kernel's estimate over "
+           "the flops alone, `fused peak` its fraction of the tensor peak; `dequant/floor`: "
+           "dequantize + cuBLAS over flops + dequantize bytes.", ""]
+    for env in report["environments"]:
+        out.append(f"- Triton {env['triton']}, commit {env['git_commit']}, {env['date']}, "
+                   f"{env['machine']}: `" + "`; `".join(env["commands"]) + "`")
+    out += ["", "| " + " | ".join(h for _, h in _TRAIN_COLUMNS) + " |",
+            "|" + "---|" * len(_TRAIN_COLUMNS)]
+    for r in report["rows"]:
+        if "error" in r:
+            out.append(f"| {r['triton']} | {r['op']} | {r['N']} | {r['K']} | {r['M']} | "
+                       f"{r['strategy']} | ERROR {r['error'][:80]} |")
+            continue
+        out.append("| " + " | ".join(_cell(r, k) for k, _ in _TRAIN_COLUMNS) + " |")
+    out += ["", "Fused loop per trip (warp-instructions; us of one SM per trip: mma, decode, "
+            "trip) of each distinct compile:", ""]
+    seen = set()
+    for r in report["rows"]:
+        key = (r["triton"], r["op"], r.get("config"))
+        if key in seen or "classes" not in r:
+            continue
+        seen.add(key)
+        classes = ", ".join(f"{k} {v}" for k, v in sorted(r["classes"].items(), key=lambda kv: -kv[1]))
+        t = r["trip_us"]
+        out.append(f"- Triton {r['triton']} {r['kernel']} {r['config']}: {r['loop_instructions']} "
+                   f"per trip of {r['weights_per_trip']} weights x {r['num_warps']} warps, "
+                   f"wgmma wait {r['wgmma_wait']}, {r['programs_per_sm']} program(s)/SM, "
+                   f"mma {t['mma']} decode {t['decode']} trip {t['trip']} us; {classes}")
+    return "\n".join(out) + "\n"
+
+
 def write_report(folder: Path, title: str) -> None:
     """report.json / report.md from every triton-*.json in ``folder``."""
     parts = [json.loads(p.read_text()) for p in sorted(folder.glob("triton-*.json"))]
     report = {"title": title, "note": _NOTE, "environments": [p["environment"] for p in parts],
               "rows": [r for p in parts for r in p["rows"]]}
+    train = any("strategy" in r for r in report["rows"])
     _atomic_write(folder / "report.json", json.dumps(report, indent=1) + "\n")
-    _atomic_write(folder / "report.md", markdown(report))
+    _atomic_write(folder / "report.md", markdown_train(report) if train else markdown(report))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -498,11 +889,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report folder (writes triton-<version>.json, "
                    "then report.json / report.md from every triton-*.json there)")
     p.add_argument("--title", default="after", help="the report's name, e.g. 'before, d545751'")
-    p.add_argument("--subset", action="store_true", help="one case (the CI set)")
+    p.add_argument("--subset", action="store_true", help="one case (the CI set); with --train "
+                   "only the launcher's config, no autotune candidates")
     p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    p.add_argument("--train", action="store_true", help="training shapes: the fused GEMM / "
+                   "grad-input against dequantize + cuBLAS, and the strategy the table picks")
     args = p.parse_args(argv)
     import triton
 
+    if args.train:
+        return _train_main(args, argv)
     rows = profile(cases(args.subset), args.jobs)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -514,6 +910,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']} {r['N']}x{r['K']} M={r['M']} {r['dtype']} {r['path']} {r['config']}: "
               f"{r.get('thread_instr_per_weight')} instr/wt, bound {r.get('bound_over_floor')}, "
               f"grid {r.get('grid_factor')}" + (f" ERROR {r['error'][:200]}" if "error" in r else ""))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _train_main(args, argv) -> int:
+    import triton
+
+    rows = train_profile(train_cases(args.subset), args.jobs, candidates=not args.subset)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = "python scripts/sm90_sass.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    _atomic_write(folder / f"triton-{triton.__version__}.json",
+                  json.dumps({"environment": environment([cmd]), "rows": rows}, indent=1) + "\n")
+    write_report(folder, args.title)
+    for r in rows:
+        print(f"{r['op']} {r['N']}x{r['K']} M={r['M']} {r['strategy']}: bound {r.get('bound_over_floor')}"
+              f" fused {r.get('fused_over_floor')} ({r.get('config')}, "
+              f"{r.get('thread_instr_per_weight')} instr/wt) dequant {r.get('dequant_over_floor')}"
+              + (f" ERROR {r['error'][:200]}" if "error" in r else ""))
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -1,10 +1,10 @@
 """scripts/sm90_sass.py: the static sm_90 SASS profile (compile-time estimates).
 
-Three checks: the parser and classifier on a hand-written SASS listing; the
+Checks: the parser and classifier on a hand-written SASS listing; the
 whole counter on a tiny Triton kernel compiled for sm_90 whose main loop is
-known (one 128-bit load and a fixed number of FFMAs per trip); and the
-script's CI subset (one GEMV case), whose report must carry the keys the
-benchmarks read. Compiles run in a subprocess with TRITON_INTERPRET unset.
+known (one 128-bit load and a fixed number of FFMAs per trip); the script's
+CI subsets (one GEMV case; one training-shape case, whose strategy must be
+the dispatcher's), whose reports must carry the keys the benchmarks read. Compiles run in a subprocess with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -158,3 +158,50 @@ def test_ci_subset_report(nvdisasm, tmp_path):
     # and the scales, far less than twice the packed bytes.
     assert row["packed_bytes_per_trip"] <= row["loop_global_load_bytes"] < 2 * row["packed_bytes_per_trip"]
     assert "compile-time estimates" in (tmp_path / "r" / "report.md").read_text().lower()
+
+
+def test_ci_subset_training_report(nvdisasm, tmp_path):
+    env = dict(_compiled_env(), TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--train", "--subset", "--out", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "compile-time estimates" in report["note"]
+    (row,) = report["rows"]
+    for key in ("kernel", "op", "triton", "N", "K", "M", "dtype", "config", "strategy",
+                "thread_instr_per_weight", "issue_over_floor", "lsu_over_floor", "smem_over_floor",
+                "bound_over_floor", "floor_s", "estimate_s", "fused_s", "fused_over_floor",
+                "dequant_s", "dequant_over_floor", "dequant_kernel_bound_over_floor", "overlap"):
+        assert key in row, key
+    assert (row["op"], row["N"], row["K"], row["M"], row["dtype"]) == ("forward", 4096, 4096, 4096, "bf16")
+    import torch
+
+    from qlora_triton import strategy
+
+    with strategy.assume_gpu_kind("sm_90"):
+        assert row["strategy"] == strategy.select_strategy(4096, 4096, 4096, torch.bfloat16,
+                                                           torch.device("cpu"))
+    # Each estimate is at least its floor; the chosen one is the row's bound.
+    assert row["bound_over_floor"] >= 1 and row["fused_over_floor"] >= 1
+    assert row["dequant_over_floor"] >= 1
+    chosen = row["dequant_s"] if row["strategy"] == "dequant" else row["fused_s"]
+    assert row["estimate_s"] == chosen
+    assert row["bound_over_floor"] == pytest.approx(chosen / row["floor_s"], abs=1e-3)
+    assert "compile-time estimate" in (tmp_path / "r" / "report.md").read_text().lower()
+
+
+def test_assume_gpu_kind_answers_as_that_gpu_and_is_checked():
+    import torch
+
+    from qlora_triton import strategy
+
+    cpu = torch.device("cpu")
+    assert strategy.select_strategy(8192, 4096, 4096, torch.bfloat16, cpu) == "fused"  # CPU: no table
+    with strategy.assume_gpu_kind("sm_90"):
+        start = strategy.CROSSOVER["sm_90", "large", torch.bfloat16]
+        assert strategy.select_strategy(start, 4096, 4096, torch.bfloat16, cpu) == "dequant"
+        assert strategy.select_strategy(start - 1, 4096, 4096, torch.bfloat16, cpu) == "fused"
+    assert strategy.select_strategy(8192, 4096, 4096, torch.bfloat16, cpu) == "fused"
+    with pytest.raises(ValueError, match="kind must be a GPU kind like 'sm_90' or None, got 'cuda'"):
+        with strategy.assume_gpu_kind("cuda"):
+            pass

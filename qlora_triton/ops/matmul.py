@@ -37,7 +37,8 @@ from ..weight import NF4Weight
 from .cast import cast_rtne
 from .dequantize import nf4_code, nf4_code_table, nf4_decode_words, nf4_scale, scale_args
 from .scratch import dequant_grad_input, dequant_matmul
-from .tuned_sm90 import autotune_enabled, gemv_config, gemv_configs, prune_gemv
+from .tuned_sm90 import (autotune_enabled, gemm_config, gemm_configs, gemv_config, gemv_configs,
+                         prune_gemm, prune_gemv)
 
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
 # per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
@@ -133,6 +134,17 @@ def _tile_configs(interpret: bool = INTERPRET) -> list:
         (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4),
     ]
     return [_config(*t, GROUP_M=8) for t in tiles]
+
+
+def general_config(op: str, interpret: bool = INTERPRET) -> triton.Config:
+    """The per-element-decode GEMM's (``op`` "forward") or grad-input's config
+    for K % blocksize != 0 when the autotuner is off: the widest tile measured
+    to launch on that path without spilling (_GENERAL_PATH_TILES)."""
+    if interpret:
+        return _tile_configs(interpret=True)[0]
+    if op == "forward":
+        return _config(128, 128, 32, 8, 4, GROUP_M=8)
+    return _config(128, 64, 64, 4, 3, GROUP_M=8)
 
 
 def _gemv_configs(interpret: bool = INTERPRET) -> list:
@@ -585,6 +597,139 @@ def _nf4_gemv_dot_kernel(
                    count_ptr, pid_n, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _nf4_w_words_scaled(table, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rn, k0,
+                        N, K, stride_wn, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """W[rn, k0:k0+BLOCK_K] in fp32 from int32 words of packed bytes, for
+    K % BLOCKSIZE == 0 and BLOCK_K <= BLOCKSIZE (so K % BLOCK_K == 0): one row
+    per lane, its scale (one per row segment) multiplied in once. Rows past N
+    read word 0: finite values whose products the callers mask or zero."""
+    rw = tl.arange(0, BLOCK_K // 8)
+    row_ok = rn < N
+    words = tl.load(words_ptr + rn[None, :] * stride_wn + k0 // 8 + rw[:, None],
+                    mask=row_ok[None, :], other=0)
+    w = _nf4_w_words_tile(table, words.to(tl.uint32, bitcast=True))
+    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                      rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
+    return w * scale[:, None]
+
+
+@triton.jit
+def _nf4_gemm_words_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides)
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [output tiles], zero on entry and on exit (SPLIT_K > 1 only)
+    # sizes
+    M, N, K,
+    # strides
+    stride_wn,      # K // 8
+    stride_xm, stride_xk, stride_b,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,     # cast dot operands to fp32 (interpreter only, see backend)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # <= BLOCKSIZE
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The fused GEMM for K % BLOCKSIZE == 0, computed transposed: y^T tile =
+    # W tile @ x^T tile, so the W tile decoded (word decode, scale applied
+    # once per row segment) in registers is the wgmma's A operand and never
+    # goes through shared memory; x^T (BLOCK_M columns: up to 256, the widest
+    # wgmma) is B in shared memory, and the MMA stays asynchronous across
+    # iterations (sm90_sass --train). Grid (output tiles in grouped order,
+    # SPLIT_K): short layers split K with the GEMVs' deterministic epilogue.
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        w = _nf4_w_words_scaled(table, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                rn, k0, N, K, stride_wn, BLOCK_K, BLOCKSIZE, BLOCKSIZE2,
+                                DOUBLE_QUANT)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+                     mask=rm[None, :] < M, other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(w, xt.to(tl.float32))
+        else:
+            acc += tl.dot(w.to(x_ptr.dtype.element_ty), xt)
+    out = rm[None, :] * N + rn[:, None]
+    out_ok = (rm[None, :] < M) & (rn[:, None] < N)
+    _gemv_epilogue(acc, rn[:, None] + 0 * rm[None, :], out, out_ok, bias_ptr, y_ptr, partial_ptr,
+                   count_ptr, tile, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nf4_grad_input_words_kernel(
+    # pointers
+    gy_ptr,         # [M, N] fp32/fp16/bf16 (any strides), grad of y
+    words_ptr,      # int32 [N * K // 8]
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    gx_ptr,         # [M, K] grad_y's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_N, M, K] scratch (SPLIT_N > 1 only)
+    count_ptr,      # int32 [output tiles], zero on entry and on exit (SPLIT_N > 1 only)
+    # sizes
+    M, N, K,
+    # strides
+    stride_wn,      # K // 8
+    stride_gm, stride_gn,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # <= BLOCKSIZE
+    SPLIT_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grad_x^T tile = W^T tile @ grad_y^T tile, walking N: the decoded W tile,
+    # transposed in registers, is the wgmma's A operand as in the forward.
+    # Rows of W past N decode to finite values; their grad_y is 0.
+    tile = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m, pid_k = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    n_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
+    n_start = pid_s * n_per_split
+    for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        w = _nf4_w_words_scaled(table, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                rn, k0, N, K, stride_wn, BLOCK_K, BLOCKSIZE, BLOCKSIZE2,
+                                DOUBLE_QUANT)
+        gyt = tl.load(gy_ptr + rm[None, :] * stride_gm + rn[:, None] * stride_gn,
+                      mask=(rm[None, :] < M) & (rn[:, None] < N), other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(tl.trans(w), gyt.to(tl.float32))
+        else:
+            acc += tl.dot(tl.trans(w.to(gy_ptr.dtype.element_ty)), gyt)
+    out = rm[None, :] * K + rk[:, None]
+    out_ok = (rm[None, :] < M) & (rk[:, None] < K)
+    _gemv_epilogue(acc, out, out, out_ok, gx_ptr, gx_ptr, partial_ptr, count_ptr, tile, pid_s,
+                   M, K, 0, False, SPLIT_N)
+
+
 # The same kernels behind the autotuner (QLORA_TRITON_AUTOTUNE=1): the shipped
 # sm_90 table (ops/tuned_sm90.py) is a compile-time estimate until a GPU run
 # calibrates it; this times the candidates instead.
@@ -593,6 +738,12 @@ _GEMV_WORDS_AUTOTUNED = {
     name: triton.autotune(configs=gemv_configs(name), key=["N", "K", "M", "BLOCKSIZE"],
                           prune_configs_by={"early_config_prune": prune_gemv})(fn)
     for name, fn in _GEMV_WORDS.items()
+}
+_GEMM_WORDS = {"forward": _nf4_gemm_words_kernel, "grad_input": _nf4_grad_input_words_kernel}
+_GEMM_WORDS_AUTOTUNED = {
+    op: triton.autotune(configs=gemm_configs(op), key=["N", "K", "M", "BLOCKSIZE"],
+                        prune_configs_by={"early_config_prune": prune_gemm})(fn)
+    for op, fn in _GEMM_WORDS.items()
 }
 
 
@@ -755,6 +906,56 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Wei
     return y
 
 
+def _gemm_words(op: str, a: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weight,
+                bias: torch.Tensor | None, meta: dict) -> torch.Tensor:
+    """The word-decoding fused GEMM (``op`` "forward": ``a`` = x [M, K]) or
+    grad-input ("grad_input": ``a`` = grad_y [M, N]); one launch, shipped
+    sm_90 config unless QLORA_TRITON_AUTOTUNE=1."""
+    N, K = qw.shape
+    M = a.shape[0]
+    out_cols = N if op == "forward" else K
+    split_key = "SPLIT_K" if op == "forward" else "SPLIT_N"
+    out_block = "BLOCK_N" if op == "forward" else "BLOCK_K"
+    out = torch.empty((M, out_cols), dtype=a.dtype, device=a.device)
+    tuned = autotune_enabled() and not INTERPRET
+    configs = (gemm_configs(op) if tuned
+               else [gemm_config(op, M, N, K, qw.blocksize, a.dtype == torch.float32,
+                                 interpret=INTERPRET)])
+    splits = max(c.kwargs[split_key] for c in configs)
+    partial = (torch.empty((splits, M, out_cols), dtype=torch.float32, device=a.device)
+               if splits > 1 else out)
+    tiles = max(-(-M // c.kwargs["BLOCK_M"]) * -(-out_cols // c.kwargs[out_block]) for c in configs)
+    count = _split_counter(a.device, tiles) if splits > 1 else out
+    const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
+                 DOUBLE_QUANT=meta["DOUBLE_QUANT"], DOT_FP32=dot_in_fp32(a.device))
+    if op == "forward":
+        args = (a, words, *tensors[1:], bias if bias is not None else out, out, partial, count,
+                M, N, K, K // 8, a.stride(0), a.stride(1),
+                bias.stride(0) if bias is not None else 0)
+        const["HAS_BIAS"] = bias is not None
+    else:
+        args = (a, words, *tensors[1:], out, partial, count, M, N, K, K // 8, a.stride(0),
+                a.stride(1))
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(out_cols, META[out_block]),  # noqa: E731
+                         META[split_key])
+    if tuned:
+        _GEMM_WORDS_AUTOTUNED[op][grid](*args, **const)
+    else:
+        (cfg,) = configs
+        _GEMM_WORDS[op][grid(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages)
+    return out
+
+
+def _general_kernel(kernel, op: str):
+    """The autotuned per-element-decode ``kernel`` under QLORA_TRITON_AUTOTUNE=1,
+    else its JIT function with the shipped config bound."""
+    if autotune_enabled() and not INTERPRET:
+        return kernel, {}
+    cfg = general_config(op)
+    return kernel.fn, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x`` [M, K] (any strides) and ``qw`` of shape
     [N, K]; returns a contiguous [M, N] tensor of ``x.dtype``. Inputs are assumed
@@ -777,11 +978,12 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     if bias is not None:
         bias = bias.contiguous()
     launches[kernel] += 1
-    if kernel == "gemv":
-        words, tensors = _gemv_operands(qw)
-        if words is not None:
+    words, tensors = _gemv_operands(qw)
+    if words is not None:
+        if kernel == "gemv":
             return _gemv_words(x, words, tensors, qw, bias, meta)
-    args = (*_weight_tensors(qw), bias if bias is not None else qw.code)
+        return _gemm_words("forward", x, words, tensors, qw, bias, meta)
+    args = (*tensors, bias if bias is not None else qw.code)
     common = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device), **meta)
     if kernel == "gemv":
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
@@ -790,8 +992,9 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
                                **common)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    kernel_fn, cfg = _general_kernel(_nf4_gemm_kernel, "forward")
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    _nf4_gemm_kernel[grid](x, *args, y, M, N, K, _m_bucket(M), x.stride(0), x.stride(1), **common)
+    kernel_fn[grid](x, *args, y, M, N, K, _m_bucket(M), x.stride(0), x.stride(1), **common, **cfg)
     return y
 
 
@@ -814,9 +1017,12 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
         return dequant_grad_input(grad_y, qw)
     strategies["grad_input", "fused"] += 1
     launches["grad_input"] += 1
+    words, tensors = _gemv_operands(qw)
+    if words is not None:
+        return _gemm_words("grad_input", grad_y, words, tensors, qw, None, meta)
     gx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
+    kernel_fn, cfg = _general_kernel(_nf4_grad_input_kernel, "grad_input")
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    _nf4_grad_input_kernel[grid](grad_y, *_weight_tensors(qw), gx, M, N, K,
-                                 _m_bucket(M), grad_y.stride(0), grad_y.stride(1),
-                                 DOT_FP32=dot_in_fp32(grad_y.device), **meta)
+    kernel_fn[grid](grad_y, *tensors, gx, M, N, K, _m_bucket(M), grad_y.stride(0),
+                    grad_y.stride(1), DOT_FP32=dot_in_fp32(grad_y.device), **meta, **cfg)
     return gx

@@ -96,3 +96,83 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
         if tiles * split >= _MIN_PROGRAMS or i == len(tiles_) - 1:
             return _config(block_n, block_k, split, warps, stages)
     raise AssertionError("unreachable")
+
+
+# The word-decoding fused GEMM and grad-input (ops/matmul.py
+# _nf4_gemm_words_kernel, _nf4_grad_input_words_kernel), K % blocksize == 0.
+# (BLOCK_M, BLOCK_N, warps, stages) per op, tallest first; BLOCK_K =
+# min(64, blocksize). Figures: benchmarks/results/sm90-train-* (compile-time
+# estimates, sm90_sass --train).
+# * Forward: 8 warps keep the wgmma asynchronous across iterations (the
+#   decode of the next W tile overlaps the MMA; with 4 warps, or a split,
+#   Triton 3.6 waits in the same iteration). 128x128x64: 10.4
+#   thread-instructions per weight, 142 registers, ~1.2x the tensor-core
+#   time per trip; 64x128x64: 10.1, 128 registers, two programs per SM.
+# * Grad-input: 128x128x64 w8 13.9 (the transpose of the decoded tile costs
+#   PRMTs), asynchronous; 64x128x64 w4 8.5, asynchronous.
+# * The 4-warp tile last: BLOCK_K 32 (blocksize 32) and fp32 x fall back to it.
+_GEMM_TILES = {
+    "forward": [(128, 128, 8, 3), (64, 128, 8, 4), (64, 128, 4, 4)],
+    "grad_input": [(128, 128, 8, 3), (64, 128, 4, 4)],
+}
+# Rows of x from which the tallest tile runs: below, the 64-row tile gives
+# the grid twice the programs.
+_TALL_FROM_M = 512
+_SPLIT_KEY = {"forward": "SPLIT_K", "grad_input": "SPLIT_N"}
+
+
+def _gemm_config(op: str, block_m: int, block_n: int, block_k: int, split: int, warps: int,
+                 stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                          _SPLIT_KEY[op]: split, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+def gemm_configs(op: str) -> list[triton.Config]:
+    """The autotune candidates of the word GEMM (``op`` "forward") or
+    grad-input ("grad_input"); :func:`prune_gemm` keeps the allowed ones."""
+    return [_gemm_config(op, m, n, k, s, w, st) for m, n, w, st in _GEMM_TILES[op]
+            for k in (32, 64) for s in (1, 2, 4)]
+
+
+def gemm_allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
+    """Whether a word-GEMM config may run (sm90_compile, Triton 3.6): BLOCK_K <=
+    blocksize (one block per row segment); no 8-warp tile with BLOCK_K 32
+    (Triton fails to lower it); for fp32 x no split of 4 (255 registers,
+    64-104 B spilled)."""
+    kw = cfg.kwargs
+    split = kw.get("SPLIT_K", kw.get("SPLIT_N"))
+    return (kw["BLOCK_K"] <= blocksize and not (kw["BLOCK_K"] < 64 and cfg.num_warps > 4)
+            and not (x_fp32 and split > 2))
+
+
+def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
+    """Autotune pruner: the configs :func:`gemm_allowed` for this launch."""
+    args = {**named_args, **kwargs}
+    x = args["x_ptr"] if "x_ptr" in args else args["gy_ptr"]
+    return [c for c in configs if gemm_allowed(c, args["BLOCKSIZE"], x.dtype == torch.float32)]
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
+                interpret: bool = False) -> triton.Config:
+    """The word GEMM's config for x [M, K] @ W[N, K]^T (``op`` "forward") or
+    grad_y [M, N] @ W ("grad_input"): the 128-row tile from M = 512, else the
+    first allowed 64-row one; then the reduction split in two or four (at least
+    1024 columns each) while the grid is short of one program per SM."""
+    block_k = min(64, blocksize)
+    if interpret:  # small tiles, and a split so that CI runs the split epilogue
+        return _gemm_config(op, 64, 64, block_k, 2, 4, 1)
+    tiles = [t for t in _GEMM_TILES[op]
+             if gemm_allowed(_gemm_config(op, t[0], t[1], block_k, 1, t[2], t[3]), blocksize, x_fp32)]
+    block_m, block_n, warps, stages = next((t for t in tiles if M >= max(t[0], _TALL_FROM_M)
+                                            or t[0] <= 64), tiles[-1])
+    out_cols, red = (N, K) if op == "forward" else (K, N)
+    out_block = block_n if op == "forward" else block_k
+    programs = -(-M // block_m) * -(-out_cols // out_block)
+    split = 1
+    while (programs * split < SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
+                                                                2 * split, warps, stages),
+                                                   blocksize, x_fp32)
+           and red // (2 * split) >= 1024):
+        split *= 2
+    return _gemm_config(op, block_m, block_n, block_k, split, warps, stages)
