@@ -151,6 +151,19 @@ def fsdp_checks(ckpt_dir: str) -> dict:
         out["merged_equal"] = torch.equal(q_proj.merged_weight(), ref_merged)
     out["resharded"] = isinstance(q_proj.weight, DTensor)
 
+    # loading into a sharded layer checks what it loads (nothing is copied then)
+    prefix = "model.layers.0.self_attn.q_proj."
+    layer_sd = {k[len(prefix):]: v for k, v in ref_sd.items() if k.startswith(prefix + "weight")}
+    nan = dict(layer_sd, **{"weight.nested_absmax": layer_sd["weight.nested_absmax"].clone().fill_(math.nan)})
+    other = qt.quantize_nf4(ref_merged, blocksize=128).state_dict("weight")
+    out["bad_loads"] = []
+    for bad in (nan, other):
+        try:
+            q_proj.load_state_dict(bad, strict=False)
+            out["bad_loads"].append(None)
+        except RuntimeError as e:
+            out["bad_loads"].append(str(e))
+
     # full state dict: exactly the one-process one (bitsandbytes keys and bytes)
     out["full_equal"] = same_state(full_state(model), ref_sd)
     sharded = get_model_state_dict(model)
@@ -271,6 +284,9 @@ def test_fsdp2_shards_the_nf4_base_exactly(request, world, tmp_path):
         assert r["grads_on_lora_only"] and r["grad_err"] <= 1e-6, r["grad_err"]
         assert r["error"] is not None and "unshard" in r["error"] and "FSDP2" in r["error"]
         assert r["merged_equal"] and r["resharded"]
+        nan, other = r["bad_loads"]
+        assert nan is not None and "NaN or Inf" in nan
+        assert other is not None and "its own format" in other
         assert r["full_equal"] and r["sharded_keys"] and r["sharded_dtypes"]
         assert r["scrambled_differs"] and r["dcp_equal"]
         assert r["set_full_equal"]
@@ -320,3 +336,19 @@ def test_loader_keeps_only_each_ranks_share(request, folders, world, source):
         assert 0 < r["peak"] < dense_bytes, (r["peak"], dense_bytes)
         if source == "nf4":
             assert r["peak"] < total, (r["peak"], total)
+
+
+def test_torch_state_dict_api_without_fsdp():
+    # get/set_model_state_dict walk each key with getattr: "weight.absmax" used
+    # to fail; a plain model round-trips in bitsandbytes' keys and bytes.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    src, dst = converted(seed=21), converted(seed=22)
+    sd = get_model_state_dict(src)
+    assert same_state({k: v.detach() for k, v in sd.items()}, src.state_dict())
+    assert any(k.endswith("weight.quant_state.bitsandbytes__nf4") for k in sd)
+    set_model_state_dict(dst, dict(sd))
+    assert same_state(dst.state_dict(), src.state_dict())
+    ids = input_ids(23)
+    with qt.force_backend("torch"):
+        assert torch.equal(dst(ids).logits, src(ids).logits)
