@@ -28,10 +28,16 @@ _LAZY = {
 }
 
 
+# Submodules imported on first use: qt.distributed (FSDP2: shard_model, load_sharded, base_bytes, unsharded).
+_LAZY_MODULES = ("distributed",)
+
+
 def __getattr__(name):
-    if name in _LAZY:
+    if name in _LAZY or name in _LAZY_MODULES:
         import importlib
 
+        if name in _LAZY_MODULES:
+            return importlib.import_module(f".{name}", __name__)
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -161,7 +161,10 @@ class _Checkpoint:
     def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         if key not in self._files:
             raise ValueError(f"the checkpoint has no {key!r}")
-        t = self._files[key].get_slice(key)[start:stop]
+        part = self._files[key].get_slice(key)
+        if start is not None and start >= stop:  # a trailing rank's empty share
+            return part[0:1][:0]  # (safetensors refuses empty slices; one row gives the dtype)
+        t = part[start:stop]
         self.read_bytes += t.numel() * t.element_size()
         return t
 
@@ -276,11 +279,23 @@ def load_sharded(folder: str | os.PathLike, mesh=None, mp_policy=None, dtype: to
         shard_model(model, mesh=mesh, mp_policy=mp_policy)
         model.to_empty(device=device)
         _fill(model, ckpt, {n: n in stored for n in chosen}, dtype, device, seed)
-    # Buffers (rotary frequencies) were made on the meta device: transformers'
-    # own initializer computes them again.
-    for m in model.modules():
-        if m._buffers:
-            model._init_weights(m)
+        # Buffers were made on the meta device: those the checkpoint holds are
+        # read whole (they are not sharded), the others (rotary frequencies)
+        # computed again by transformers' own initializer, on modules without
+        # parameters so that no loaded weight is initialized again.
+        for name, m in model.named_modules():
+            computed = []
+            for bname in list(m._buffers):
+                key = f"{name}.{bname}" if name else bname
+                if key in ckpt and bname not in m._non_persistent_buffers_set:
+                    m._buffers[bname] = ckpt.rows(key).to(device)
+                else:
+                    computed.append(key)
+            if computed and m._parameters:
+                raise ValueError(f"load_sharded: cannot compute the buffers {computed} of a module with "
+                                 "parameters (its initializer would overwrite them)")
+            if computed:
+                model._init_weights(m)
     return model
 
 

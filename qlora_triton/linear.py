@@ -46,8 +46,8 @@ state dict is exactly a transformers bnb-4bit checkpoint. A dense ``weight``
 loads in place into its shards, from full tensors (each rank keeps its rows)
 or from DTensors sharded as its own (a sharded state dict, DCP); the format
 (shape, blocksize, double quantization) must then be the layer's. Values read
-whole (a full state dict) are checked as in one process; DTensor shards are
-copied as they are (their bytes came from a sharded state dict of this layout).
+whole (a full state dict) are checked as in one process; from DTensors each
+rank checks the float32 pieces of its shards for NaN and Inf.
 ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` /
 ``set_model_state_dict``) works with and without FSDP2; its
 ``ignore_frozen_params`` option does not (it looks the frozen parameters' own
@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -116,10 +117,9 @@ def _viewed(p: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _is_dtensor(t: Any) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    # Without torch.distributed.tensor imported no DTensor exists: one process never imports it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 class _AnyAttribute:
@@ -449,6 +449,9 @@ class Linear4bit(nn.Module):
                     raise ValueError(f"state_dict has no 'weight{suffix}', which this layer needs")
                 _copy_into(p, _stored(sd["weight" + suffix].contiguous())
                            if name != "weight" else sd["weight"].view(torch.uint8), f"weight{suffix}")
+                local = _viewed(p.to_local())
+                if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                    raise ValueError(f"weight{suffix} contains NaN or Inf; the weight is corrupt")
             if self._double_quant:
                 offset = _stored(torch.tensor([self._offset], dtype=torch.float32))
                 _copy_into(self.weight_offset, offset, "nested_offset")
@@ -467,8 +470,9 @@ class Linear4bit(nn.Module):
             facts = (tuple(got.get("shape", ())), dtypes.get(got.get("dtype")), got.get("blocksize"), nested,
                      got.get("nested_blocksize"))
             offset = got.get("nested_offset") if nested else None
-            if nested and not isinstance(offset, (int, float)):
-                raise ValueError(f"quant_state: nested_offset must be a number, got {offset!r}")
+            if nested and (isinstance(offset, bool) or not isinstance(offset, (int, float))
+                           or not math.isfinite(offset)):
+                raise ValueError(f"quant_state: nested_offset must be a finite number, got {offset!r}")
         mine = (tuple(self._qshape), self._qdtype, self._blocksize, self._double_quant,
                 self._blocksize2 if self._double_quant else None)
         if facts != mine:

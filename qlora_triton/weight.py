@@ -56,7 +56,7 @@ def _check_shape(shape: Any) -> torch.Size:
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     # The kernels index every field as a dense array. A contiguous tensor (also
-    # an offset view) is kept as is, so module buffers stay aliased; a strided
+    # an offset view) is kept as is, so module parameters stay aliased; a strided
     # or expanded (stride 0) one is copied once, here, not per launch.
     return t if t.is_contiguous() else t.contiguous()
 

@@ -155,6 +155,33 @@ def test_prepare_for_kbit_training_keeps_dtypes_and_adapters(llama_folder, fused
         qt.prepare_for_kbit_training(nn.Linear(2, 2))
 
 
+def test_peft_kbit_preparation_leaves_the_nf4_storage_alone(llama_folder):
+    # PEFT upcasts every fp16/bf16 parameter to fp32; the NF4 storage is integer
+    # Parameters, so its bytes and dtypes stay as they are (the norms do change).
+    model = load_nf4(llama_folder, dtype=torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, qt.Linear4bit)]
+    before = [{n: p.detach().clone() for n, p in m.nf4_parameters().items()} for m in layers]
+    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model.model.norm.weight.dtype == torch.float32
+    for m, was in zip(layers, before):
+        now = m.nf4_parameters()
+        assert now.keys() == was.keys()
+        assert all(now[n].dtype == t.dtype and torch.equal(now[n], t) for n, t in was.items())
+    x = torch.randint(0, 128, (2, 7))
+    assert torch.isfinite(logits(model, x)).all()
+
+
+def test_counts_take_nf4_weights_at_their_dense_size(llama_folder):
+    from qlora_triton.convert import count_parameters
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(llama_folder)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    report = qt.replace_linear(dense, r=2, progress=False)
+    lora = sum(p.numel() for n, p in dense.named_parameters() if "lora_" in n)
+    assert count_parameters(dense) == (lora, n_dense + lora)
+    assert report.total_params == n_dense + lora
+
+
 def test_peft_refuses_our_already_adapted_layers():
     model = nn.Sequential(qt.LoRALinear4bit.from_linear(nn.Linear(8, 8), r=2))
     with pytest.raises(ValueError, match="LoRALinear4bit"):
