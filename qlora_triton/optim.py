@@ -338,8 +338,8 @@ def _saved_moment(name: str, saved: dict[str, Any], p: torch.Tensor) -> torch.Te
     if not isinstance(p, DTensor):  # a sharded run's DTensor into an unsharded parameter: gather it
         return t.full_tensor() if isinstance(t, DTensor) else t
     if isinstance(t, DTensor):
-        if t.placements != p.placements or t.device_mesh != p.device_mesh:
-            t = t.redistribute(p.device_mesh, p.placements)
+        if t.placements != p.placements:
+            t = t.redistribute(placements=p.placements)
         return t.to_local()
     from torch.distributed.tensor import distribute_tensor
 

@@ -156,6 +156,9 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     out["saved_seen_by_every_rank"] = os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
     qt.load_adapter(model, other_adapter)
     out["loaded"] = _lora_weights(model)
+    with torch.no_grad(), qt.force_backend("torch"):  # the forward reads what was loaded into the shards
+        out["logits"] = model(input_ids=tokens[_rows(rank)]).logits
+    model.reshard()  # FSDP2 keeps the root unsharded after a forward that no backward follows
     out["eight_bit"] = _eight_bit_on_shards(model, tokens[_rows(rank)], lora)
     return out
 
@@ -220,6 +223,11 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(world, request, tmp_path)
         assert all(torch.allclose(r["full_moments"][n], wanted[n], rtol=1e-4, atol=1e-10) for n in wanted)
         other_lora = _lora_weights(other)
         assert all(torch.equal(r["loaded"][n], other_lora[n]) for n in other_lora)
+    for rank, r in enumerate(results):
+        with torch.no_grad(), qt.force_backend("torch"):
+            logits = other(input_ids=tokens[_rows(rank)]).logits
+        assert (r["logits"] - logits).abs().max() <= 1e-6
+    for r in results:
         eight = r["eight_bit"]
         assert eight["same_as_on_shards"] and eight["codes_shape_ok"] and eight["steps"] == {2.0}
         assert eight["roundtrip_rel_err"] <= 0.02, eight  # one 8-bit dynamic-map step
