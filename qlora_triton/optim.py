@@ -354,7 +354,9 @@ class PagedAdamW(_PagedAdamWBase):
     """AdamW (torch.optim.AdamW's math) with fp32 moments in CUDA unified memory.
 
     Args:
-        params: parameters (fp32, bf16 or fp16) or parameter groups.
+        params: parameters or parameter groups; the trainable ones fp32, bf16 or
+            fp16, frozen ones of any dtype (kept, never updated: ``model.parameters()``
+            is fine). FSDP2-sharded (DTensor) parameters update their local shard.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
         paged: on CUDA, keep the states in managed memory (needs the helper built
             with ``QLORA_TRITON_BUILD_CUDA=1``); ignored on the CPU.
