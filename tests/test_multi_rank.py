@@ -98,6 +98,7 @@ def _rows(rank: int) -> slice:
 
 
 def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
@@ -121,7 +122,7 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     out["shard_shapes_ok"] = all(opt.state[p]["exp_avg"].shape == p.to_local().shape for p in lora.values())
     out["empty_shards"] = sum(p.to_local().numel() == 0 for p in lora.values())
 
-    # State dict round trips: our own, and torch's sharded and full ones.
+    # State dict round trips: our own, torch.distributed.checkpoint's files, torch's sharded and full dicts.
     def states(o) -> dict:
         return {n: {k: t.clone() for k, t in o.state[p].items()} for n, p in lora.items()}
 
@@ -130,8 +131,15 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     out["full_moments"] = {n: full["state"][n]["exp_avg_sq"] for n in lora}
     out["sharded_is_dtensor"] = all(isinstance(sharded["state"][n]["exp_avg"], DTensor) for n in lora)
+    dcp.save({"optim": sharded}, checkpoint_id=folder + "-dcp")
+
+    def via_dcp(o):
+        loaded = {"optim": get_optimizer_state_dict(model, o)}  # the template, filled in place
+        dcp.load(loaded, checkpoint_id=folder + "-dcp")
+        set_optimizer_state_dict(model, o, loaded["optim"])
+
     roundtrips = {}
-    for how, load in (("own", lambda o: o.load_state_dict(opt.state_dict())),
+    for how, load in (("own", lambda o: o.load_state_dict(opt.state_dict())), ("dcp", via_dcp),
                       ("sharded", lambda o: set_optimizer_state_dict(model, o, sharded)),
                       ("full", lambda o: set_optimizer_state_dict(
                           model, o, full, options=StateDictOptions(full_state_dict=True)))):
@@ -231,7 +239,7 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(world, request, tmp_path)
         assert weight_diff <= 1e-5
         assert all(torch.equal(r["lora"][n], results[0]["lora"][n]) for n in ref_lora)
         assert r["shard_shapes_ok"] and r["sharded_is_dtensor"] and r["triton_on_shards"]
-        assert r["roundtrips"] == {"own": True, "sharded": True, "full": True}
+        assert r["roundtrips"] == {"own": True, "dcp": True, "sharded": True, "full": True}
         assert r["saved_seen_by_every_rank"]
         wanted = {n: ref_opt.state[p]["exp_avg_sq"] for n, p in ref_model.named_parameters() if ".lora_" in n}
         assert all(torch.allclose(r["full_moments"][n], wanted[n], rtol=1e-4, atol=1e-10) for n in wanted)
