@@ -186,8 +186,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ``use_rslora`` and ``lora_dropout`` (its scaling is part of what it computes).
     With several processes every rank must call it (see the module docstring).
     """
-    model = _unwrap(model)
-    layers = _lora_layers(model)
+    layers = _lora_layers(_unwrap(model))
     r, lora_alpha, use_rslora, lora_dropout, tensors = _on_rank0(lambda: _read_adapter(path, layers))
     for name, m in layers.items():
         m.lora_alpha, m.use_rslora, m.lora_dropout = lora_alpha, use_rslora, lora_dropout

@@ -338,8 +338,8 @@ def _saved_moment(name: str, saved: dict[str, Any], p: torch.Tensor) -> torch.Te
     if not isinstance(p, DTensor):  # a sharded run's DTensor into an unsharded parameter: gather it
         return t.full_tensor() if isinstance(t, DTensor) else t
     if isinstance(t, DTensor):
-        if t.placements != p.placements or t.device_mesh != p.device_mesh:
-            t = t.redistribute(p.device_mesh, p.placements)
+        if t.placements != p.placements:
+            t = t.redistribute(placements=p.placements)
         return t.to_local()
     from torch.distributed.tensor import distribute_tensor
 
@@ -354,7 +354,9 @@ class PagedAdamW(_PagedAdamWBase):
     """AdamW (torch.optim.AdamW's math) with fp32 moments in CUDA unified memory.
 
     Args:
-        params: parameters (fp32, bf16 or fp16) or parameter groups.
+        params: parameters or parameter groups; the trainable ones fp32, bf16 or
+            fp16, frozen ones of any dtype (kept, never updated: ``model.parameters()``
+            is fine). FSDP2-sharded (DTensor) parameters update their local shard.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
         paged: on CUDA, keep the states in managed memory (needs the helper built
             with ``QLORA_TRITON_BUILD_CUDA=1``); ignored on the CPU.

@@ -53,24 +53,16 @@ def _lora_weights(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def _opt_backend(world: int) -> str | None:
-    """The optimizer's backend: with 2 ranks the default one (the Triton kernel on
-    each shard, interpreted under TRITON_INTERPRET=1, about 0.7 s a step here),
-    with 3 the plain-torch reference; the model always runs on the latter."""
-    return None if world == 2 else "torch"
-
-
-def _train(model, opt, tokens: torch.Tensor, rows: slice, world: int, opt_backend: str | None,
-           on_forward=None) -> list[float]:
+def _train(model, opt, tokens: torch.Tensor, rows: slice, world: int, on_forward=None) -> list[float]:
     """STEPS steps on ``tokens[rows]`` (of ``world`` ranks); the global batch's
-    mean loss per step."""
+    mean loss per step. Plain-torch backend: the interpreted Triton optimizer
+    takes seconds a step here; :func:`_triton_step_on_shards` runs it on shards."""
     losses = []
     for _ in range(STEPS):
         batch = tokens[rows]
         with qt.force_backend("torch"):
             loss = (on_forward or (lambda f: f()))(lambda: model(input_ids=batch, labels=batch).loss)
             loss.backward()
-        with qt.force_backend(opt_backend):
             opt.step()
         opt.zero_grad()
         loss = loss.detach().clone()
@@ -80,10 +72,10 @@ def _train(model, opt, tokens: torch.Tensor, rows: slice, world: int, opt_backen
     return losses
 
 
-def _one_process(tokens: torch.Tensor, world: int):
+def _one_process(tokens: torch.Tensor):
     model = _tiny_llama()
     opt = qt.PagedAdamW(model.parameters(), lr=LR)
-    losses = _train(model, opt, tokens, slice(None), 1, _opt_backend(world))
+    losses = _train(model, opt, tokens, slice(None), 1)
     return model, opt, losses
 
 
@@ -94,7 +86,7 @@ def _reference(world: int):
     """(tokens, one-process model, optimizer, losses) for ``world`` ranks' global batch."""
     if world not in _REFERENCES:
         tokens = torch.randint(0, 96, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(world))
-        _REFERENCES[world] = (tokens, *_one_process(tokens, world))
+        _REFERENCES[world] = (tokens, *_one_process(tokens))
     return _REFERENCES[world]
 
 
@@ -106,6 +98,7 @@ def _rows(rank: int) -> slice:
 
 
 def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
@@ -121,7 +114,7 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     assert lora and all(isinstance(p, DTensor) for p in lora.values())
     opt = qt.PagedAdamW(model.parameters(), lr=LR)  # frozen pieces included: skipped
-    losses = _train(model, opt, tokens, _rows(rank), world, _opt_backend(world))
+    losses = _train(model, opt, tokens, _rows(rank), world)
 
     out: dict = {"losses": losses, "lora": _lora_weights(model)}
     # Moments at the local shard's shape, none for frozen parameters.
@@ -129,7 +122,7 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     out["shard_shapes_ok"] = all(opt.state[p]["exp_avg"].shape == p.to_local().shape for p in lora.values())
     out["empty_shards"] = sum(p.to_local().numel() == 0 for p in lora.values())
 
-    # State dict round trips: our own, and torch's sharded and full ones.
+    # State dict round trips: our own, torch.distributed.checkpoint's files, torch's sharded and full dicts.
     def states(o) -> dict:
         return {n: {k: t.clone() for k, t in o.state[p].items()} for n, p in lora.items()}
 
@@ -138,8 +131,15 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     out["full_moments"] = {n: full["state"][n]["exp_avg_sq"] for n in lora}
     out["sharded_is_dtensor"] = all(isinstance(sharded["state"][n]["exp_avg"], DTensor) for n in lora)
+    dcp.save({"optim": sharded}, checkpoint_id=folder + "-dcp")
+
+    def via_dcp(o):
+        loaded = {"optim": get_optimizer_state_dict(model, o)}  # the template, filled in place
+        dcp.load(loaded, checkpoint_id=folder + "-dcp")
+        set_optimizer_state_dict(model, o, loaded["optim"])
+
     roundtrips = {}
-    for how, load in (("own", lambda o: o.load_state_dict(opt.state_dict())),
+    for how, load in (("own", lambda o: o.load_state_dict(opt.state_dict())), ("dcp", via_dcp),
                       ("sharded", lambda o: set_optimizer_state_dict(model, o, sharded)),
                       ("full", lambda o: set_optimizer_state_dict(
                           model, o, full, options=StateDictOptions(full_state_dict=True)))):
@@ -156,8 +156,33 @@ def _fsdp_run(tokens: torch.Tensor, folder: str, other_adapter: str) -> dict:
     out["saved_seen_by_every_rank"] = os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
     qt.load_adapter(model, other_adapter)
     out["loaded"] = _lora_weights(model)
+    with torch.no_grad(), qt.force_backend("torch"):  # the forward reads what was loaded into the shards
+        out["logits"] = model(input_ids=tokens[_rows(rank)]).logits
+    model.reshard()  # FSDP2 keeps the root unsharded after a forward that no backward follows
     out["eight_bit"] = _eight_bit_on_shards(model, tokens[_rows(rank)], lora)
+    out["triton_on_shards"] = _triton_step_on_shards(model)
     return out
+
+
+def _triton_step_on_shards(model) -> bool:
+    """A step of qt.PagedAdamW on the default backend (the Triton kernel,
+    interpreted under TRITON_INTERPRET=1) on two sharded adapter weights (one
+    with an empty shard on the third of 3 ranks) equals, shard for shard, the
+    step on the whole tensors in one process."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(model.named_parameters())
+    names = ["model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.1.mlp.down_proj.lora_B.weight"]
+    wholes = []
+    for i, name in enumerate(names):
+        p = params[name]
+        grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))  # the same on every rank
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None)
+        wholes.append(p.full_tensor().detach().clone().requires_grad_())
+        wholes[-1].grad = grad
+    qt.PagedAdamW([params[n] for n in names], lr=LR).step()
+    qt.PagedAdamW(wholes, lr=LR).step()
+    return all(torch.equal(params[n].full_tensor(), w) for n, w in zip(names, wholes))
 
 
 def _eight_bit_on_shards(model, batch: torch.Tensor, lora: dict) -> dict:
@@ -213,13 +238,18 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(world, request, tmp_path)
         weight_diff = max((r["lora"][n] - ref_lora[n]).abs().max().item() for n in ref_lora)
         assert weight_diff <= 1e-5
         assert all(torch.equal(r["lora"][n], results[0]["lora"][n]) for n in ref_lora)
-        assert r["shard_shapes_ok"] and r["sharded_is_dtensor"]
-        assert r["roundtrips"] == {"own": True, "sharded": True, "full": True}
+        assert r["shard_shapes_ok"] and r["sharded_is_dtensor"] and r["triton_on_shards"]
+        assert r["roundtrips"] == {"own": True, "dcp": True, "sharded": True, "full": True}
         assert r["saved_seen_by_every_rank"]
         wanted = {n: ref_opt.state[p]["exp_avg_sq"] for n, p in ref_model.named_parameters() if ".lora_" in n}
         assert all(torch.allclose(r["full_moments"][n], wanted[n], rtol=1e-4, atol=1e-10) for n in wanted)
         other_lora = _lora_weights(other)
         assert all(torch.equal(r["loaded"][n], other_lora[n]) for n in other_lora)
+    for rank, r in enumerate(results):
+        with torch.no_grad(), qt.force_backend("torch"):
+            logits = other(input_ids=tokens[_rows(rank)]).logits
+        assert (r["logits"] - logits).abs().max() <= 1e-6
+    for r in results:
         eight = r["eight_bit"]
         assert eight["same_as_on_shards"] and eight["codes_shape_ok"] and eight["steps"] == {2.0}
         assert eight["roundtrip_rel_err"] <= 0.02, eight  # one 8-bit dynamic-map step
@@ -296,7 +326,7 @@ def _ddp_run(tokens: torch.Tensor, native: bool, folder: str) -> dict:
             wrapped = qt.wrap_ddp(model)
     opt = qt.PagedAdamW(wrapped.parameters(), lr=LR)
     per_forward: list[tuple[int, int]] = []
-    losses = _train(wrapped, opt, tokens, _rows(rank), world, _opt_backend(world), on_forward=_counting(per_forward))
+    losses = _train(wrapped, opt, tokens, _rows(rank), world, on_forward=_counting(per_forward))
     qt.save_adapter(wrapped, folder)
     out = {"losses": losses, "lora": _lora_weights(model), "per_forward": per_forward, "init_bytes": init.bytes,
            "state": {k: v.clone() for k, v in model.state_dict().items()},
