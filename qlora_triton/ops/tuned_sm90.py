@@ -103,20 +103,19 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
 # (BLOCK_M, BLOCK_N, warps, stages) per op, tallest first; BLOCK_K =
 # min(64, blocksize). Figures: benchmarks/results/sm90-train-* (compile-time
 # estimates, sm90_sass --train).
-# * Forward: 8 warps keep the wgmma asynchronous across iterations (the
-#   decode of the next W tile overlaps the MMA; with 4 warps, or a split,
-#   Triton 3.6 waits in the same iteration). 128x128x64: 10.4
-#   thread-instructions per weight, 142 registers, ~1.2x the tensor-core
-#   time per trip; 64x128x64: 10.1, 128 registers, two programs per SM.
-# * Grad-input: 128x128x64 w8 13.9 (the transpose of the decoded tile costs
-#   PRMTs), asynchronous; 64x128x64 w4 8.5, asynchronous.
-# * The 4-warp tile last: BLOCK_K 32 (blocksize 32) and fp32 x fall back to it.
+# * 128x128x64 w8 s3 from M = 512: 8 warps keep the wgmma asynchronous
+#   across iterations (the decode of the next W tile overlaps the MMA; Triton
+#   3.6 waits in the same iteration with 4 warps or a split). Forward 10.4
+#   thread-instructions per weight, 142 registers, a trip ~1.2x its tensor
+#   time (shared memory); grad-input 13.9 (the decoded tile's transpose costs
+#   PRMTs), ~1.6x.
+# * 64x128x64 w4 s4 below (and for BLOCK_K 32, where 8 warps fail to lower):
+#   twice the programs for short grids; forward 7.4, grad-input 8.5.
 _GEMM_TILES = {
-    "forward": [(128, 128, 8, 3), (64, 128, 8, 4), (64, 128, 4, 4)],
+    "forward": [(128, 128, 8, 3), (64, 128, 4, 4)],
     "grad_input": [(128, 128, 8, 3), (64, 128, 4, 4)],
 }
-# Rows of x from which the tallest tile runs: below, the 64-row tile gives
-# the grid twice the programs.
+# Rows of x from which the 128-row tile runs.
 _TALL_FROM_M = 512
 _SPLIT_KEY = {"forward": "SPLIT_K", "grad_input": "SPLIT_N"}
 
@@ -158,7 +157,8 @@ def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bo
     """The word GEMM's config for x [M, K] @ W[N, K]^T (``op`` "forward") or
     grad_y [M, N] @ W ("grad_input"): the 128-row tile from M = 512, else the
     first allowed 64-row one; then the reduction split in two or four (at least
-    1024 columns each) while the grid is short of one program per SM."""
+    1024 columns each) while the grid fills at most half the SMs (a split
+    costs the wgmma its asynchrony, sm90_sass --train)."""
     block_k = min(64, blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _gemm_config(op, 64, 64, block_k, 2, 4, 1)
@@ -170,7 +170,7 @@ def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bo
     out_block = block_n if op == "forward" else block_k
     programs = -(-M // block_m) * -(-out_cols // out_block)
     split = 1
-    while (programs * split < SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
+    while (2 * programs * split <= SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
                                                                 2 * split, warps, stages),
                                                    blocksize, x_fp32)
            and red // (2 * split) >= 1024):
