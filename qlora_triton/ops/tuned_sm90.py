@@ -103,7 +103,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
 # (BLOCK_M, BLOCK_N, warps, stages) per op, tallest first; BLOCK_K =
 # min(64, blocksize). Figures: benchmarks/results/sm90-train-* (compile-time
 # estimates, sm90_sass --train).
-# * 128x128x64 w8 s3 from M = 512: 8 warps keep the wgmma asynchronous
+# * 128x128x64 w8 s3 for M >= 128 when its grid fills half the SMs: 8 warps keep the wgmma asynchronous
 #   across iterations (the decode of the next W tile overlaps the MMA; Triton
 #   3.6 waits in the same iteration with 4 warps or a split). Forward 10.4
 #   thread-instructions per weight, 142 registers, a trip ~1.2x its tensor
@@ -115,8 +115,6 @@ _GEMM_TILES = {
     "forward": [(128, 128, 8, 3), (64, 128, 4, 4)],
     "grad_input": [(128, 128, 8, 3), (64, 128, 4, 4)],
 }
-# Rows of x from which the 128-row tile runs.
-_TALL_FROM_M = 512
 _SPLIT_KEY = {"forward": "SPLIT_K", "grad_input": "SPLIT_N"}
 
 
@@ -155,8 +153,8 @@ def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
 def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
                 interpret: bool = False) -> triton.Config:
     """The word GEMM's config for x [M, K] @ W[N, K]^T (``op`` "forward") or
-    grad_y [M, N] @ W ("grad_input"): the 128-row tile from M = 512, else the
-    first allowed 64-row one; then the reduction split in two or four (at least
+    grad_y [M, N] @ W ("grad_input"): the 128-row tile when M fills it and its
+    grid fills half the SMs, else the first allowed 64-row one; then the reduction split in two or four (at least
     1024 columns each) while the grid fills at most half the SMs (a split
     costs the wgmma its asynchrony, sm90_sass --train)."""
     block_k = min(64, blocksize)
@@ -164,11 +162,14 @@ def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bo
         return _gemm_config(op, 64, 64, block_k, 2, 4, 1)
     tiles = [t for t in _GEMM_TILES[op]
              if gemm_allowed(_gemm_config(op, t[0], t[1], block_k, 1, t[2], t[3]), blocksize, x_fp32)]
-    block_m, block_n, warps, stages = next((t for t in tiles if M >= max(t[0], _TALL_FROM_M)
-                                            or t[0] <= 64), tiles[-1])
     out_cols, red = (N, K) if op == "forward" else (K, N)
-    out_block = block_n if op == "forward" else block_k
-    programs = -(-M // block_m) * -(-out_cols // out_block)
+
+    def programs(tile):
+        return -(-M // tile[0]) * -(-out_cols // (tile[1] if op == "forward" else block_k))
+
+    block_m, block_n, warps, stages = next(
+        (t for t in tiles if t[0] <= 64 or (M >= t[0] and 2 * programs(t) >= SMS)), tiles[-1])
+    programs = programs((block_m, block_n))
     split = 1
     while (2 * programs * split <= SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
                                                                 2 * split, warps, stages),
