@@ -135,11 +135,12 @@ def gemm_allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
     """Whether a word-GEMM config may run (sm90_compile, Triton 3.6): BLOCK_K <=
     blocksize (one block per row segment); no 8-warp tile with BLOCK_K 32
     (Triton fails to lower it); for fp32 x no split of 4 (255 registers,
-    64-104 B spilled)."""
+    64-104 B spilled) and no 128-row grad-input tile (234 KB of shared memory
+    on Triton 3.9, over the 227 KB limit)."""
     kw = cfg.kwargs
     split = kw.get("SPLIT_K", kw.get("SPLIT_N"))
     return (kw["BLOCK_K"] <= blocksize and not (kw["BLOCK_K"] < 64 and cfg.num_warps > 4)
-            and not (x_fp32 and split > 2))
+            and not (x_fp32 and (split > 2 or ("SPLIT_N" in kw and kw["BLOCK_M"] > 64))))
 
 
 def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
