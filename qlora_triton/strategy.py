@@ -42,24 +42,31 @@ GEMV_MAX_M = 16
 _SMALL_LAYER = 4096 * 4096
 
 # The smallest M that runs "dequant", per (GPU kind, shape bucket, dtype);
-# None: never by default. UNCALIBRATED: these sm_90 values come from the
-# static estimates of issue 12 and the peers' published behaviour, not from
-# a measurement on our kernels; the GPU check has to time all three
-# strategies and replace them.
-# * bitsandbytes 0.50 runs its fused 4-bit kernel only up to M of about 16-64
-#   on sm_90 and dequantize + F.linear beyond.
-# * Estimate for bf16/fp16 (per weight, H200): fused GEMM at ~25% of the
-#   790 TFLOP/s tensor peak = 2M / 197e12 s; dequant = 2.5 B written+read at
-#   4.3 TB/s, 2 B read by cuBLAS, plus 2M / 790e12 s. Equal at M ~ 140; at
-#   M = 4096 on 4096x4096: fused 334-576 us, dequant ~184 us.
+# None: never by default. UNCALIBRATED: the sm_90 values are compile-time
+# estimates (scripts/sm90_sass.py --train, benchmarks/results/sm90-train-*:
+# static SASS counts of our kernels, cuBLAS assumed at 790 TFLOP/s), not
+# measurements; the GPU check has to time all three strategies and replace
+# them. Estimates for bf16, H200, blocksize 64, double quant (4096x4096 up
+# to 28672x8192, Triton 3.6):
+# * dequant = our dequantize kernel (~1.4x its HBM floor of 2.52 B per
+#   weight) + cuBLAS: 1.01-1.03x its floor at M >= 4096, 1.2x at M = 256.
+# * fused (word-decoding GEMM): forward ~1.24x the flops at the tensor peak
+#   once the grid is full, grad-input ~1.6x; at M = 64 it reads 0.53 B per
+#   weight where dequant moves 4.5, so it is 2.6-4.4x faster there, and still
+#   ~1.2-1.4x faster at M = 256.
+# * They cross where fused's extra time (0.24x / 0.62x of the flops) equals
+#   the dequantize pass: M ~ 1400 forward, ~530 grad-input, for every shape
+#   above (both scale with N x K); 1024 in between. bitsandbytes 0.50 switches
+#   at M of about 16-64 on sm_90 with a slower fused kernel.
+# * Small layers (below 4096x4096) were not profiled: the same start.
 # * fp32: the fused kernel's dot runs in tf32 on tensor cores, cuBLAS fp32
 #   (tf32 off by default in torch) at the ~67 TFLOP/s fp32 rate: fused wins.
 CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {
-    ("sm_90", "large", torch.bfloat16): 128,
-    ("sm_90", "large", torch.float16): 128,
+    ("sm_90", "large", torch.bfloat16): 1024,
+    ("sm_90", "large", torch.float16): 1024,
     ("sm_90", "large", torch.float32): None,
-    ("sm_90", "small", torch.bfloat16): 256,
-    ("sm_90", "small", torch.float16): 256,
+    ("sm_90", "small", torch.bfloat16): 1024,
+    ("sm_90", "small", torch.float16): 1024,
     ("sm_90", "small", torch.float32): None,
 }
 # CUDA GPUs without rows of their own use this kind's; the CPU (the Triton

@@ -25,7 +25,7 @@ SHAPES = [
     (100, 384, 128),  # K % blocksize == 0: the aligned fast path (one scale per row)
     (77, 200, 64),    # K not a multiple of the blocksize: blocks cross rows
     (75, 131, 32),    # odd K and odd N * K: a padding nibble at the end
-    (66, 96, 32),     # aligned, but K tiles wider than a block take the general path
+    (66, 96, 32),     # aligned, blocksize 32: the word kernels' 32-column K tile
 ]
 # x layouts: leading batch dims, and two non-contiguous views.
 LAYOUTS = ["2d", "batched", "strided", "transposed"]

@@ -276,12 +276,12 @@ def test_sm90_table_crossover(monkeypatch):
     def pick(M, N=4096, K=4096, dtype=torch.bfloat16):
         return strategy_mod.select_strategy(M, N, K, dtype, gpu)
 
-    assert [pick(m) for m in (1, 16, 17, 127, 128, 4096)] == ["gemv", "gemv", "fused", "fused",
-                                                             "dequant", "dequant"]
+    assert [pick(m) for m in (1, 16, 17, 1023, 1024, 4096)] == ["gemv", "gemv", "fused", "fused",
+                                                               "dequant", "dequant"]
     assert pick(4096, dtype=torch.float16) == "dequant" and pick(4096, dtype=torch.float32) == "fused"
-    assert pick(128, 1000, 1000) == "fused" and pick(256, 1000, 1000) == "dequant"  # a small layer
+    assert pick(1023, 1000, 1000) == "fused" and pick(1024, 1000, 1000) == "dequant"  # a small layer
     monkeypatch.setattr(strategy_mod, "gpu_kind", lambda device: "sm_80")  # no rows: sm_90's
-    assert pick(128) == "dequant" and pick(64) == "fused"
+    assert pick(1024) == "dequant" and pick(256) == "fused"
 
 
 def test_environment_variable_chooses_and_is_checked(monkeypatch):

@@ -2,15 +2,19 @@
 through a packed NF4 weight, decoded tile by tile in registers (no dense copy of
 W is ever written to memory).
 
-Three kernels share one decode helper (:func:`_nf4_w_tile`):
+When ``K % blocksize == 0`` (every row starts on a 32-bit word of packed bytes)
+the kernels read int32 words and decode them with the register codebook of
+:mod:`.dequantize` (a shuffle per weight, the scale once per row segment):
 
-* ``_nf4_gemm_kernel``: tiled GEMM for training and prefill (M > 16); grid over
-  (M tiles, N tiles) in grouped order so neighbouring programs reuse W tiles in L2.
-* ``_nf4_gemv_kernel``: decode (M <= 16); memory-bound, so it splits K across
-  programs to put every SM on the packed bytes, and adds the partial sums with
-  fp32 atomics into a zeroed fp32 buffer.
-* ``_nf4_grad_input_kernel``: ``grad_y @ W``; the W tile it decodes is the same
-  ``[BLOCK_N, BLOCK_K]`` slice of W, only the loop runs over N instead of K.
+* ``_nf4_gemv_fma_kernel`` (M = 1) and ``_nf4_gemv_dot_kernel`` (M <= 16):
+  decode; memory-bound, K split across programs.
+* ``_nf4_gemm_words_kernel`` / ``_nf4_grad_input_words_kernel``: training and
+  prefill, computed transposed so that the decoded W tile is the wgmma's
+  register operand; shipped sm_90 configs in :mod:`.tuned_sm90`.
+
+Otherwise (blocks crossing rows) the per-element decode (:func:`_nf4_w_tile`)
+runs in ``_nf4_gemm_kernel``, ``_nf4_gemv_kernel`` (split-K, fp32 atomics) and
+``_nf4_grad_input_kernel`` (the same W tile, the loop over N instead of K).
 
 Element ``(n, k)`` of W is flat index ``n * K + k``: byte ``idx // 2`` (high nibble
 first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` a row

@@ -103,21 +103,18 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
 # (BLOCK_M, BLOCK_N, warps, stages) per op, tallest first; BLOCK_K =
 # min(64, blocksize). Figures: benchmarks/results/sm90-train-* (compile-time
 # estimates, sm90_sass --train).
-# * Forward: 8 warps keep the wgmma asynchronous across iterations (the
-#   decode of the next W tile overlaps the MMA; with 4 warps, or a split,
-#   Triton 3.6 waits in the same iteration). 128x128x64: 10.4
-#   thread-instructions per weight, 142 registers, ~1.2x the tensor-core
-#   time per trip; 64x128x64: 10.1, 128 registers, two programs per SM.
-# * Grad-input: 128x128x64 w8 13.9 (the transpose of the decoded tile costs
-#   PRMTs), asynchronous; 64x128x64 w4 8.5, asynchronous.
-# * The 4-warp tile last: BLOCK_K 32 (blocksize 32) and fp32 x fall back to it.
+# * 128x128x64 w8 s3 for M >= 128 when its grid fills half the SMs: 8 warps keep the wgmma asynchronous
+#   across iterations (the decode of the next W tile overlaps the MMA; Triton
+#   3.6 waits in the same iteration with 4 warps or a split). Forward 10.4
+#   thread-instructions per weight, 142 registers, a trip ~1.2x its tensor
+#   time (shared memory); grad-input 13.9 (the decoded tile's transpose costs
+#   PRMTs), ~1.6x.
+# * 64x128x64 w4 s4 below (and for BLOCK_K 32, where 8 warps fail to lower):
+#   twice the programs for short grids; forward 7.4, grad-input 8.5.
 _GEMM_TILES = {
-    "forward": [(128, 128, 8, 3), (64, 128, 8, 4), (64, 128, 4, 4)],
+    "forward": [(128, 128, 8, 3), (64, 128, 4, 4)],
     "grad_input": [(128, 128, 8, 3), (64, 128, 4, 4)],
 }
-# Rows of x from which the tallest tile runs: below, the 64-row tile gives
-# the grid twice the programs.
-_TALL_FROM_M = 512
 _SPLIT_KEY = {"forward": "SPLIT_K", "grad_input": "SPLIT_N"}
 
 
@@ -138,11 +135,12 @@ def gemm_allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
     """Whether a word-GEMM config may run (sm90_compile, Triton 3.6): BLOCK_K <=
     blocksize (one block per row segment); no 8-warp tile with BLOCK_K 32
     (Triton fails to lower it); for fp32 x no split of 4 (255 registers,
-    64-104 B spilled)."""
+    64-104 B spilled) and no 128-row grad-input tile (234 KB of shared memory
+    on Triton 3.9, over the 227 KB limit)."""
     kw = cfg.kwargs
     split = kw.get("SPLIT_K", kw.get("SPLIT_N"))
     return (kw["BLOCK_K"] <= blocksize and not (kw["BLOCK_K"] < 64 and cfg.num_warps > 4)
-            and not (x_fp32 and split > 2))
+            and not (x_fp32 and (split > 2 or ("SPLIT_N" in kw and kw["BLOCK_M"] > 64))))
 
 
 def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
@@ -156,21 +154,25 @@ def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
 def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
                 interpret: bool = False) -> triton.Config:
     """The word GEMM's config for x [M, K] @ W[N, K]^T (``op`` "forward") or
-    grad_y [M, N] @ W ("grad_input"): the 128-row tile from M = 512, else the
-    first allowed 64-row one; then the reduction split in two or four (at least
-    1024 columns each) while the grid is short of one program per SM."""
+    grad_y [M, N] @ W ("grad_input"): the 128-row tile when M fills it and its
+    grid fills half the SMs, else the first allowed 64-row one; then the reduction split in two or four (at least
+    1024 columns each) while the grid fills at most half the SMs (a split
+    costs the wgmma its asynchrony, sm90_sass --train)."""
     block_k = min(64, blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _gemm_config(op, 64, 64, block_k, 2, 4, 1)
     tiles = [t for t in _GEMM_TILES[op]
              if gemm_allowed(_gemm_config(op, t[0], t[1], block_k, 1, t[2], t[3]), blocksize, x_fp32)]
-    block_m, block_n, warps, stages = next((t for t in tiles if M >= max(t[0], _TALL_FROM_M)
-                                            or t[0] <= 64), tiles[-1])
     out_cols, red = (N, K) if op == "forward" else (K, N)
-    out_block = block_n if op == "forward" else block_k
-    programs = -(-M // block_m) * -(-out_cols // out_block)
+
+    def programs(tile):
+        return -(-M // tile[0]) * -(-out_cols // (tile[1] if op == "forward" else block_k))
+
+    block_m, block_n, warps, stages = next(
+        (t for t in tiles if t[0] <= 64 or (M >= t[0] and 2 * programs(t) >= SMS)), tiles[-1])
+    programs = programs((block_m, block_n))
     split = 1
-    while (programs * split < SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
+    while (2 * programs * split <= SMS and gemm_allowed(_gemm_config(op, block_m, block_n, block_k,
                                                                 2 * split, warps, stages),
                                                    blocksize, x_fp32)
            and red // (2 * split) >= 1024):
