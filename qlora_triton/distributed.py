@@ -150,7 +150,6 @@ class _Checkpoint:
         for name in files:
             f = stack.enter_context(safe_open(folder / name, framework="pt", backend="pread"))
             self._files.update({key: f for key in f.keys()})
-        self.read_bytes = 0
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
@@ -164,9 +163,7 @@ class _Checkpoint:
         part = self._files[key].get_slice(key)
         if start is not None and start >= stop:  # a trailing rank's empty share
             return part[0:1][:0]  # (safetensors refuses empty slices; one row gives the dtype)
-        t = part[start:stop]
-        self.read_bytes += t.numel() * t.element_size()
-        return t
+        return part[start:stop]
 
 
 def _local_range(p, rows: int) -> tuple[int, int]:
