@@ -351,10 +351,22 @@ class Linear4bit(nn.Module):
             p = self._parameters.get(name)
             if p is not None and field in _BNB_KEY:
                 out[_BNB_KEY[field]] = _viewed(p)
-        nested = (self._blocksize2, self._offset) if self._double_quant else None
-        if nested is None or self._offset is not None:  # (a meta skeleton has no offset yet)
+        offset = self._nested_offset()
+        nested = (self._blocksize2, offset) if self._double_quant else None
+        if nested is None or offset is not None:  # (a meta skeleton has no offset yet)
             out[_QUANT_STATE_KEY] = quant_state_blob(self._qshape, self._qdtype, self._blocksize, nested)
         return out
+
+    def _nested_offset(self) -> float | None:
+        """The nested offset for the quant_state JSON: read from ``weight_offset``
+        itself when it is a whole tensor, so that in-place writes the layer does
+        not see (DDP's sync from rank 0 at construction, ``copy_`` under no_grad)
+        are saved as the kernels use them. A sharded one (only rank 0 may hold its
+        element) gives the value kept when it was set or loaded."""
+        p = self._parameters.get("weight_offset")
+        if p is None or _is_dtensor(p) or p.device.type == "meta":
+            return self._offset
+        return float(_viewed(p).reshape(()))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for suffix, t in self._bnb_tensors().items():

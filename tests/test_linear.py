@@ -3,6 +3,7 @@ and state dicts in bitsandbytes' keys, both ways with bitsandbytes itself."""
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -208,3 +209,15 @@ def test_bias_argument_checks():
         qt.Linear4bit(qw, bias=[0.0] * 6)
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         qt.Linear4bit(qw, bias=torch.randn(5))
+
+
+def test_saved_offset_follows_in_place_writes():
+    # DDP's construction syncs parameters from rank 0 in place; the saved quant_state
+    # must carry the offset the kernels then use, not the one the layer was built with.
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(96, 40))
+    offset = float(torch.rand(()) * 0.1 + 0.01)
+    with torch.no_grad():
+        layer.weight_offset.copy_(torch.tensor([offset]).view(torch.int32))
+    blob = layer.state_dict()["weight.quant_state.bitsandbytes__nf4"]
+    assert json.loads(bytes(blob.tolist()))["nested_offset"] == torch.tensor(offset).item()
+    assert float(layer.quant_weight.offset) == torch.tensor(offset).item()
