@@ -4,6 +4,7 @@ and state dicts in bitsandbytes' keys, both ways with bitsandbytes itself."""
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
