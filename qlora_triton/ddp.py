@@ -3,17 +3,17 @@ base synced once and no buffer traffic per forward.
 
 DDP's defaults suit models whose buffers change while training (batch-norm
 statistics): it broadcasts every buffer from rank 0 at the start of every
-forward. A QLoRA model's largest buffers are its frozen NF4 base (in a
-``Linear4bit`` they are buffers), which never changes, so that broadcast
-resends the whole base every step (about 35 GB per step for a 70B model).
-Turning it off with ``broadcast_buffers=False`` also skips DDP's one sync at
-construction, so ranks that quantized or loaded different bases train
+forward. A QLoRA model's buffers never change. ``Linear4bit`` keeps its NF4
+base as frozen Parameters, which DDP syncs from rank 0 once, at construction,
+and never again. The buffers left (rotary frequencies, or a base kept in
+buffers by other code: bitsandbytes-style layers, older qlora_triton) would
+still be re-sent every forward (a whole 70B base in buffers is about 35 GB
+per step). Turning that off with ``broadcast_buffers=False`` also skips DDP's
+one sync at construction, so ranks that built different buffers train
 silently apart. What is wanted is the sync once, at construction, and never
 again: torch >= 2.13 spells that ``forward_sync_buffers=False``; on older
 torch the buffers are broadcast from rank 0 here, once, and DDP is built with
-``broadcast_buffers=False``. Parameters (trainable or frozen) are synced from
-rank 0 at construction by DDP itself either way.
-"""
+``broadcast_buffers=False``."""
 
 from __future__ import annotations
 
