@@ -19,7 +19,6 @@ from triton.runtime.jit import KernelInterface
 import qlora_triton as qt
 from qlora_triton import reference
 from qlora_triton import strategy as strategy_mod
-from qlora_triton.ops import matmul as ops_matmul
 from qlora_triton.ops import scratch
 from qlora_triton.ops.meta import kernels_skipped
 from qlora_triton.tensor_memory import TensorMemory
@@ -30,14 +29,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def _no_meta_state_left():
+def _no_scratch_left():
     qt.release_scratch()
     yield
     qt.release_scratch()
-    # The GEMV's split-K counters of the meta device hold no values: other
-    # tests read every counter.
-    for key in [key for key in ops_matmul._split_counters if key[0].type == "meta"]:
-        del ops_matmul._split_counters[key]
 
 
 def _meta_layer(N, K, dtype, bias=False):
