@@ -112,8 +112,8 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
     """Give the parameters still on the meta device (embeddings, norms, head) real storage."""
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
-            if param.device.type != "meta":
-                continue
+            if param.device.type != "meta" or not param.is_floating_point():
+                continue  # (integer ones: the NF4 storage of a model built on meta stays there)
             real = torch.empty(param.shape, device=device, dtype=dtype)
             if name == "weight" and param.dim() == 1:
                 real.fill_(1.0)  # RMSNorm gains

@@ -884,9 +884,11 @@ def _gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Wei
     name = "fma" if M <= GEMV_FMA_MAX_M else "dot"
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     tuned = autotune_enabled() and not INTERPRET
+    # Meta tensors (tensor accounting, ops/meta.py) take the GPU's config, so that
+    # what they allocate (split-K partials) is what the GPU run allocates.
     configs = (gemv_configs(name) if tuned
                else [gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
-                                 interpret=INTERPRET)])
+                                 interpret=INTERPRET and x.device.type != "meta")])
     splits = max(c.kwargs["SPLIT_K"] for c in configs)
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     tiles = max(-(-N // c.kwargs["BLOCK_N"]) for c in configs)
@@ -924,7 +926,7 @@ def _gemm_words(op: str, a: torch.Tensor, words: torch.Tensor, tensors: tuple, q
     tuned = autotune_enabled() and not INTERPRET
     configs = (gemm_configs(op) if tuned
                else [gemm_config(op, M, N, K, qw.blocksize, a.dtype == torch.float32,
-                                 interpret=INTERPRET)])
+                                 interpret=INTERPRET and a.device.type != "meta")])
     splits = max(c.kwargs[split_key] for c in configs)
     partial = (torch.empty((splits, M, out_cols), dtype=torch.float32, device=a.device)
                if splits > 1 else out)
