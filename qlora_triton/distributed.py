@@ -25,7 +25,6 @@ FSDP2 splits each tensor on dim 0 into ``torch.chunk`` pieces, so a rank holds
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from pathlib import Path
@@ -139,12 +138,10 @@ class _Checkpoint:
     def __init__(self, folder: Path, stack: contextlib.ExitStack) -> None:
         from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
+        from .hub import safetensors_files
+
+        files = safetensors_files(folder)
+        if not files:
             raise ValueError(f"folder: {os.fspath(folder)!r} holds no safetensors weights")
         self._files: dict[str, Any] = {}
         for name in files:

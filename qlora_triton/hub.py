@@ -22,18 +22,23 @@ def _is_bnb_4bit(quant: dict[str, Any]) -> bool:
     return quant.get("quant_method") == "bitsandbytes" or bool(quant.get("load_in_4bit"))
 
 
+def safetensors_files(folder: Path) -> list[str]:
+    """The safetensors files of a local model folder: those its index names, or
+    ``model.safetensors``; empty when it has neither."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
 def _pread_state_dict(folder: str | os.PathLike, stack: contextlib.ExitStack) -> dict[str, Any]:
     """Lazy slices of every tensor of a local safetensors folder, read with
     ``pread`` when transformers materializes them (nothing is memory-mapped)."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    files = safetensors_files(folder)
+    if not files:
         raise ValueError(f"read='pread' needs a local folder of safetensors files, got {os.fspath(folder)!r}")
     state_dict: dict[str, Any] = {}
     for name in files:
