@@ -12,12 +12,15 @@
 #   env      GPU, driver, CUDA, torch, triton, bitsandbytes, torchao versions (always runs)
 #   tests    the whole pytest suite on CUDA, compiled Triton (TRITON_INTERPRET unset)
 #   presets  `qlora-triton finetune --preset 7b` and `--preset 65b` (when the CLI has --preset)
+#   crossover  `python -m benchmarks.crossover`: fused vs dequant timed at growing M, the measured
+#            strategy crossover table (crossover.json; load it with
+#            qlora_triton.strategy.load_crossover or QLORA_TRITON_CROSSOVER=crossover.json)
 #   bench    the full benchmark suite (python -m benchmarks); last, because it can be resumed:
 #            with $RESUME present (default .bench_resume/rows.jsonl) it passes --resume
 # and a short summary table is printed last.
 #
 # $OUT gets at most 8 plain files, no folders (the device tool returns no more):
-#   setup.log  pytest.log  presets.log  bench.log  summary.txt
+#   setup.log  pytest.log  presets.log  bench.log  summary.txt  crossover.json
 #   bench_results.tar.gz   the results folder <gpu>-<date>/ (results.json, results.md, plots,
 #                          rows.jsonl): `tar -xzf bench_results.tar.gz -C benchmarks/results`
 #   rows.jsonl             the bench rows measured so far, for a rerun that finishes the bench:
@@ -25,8 +28,8 @@
 #                          STAGES="install bench", carry [".whl", ".bench_resume"]
 #
 # Settings (environment): OUT (default /tmp/gpu_check), GIT_COMMIT (the tree there has no .git),
-# PYTHON (python3), STAGES ("install tests presets bench"), BUDGET (480 s in all), T_INSTALL (120),
-# T_TESTS (180), T_PRESET (60 each), T_BENCH (400), MIN_STAGE (20), PRESETS ("7b 65b"),
+# PYTHON (python3), STAGES ("install tests presets crossover bench"), BUDGET (480 s in all),
+# T_INSTALL (120), T_TESTS (180), T_PRESET (60 each), T_CROSSOVER (90), T_BENCH (400), MIN_STAGE (20), PRESETS ("7b 65b"),
 # BENCH_ARGS (extra options of python -m benchmarks), PYTEST_ARGS, RESUME.
 #
 # DRY_RUN=1: the same script on a CPU machine, to check it: no installs, pytest --collect-only,
@@ -38,7 +41,7 @@ PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_check}
 WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)   # outside $OUT: only the flat files below go back
-STAGES=${STAGES:-install tests presets bench}
+STAGES=${STAGES:-install tests presets crossover bench}
 BUDGET=${BUDGET:-480}
 MIN_STAGE=${MIN_STAGE:-20}
 RESUME=${RESUME:-.bench_resume/rows.jsonl}
@@ -154,6 +157,21 @@ if wants presets; then
       note=$(grep -m1 "^preset $preset" "$WORK/preset.log" || grep -v '^\s*$' "$WORK/preset.log" | tail -1)
       record "$preset" "$(status "$rc" "$t")" $((SECONDS - t0)) "$(cut -c1-90 <<<"$note")"
     done
+  fi
+fi
+
+# -- crossover -----------------------------------------------------------------------------
+if wants crossover; then
+  t0=$SECONDS; t=$(limit "${T_CROSSOVER:-90}")
+  if [ "$t" = 0 ]; then
+    record crossover "skipped" 0 "no budget left"
+  else
+    smoke=(); [ "$DRY_RUN" = 1 ] && smoke=(--smoke)
+    timeout -k 10 "$t" "$PY" -m benchmarks.crossover "${smoke[@]}" --out "$OUT/crossover.json" \
+      >"$WORK/crossover.log" 2>&1
+    rc=$?
+    record crossover "$(status "$rc" "$t")" $((SECONDS - t0)) \
+      "$(grep -m2 'dequant' "$WORK/crossover.log" | tr '\n' ';' | cut -c1-90)"
   fi
 fi
 

@@ -16,7 +16,9 @@ actually ran.
 
 Precedence: :func:`force_strategy` (innermost block wins), then the
 ``QLORA_TRITON_STRATEGY`` environment variable (read once, at import), then
-the crossover table :data:`CROSSOVER`.
+the crossover table :data:`CROSSOVER` (its shipped rows, or a table measured on
+the GPU by ``python -m benchmarks.crossover``: :func:`load_crossover`, or
+``QLORA_TRITON_CROSSOVER=path`` at import).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 from typing import Iterator, Literal
 
@@ -69,10 +72,41 @@ CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {
     ("sm_90", "small", torch.float16): 1024,
     ("sm_90", "small", torch.float32): None,
 }
+
+
+def load_crossover(path: str | os.PathLike) -> dict[tuple[str, str, torch.dtype], int | None]:
+    """Use a crossover table measured by ``python -m benchmarks.crossover`` (the GPU
+    check runs it): its rows replace :data:`CROSSOVER`'s for the GPU kind it was
+    measured on, in this process. Returns the rows it set. The environment
+    variable ``QLORA_TRITON_CROSSOVER=path`` does this at import."""
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+        kind, rows = data["gpu_kind"], data["crossover"]
+        new = {}
+        for row in rows:
+            dtype = getattr(torch, row["dtype"])
+            start = row["dequant_from_m"]
+            if row["bucket"] not in ("small", "large") or dtype not in (torch.bfloat16, torch.float16,
+                                                                       torch.float32):
+                raise ValueError(f"row {row}")
+            if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
+                raise ValueError(f"dequant_from_m {start!r}")
+            new[(kind, row["bucket"], dtype)] = start
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"crossover table {os.fspath(path)!r}: not a table of benchmarks.crossover ({err})") from None
+    if not isinstance(kind, str) or not kind.startswith("sm_"):
+        raise ValueError(f"crossover table {os.fspath(path)!r}: measured on {kind!r}, not a CUDA GPU; "
+                         "interpreted kernels say nothing about a GPU's crossover")
+    CROSSOVER.update(new)
+    return new
+
+
 # CUDA GPUs without rows of their own use this kind's; the CPU (the Triton
 # interpreter) never picks "dequant" by default, so the fused kernels stay
 # what CPU tests of the default path exercise.
 _DEFAULT_GPU_KIND = "sm_90"
+if os.environ.get("QLORA_TRITON_CROSSOVER"):
+    load_crossover(os.environ["QLORA_TRITON_CROSSOVER"])
 
 # How often each strategy ran, by (op, strategy) with op "forward" or
 # "grad_input": tests and benchmarks read it to see what the dispatcher chose.

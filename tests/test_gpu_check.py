@@ -26,7 +26,7 @@ def test_gpu_check_parses():
 
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, OUT=str(out), STAGES="bench",
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, OUT=str(out), STAGES="crossover bench",
                BENCH_ARGS="--ops quantize --providers qlora_triton,bf16 --no-plots",
                RESUME=str(tmp_path / "absent.jsonl"))
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -34,7 +34,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert all((out / f).is_file() for f in files) and len(files) <= 8, files
-    assert {"setup.log", "bench.log", "rows.jsonl", "bench_results.tar.gz", "summary.txt"} <= set(files)
+    assert {"setup.log", "bench.log", "rows.jsonl", "bench_results.tar.gz", "summary.txt",
+            "crossover.json"} <= set(files)
+    crossover = json.loads((out / "crossover.json").read_text())
+    assert crossover["gpu_kind"] == "cpu" and crossover["rows"] and crossover["crossover"]
     with tarfile.open(out / "bench_results.tar.gz") as tar:
         names = tar.getnames()
         doc = json.load(tar.extractfile(next(n for n in names if n.endswith("/results.json"))))
@@ -42,7 +45,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert {(r["op"], r["provider"], r["status"]) for r in doc["results"]} == {
         ("quantize", "qlora_triton", "ok"), ("quantize", "bf16", "n/a")}
     assert len((out / "rows.jsonl").read_text().splitlines()) == 2
-    last = proc.stdout.strip().splitlines()[-3:]  # the summary table comes last
+    last = proc.stdout.strip().splitlines()[-4:]  # the summary table comes last
     assert last[0].split() == ["stage", "status", "time", "note"]
-    assert last[1].split()[:2] == ["env", "ok"] and last[2].split()[:2] == ["bench", "ok"]
-    assert (out / "summary.txt").read_text().strip().splitlines()[-1] == last[2]
+    assert [line.split()[:2] for line in last[1:]] == [["env", "ok"], ["crossover", "ok"], ["bench", "ok"]]
+    assert (out / "summary.txt").read_text().strip().splitlines()[-1] == last[3]
