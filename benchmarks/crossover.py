@@ -40,9 +40,9 @@ SMOKE_SHAPES = {"small": ((64, 128), (32, 64))}  # toy layers are all "small"
 SMOKE_M = (17, 40)
 
 
-def _product(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device):
+def _product(qw, M: int, dtype: torch.dtype, device: torch.device):
     """A zero-argument call: the forward and grad-input products of one layer."""
-    qw = qt.quantize_nf4(torch.randn(N, K, device=device) * 0.02, double_quant=True)
+    N, K = qw.shape
     x = torch.randn(M, K, device=device, dtype=dtype)
     grad_y = torch.randn(M, N, device=device, dtype=dtype)
 
@@ -60,15 +60,16 @@ def measure(shapes: dict, ms: tuple, dtypes: tuple, device: torch.device, timer:
         for N, K in bucket_shapes:
             if strategy_mod.shape_bucket(N, K) != bucket:
                 raise ValueError(f"shape {N}x{K} is not in the {bucket!r} bucket")
+            qw = qt.quantize_nf4(torch.randn(N, K, device=device) * 0.02, double_quant=True)
             for dtype in dtypes:
                 for M in ms:
-                    fn = _product(N, K, M, dtype, device)
+                    fn = _product(qw, M, dtype, device)
                     row = {"bucket": bucket, "N": N, "K": K, "M": M, "dtype": str(dtype).removeprefix("torch.")}
                     for name in ("fused", "dequant"):
                         with strategy_mod.force_strategy(name):
                             row[f"{name}_ms"] = timer(fn)
                     rows.append(row)
-                    del fn
+            del qw
     qt.release_scratch()
     return rows
 
