@@ -16,4 +16,8 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q "triton==3.9.0" -e ".[test]"
 export TRITON_INTERPRET=1
-exec "$PY" -m pytest -q "$@"
+# Two workers (pytest-xdist), one test file each at a time: most tests use one
+# core (interpreted kernels, Python), so two run in about 0.6x the time on the
+# 2-core CI machine; a file's module and session fixtures (the sm_90 compile,
+# the multi-process pools) are built once per worker. PYTEST_WORKERS=0: serial.
+exec "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
