@@ -19,8 +19,6 @@ measured on the CPU is refused there: interpreted kernels say nothing about a GP
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 
 import qlora_triton as qt
 from qlora_triton import strategy as strategy_mod
+from qlora_triton.finetune.report import write_json
 
 from .timing import Timer
 
@@ -113,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(device, cpu_reps=1) if device.type == "cpu" else Timer(device)
     result = table(measure(shapes, ms, DTYPES, device, timer), device)
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(out, result)
     for row in result["crossover"]:
         start = row["dequant_from_m"]
         print(f"{result['gpu_kind']} {row['bucket']:5s} {row['dtype']:8s}: dequant from M = {start}"

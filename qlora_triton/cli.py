@@ -125,8 +125,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _memory_only(args: argparse.Namespace, given: dict) -> int:
-    import json
-
+    from .finetune.report import write_json
     from .finetune.strategy_memory import format_peaks, step_peaks
 
     unused = [f"--{name.replace('_', '-')}" for name in ("steps", "lr") if name in given]
@@ -139,9 +138,7 @@ def _memory_only(args: argparse.Namespace, given: dict) -> int:
         out = pathlib.Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"memory-{args.preset}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)  # atomically
+        write_json(path, result)
         print(f"wrote {path}")
     return 0
 

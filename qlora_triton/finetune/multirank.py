@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .report import write_json
 from .train import FinetuneConfig, cosine_schedule, pick_backend, prepare
 
 
@@ -96,12 +96,6 @@ def _evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float
     dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run_multirank(config: FinetuneConfig) -> dict:
@@ -185,7 +179,7 @@ def run_multirank(config: FinetuneConfig) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if rank == 0:
-        _atomic_write_json(out / "summary-multirank.json", summary)
+        write_json(out / "summary-multirank.json", summary)
         if not config.quiet:
             print(f"QLoRA on {world} ranks ({summary['backend']}): held-out loss {initial:.4f} -> {final:.4f}, "
                   f"{summary['tokens_per_s']:,.0f} tokens/s; wrote {out / 'summary-multirank.json'}")

@@ -12,7 +12,6 @@ measure step time and peak memory at that scale.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ import torch
 
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
+from .report import write_json
 from .step import timed_step
 
 # The default run (no --preset), by device: model size, data and steps chosen
@@ -255,7 +255,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"preset-{name}.json").write_text(json.dumps(result, indent=2))
+        write_json(out / f"preset-{name}.json", result)
         result["json"] = str(out / f"preset-{name}.json")
     if not quiet:
         mem = result["memory"]

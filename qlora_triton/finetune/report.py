@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,8 +94,17 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON at ``path``, atomically: a hidden sibling, then
+    a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def write(summary: dict, out: Path) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     plot(summary, out / summary["plot"])
 
 
