@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .dtensor import is_dtensor
 from .linear import Linear4bit, LoRALinear4bit, check_lora_args
 
 logger = logging.getLogger("qlora_triton")
@@ -58,15 +59,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """``t`` whole: a sharded weight is all-gathered (every rank must call)."""
-    return t.full_tensor() if dist.is_available() and _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _on_rank0(fn):
@@ -201,7 +196,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def _copy_into(weight: torch.Tensor, full: torch.Tensor) -> None:
     """Write the whole tensor ``full`` into ``weight``, into this rank's shard
     when ``weight`` is sharded (no communication: every rank holds ``full``)."""
-    if not (dist.is_available() and _is_dtensor(weight)):
+    if not is_dtensor(weight):
         weight.copy_(full)
         return
     from torch.distributed.tensor import distribute_tensor

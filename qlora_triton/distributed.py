@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .convert import freeze_all_but_lora, select_linears
+from .dtensor import is_dtensor, like, local
 from .linear import _BNB_KEY, _QUANT_PARAMS, _QUANT_STATE_KEY, Linear4bit, LoRALinear4bit, check_lora_args
 from .quantization import quantize_nf4
 from .weight import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Weight, _field, check_blocksize, parse_quant_state
@@ -102,14 +103,14 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, layers: Iterable[nn
 def base_bytes(model: nn.Module) -> dict[str, int]:
     """``{"local": NF4 bytes this rank holds, "total": the whole base's}``
     (codebooks and scales included; the same number twice when not sharded)."""
-    local = total = 0
+    kept = total = 0
     for m in model.modules():
         if isinstance(m, Linear4bit):
             for p in m.nf4_parameters().values():
-                part = p.to_local() if hasattr(p, "to_local") else p
-                local += part.numel() * part.element_size()
+                part = local(p)
+                kept += part.numel() * part.element_size()
                 total += p.numel() * p.element_size()
-    return {"local": local, "total": total}
+    return {"local": kept, "total": total}
 
 
 @contextlib.contextmanager
@@ -172,7 +173,7 @@ def _local_range(p, rows: int) -> tuple[int, int]:
 
 def _read_local(ckpt: _Checkpoint, key: str, p) -> torch.Tensor:
     """This rank's rows of ``key`` for the (sharded or whole) parameter ``p``."""
-    if not hasattr(p, "to_local"):
+    if not is_dtensor(p):
         return ckpt.rows(key)
     start, stop = _local_range(p, p.shape[0])
     return ckpt.rows(key, start, stop)
@@ -314,7 +315,7 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, nf4: dict[str, bool], dtype: torc
                 p = m._parameters.get(pname)
                 if p is not None and field in _BNB_KEY:
                     key = f"{name}.weight{_BNB_KEY[field]}"
-                    sd["weight" + _BNB_KEY[field]] = _as_like(_read_local(ckpt, key, p).to(device), p)
+                    sd["weight" + _BNB_KEY[field]] = like(_read_local(ckpt, key, p).to(device), p)
             sd["weight" + _QUANT_STATE_KEY] = ckpt.rows(f"{name}.weight{_QUANT_STATE_KEY}")
             m._load_shards(sd)
         else:
@@ -339,31 +340,13 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, nf4: dict[str, bool], dtype: torc
             key = next((k for k in names[id(p)] if k in ckpt), None)
             if key is None:
                 raise ValueError(f"the checkpoint holds no weight for {names[id(p)][0]}")
-            local = p.to_local() if hasattr(p, "to_local") else p
-            local.copy_(_read_local(ckpt, key, p))
+            local(p).copy_(_read_local(ckpt, key, p))
             done.add(id(p))
-
-
-def _as_like(local: torch.Tensor, p):
-    """``local`` (this rank's rows) as a DTensor placed as ``p``."""
-    from torch.distributed.tensor import DTensor
-
-    shape = list(p.shape)
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
-
-
-def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= n
-    return tuple(reversed(stride))
 
 
 def _set_local(p, full: torch.Tensor) -> None:
     """This rank's rows of ``full`` into ``p`` (sharded or whole)."""
-    if hasattr(p, "to_local"):
+    if is_dtensor(p):
         start, stop = _local_range(p, p.shape[0])
         p.to_local().copy_(full[start:stop])
     else:

@@ -71,12 +71,12 @@ from __future__ import annotations
 
 import math
 import operator
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
+from .dtensor import is_dtensor
 from .library import weight_args
 from .lora import lora_nf4_linear_args
 from .matmul import nf4_matmul_args
@@ -114,12 +114,6 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
 def _viewed(p: torch.Tensor | None) -> torch.Tensor | None:
     """The NF4 tensor a stored parameter holds (a view: float32 from int32 bits)."""
     return p.view(torch.float32) if p is not None and p.dtype == torch.int32 else p
-
-
-def _is_dtensor(t: Any) -> bool:
-    # Without torch.distributed.tensor imported no DTensor exists: one process never imports it.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 class _AnyAttribute:
@@ -228,7 +222,7 @@ class Linear4bit(nn.Module):
 
     def _build_weight(self) -> tuple[NF4Weight, tuple]:
         params = tuple(map(self._parameters.get, _QUANT_NAMES))
-        if any(map(_is_dtensor, params)):
+        if any(map(is_dtensor, params)):
             raise RuntimeError(f"{type(self).__name__}: {SHARDED_HINT}")
         packed, absmax, code, absmax2, code2, offset = map(_viewed, params)
         qw = NF4Weight(packed=packed, absmax=absmax, shape=self._qshape, dtype=self._qdtype,
@@ -364,7 +358,7 @@ class Linear4bit(nn.Module):
         are saved as the kernels use them. A sharded one (only rank 0 may hold its
         element) gives the value kept when it was set or loaded."""
         p = self._parameters.get("weight_offset")
-        if p is None or _is_dtensor(p) or p.device.type == "meta":
+        if p is None or is_dtensor(p) or p.device.type == "meta":
             return self._offset
         return float(_viewed(p).reshape(()))
 
@@ -391,7 +385,7 @@ class Linear4bit(nn.Module):
             handled |= qkeys | {prefix + n for n in _QUANT_NAMES if prefix + n in state_dict}
             sd = {k[len(prefix):]: state_dict[k] for k in qkeys}
             try:
-                if _is_dtensor(self._parameters["weight"]):
+                if is_dtensor(self._parameters["weight"]):
                     self._load_shards(sd)
                 else:
                     qw = self._weight_from_state_dict(sd)
@@ -426,7 +420,7 @@ class Linear4bit(nn.Module):
 
     def _weight_from_state_dict(self, sd: dict[str, torch.Tensor]) -> NF4Weight:
         weight = sd["weight"]
-        if any(map(_is_dtensor, sd.values())):
+        if any(map(is_dtensor, sd.values())):
             raise TypeError("a sharded (DTensor) state dict loads only into a layer sharded by FSDP2; "
                             "gather it first (get_model_state_dict(..., options=StateDictOptions("
                             "full_state_dict=True)))")
@@ -444,7 +438,7 @@ class Linear4bit(nn.Module):
         (FSDP2 holds the Parameter objects). Each value is a full tensor (this
         rank keeps its rows; the whole weight is checked first) or a DTensor
         sharded as the parameter (copied as it is)."""
-        if not any(map(_is_dtensor, sd.values())):
+        if not any(map(is_dtensor, sd.values())):
             self._check_same_format(self._weight_from_state_dict(sd))
         else:
             key = "weight" + _QUANT_STATE_KEY
@@ -496,13 +490,13 @@ class Linear4bit(nn.Module):
 def _copy_into(p: torch.Tensor, value: torch.Tensor, name: str = "bias") -> None:
     """``p.copy_(value)`` for a plain or sharded ``p``: a full ``value`` gives
     this rank its rows (FSDP2's dim-0 chunks); a DTensor must be sharded as ``p``."""
-    if not _is_dtensor(p):
-        if _is_dtensor(value):
+    if not is_dtensor(p):
+        if is_dtensor(value):
             raise TypeError(f"{name}: a DTensor loads only into a parameter sharded by FSDP2")
         p.copy_(value)
         return
     local = p.to_local()
-    if _is_dtensor(value):
+    if is_dtensor(value):
         if value.shape != p.shape or value.placements != p.placements or value.device_mesh != p.device_mesh:
             raise ValueError(f"{name}: a DTensor {tuple(value.shape)} {value.placements} does not match "
                              f"the parameter's {tuple(p.shape)} {p.placements}")

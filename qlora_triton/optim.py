@@ -61,27 +61,11 @@ from .adamw_scalars import STATE_BLOCKSIZE as QBLOCK
 from .adamw_scalars import AdamWScalars
 from .backend import use_triton
 from .codebooks import dynamic_map
+from .dtensor import is_dtensor, like
+from .dtensor import local as local_shard
 from .quantization import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without torch.distributed: nothing is sharded
-    DTensor = ()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: writing it writes the
-    parameter), else ``t`` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _as_dtensor(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A state tensor of p's local shape as a DTensor laid out like ``p``."""
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride())
-
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
     def number(name: str, x: Any) -> float:
@@ -141,14 +125,14 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params})
 
     def _is_paged(self, p: torch.Tensor) -> bool:
-        return self.paged and _local(p).device.type == "cuda"
+        return self.paged and local_shard(p).device.type == "cuda"
 
     # -- states ----------------------------------------------------------------
 
     def _alloc(self, p: torch.Tensor, shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_paged(p):
-            return _paged.managed_empty(shape, dtype, _local(p).device)
-        return torch.empty(tuple(shape), dtype=dtype, device=_local(p).device)
+            return _paged.managed_empty(shape, dtype, local_shard(p).device)
+        return torch.empty(tuple(shape), dtype=dtype, device=local_shard(p).device)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh states of ``p`` (zero moments, the shape of p's local shard),
@@ -218,12 +202,12 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse:
                     raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if isinstance(p, DTensor) != isinstance(grad, DTensor) or (
-                        isinstance(p, DTensor) and grad.placements != p.placements):
+                if is_dtensor(p) != is_dtensor(grad) or (
+                        is_dtensor(p) and grad.placements != p.placements):
                     raise TypeError("grad must be sharded like its parameter: got "
                                     f"{getattr(grad, 'placements', 'a plain tensor')} for "
                                     f"{getattr(p, 'placements', 'a plain tensor')}")
-                local, grad = _local(p), _local(grad)
+                local, grad = local_shard(p), local_shard(grad)
                 if grad.dtype != p.dtype or grad.shape != local.shape or grad.device != local.device:
                     raise TypeError(f"grad must match its parameter: got {grad.dtype} {tuple(grad.shape)} on "
                                     f"{grad.device} for a {p.dtype} {tuple(local.shape)} parameter on "
@@ -240,7 +224,7 @@ class _PagedAdamWBase(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             scalars = AdamWScalars(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                    weight_decay=group["weight_decay"], step=state["step"].item())
-            local = _local(p)
+            local = local_shard(p)
             if local.numel() == 0:  # an empty shard (FSDP2 pads uneven splits)
                 continue
             target = local if local.is_contiguous() else local.contiguous()
@@ -248,7 +232,7 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 from .ops.optimizer import adamw_step
             else:
                 adamw_step = reference.adamw_step
-            adamw_step(target, _local(p.grad).contiguous(), scalars=scalars, **self._kernel_states(state))
+            adamw_step(target, local_shard(p.grad).contiguous(), scalars=scalars, **self._kernel_states(state))
             if target is not local:
                 local.copy_(target)
         if self.evict_after_step:
@@ -269,9 +253,9 @@ class _PagedAdamWBase(torch.optim.Optimizer):
 
     def _saved_state(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` as ``state_dict()`` gives it: a sharded parameter's moments as DTensors."""
-        if not isinstance(p, DTensor):
+        if not is_dtensor(p):
             return state
-        return {k: t if k == "step" else _as_dtensor(t, p) for k, t in state.items()}
+        return {k: t if k == "step" else like(t, p) for k, t in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class, of the other paged class, or of
@@ -335,16 +319,16 @@ def _saved_moment(name: str, saved: dict[str, Any], p: torch.Tensor) -> torch.Te
     """A saved tensor of p's shape, as the part of it that p's local shard holds:
     a DTensor's own shard, or this rank's shard of a full tensor."""
     t = _check_saved(name, saved, p.shape)
-    if not isinstance(p, DTensor):  # a sharded run's DTensor into an unsharded parameter: gather it
-        return t.full_tensor() if isinstance(t, DTensor) else t
-    if isinstance(t, DTensor):
+    if not is_dtensor(p):  # a sharded run's DTensor into an unsharded parameter: gather it
+        return t.full_tensor() if is_dtensor(t) else t
+    if is_dtensor(t):
         if t.placements != p.placements:
             t = t.redistribute(placements=p.placements)
         return t.to_local()
     from torch.distributed.tensor import distribute_tensor
 
     # Every rank holds the full tensor: take this rank's shard without communicating.
-    return distribute_tensor(t.to(_local(p).device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return distribute_tensor(t.to(local_shard(p).device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 _FP32_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -364,7 +348,7 @@ class PagedAdamW(_PagedAdamWBase):
     """
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: self._alloc(p, _local(p).shape, torch.float32).zero_() for k in _FP32_MOMENTS}
+        return {k: self._alloc(p, local_shard(p).shape, torch.float32).zero_() for k in _FP32_MOMENTS}
 
     def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: state[k] for k in _FP32_MOMENTS}
@@ -401,7 +385,7 @@ class PagedAdamW8bit(PagedAdamW):
         # The full parameter's size decides, so every rank (and one process) agrees.
         if p.numel() < self.min_8bit_size:  # fp32 moments; the other methods read the state's keys
             return super()._new_state(p)
-        local = _local(p)
+        local = local_shard(p)
         nblocks = -(-local.numel() // QBLOCK)
         state = {}
         for moment, signed in self._SIGNED.items():
@@ -419,10 +403,10 @@ class PagedAdamW8bit(PagedAdamW):
     def _load_moments(self, p: torch.Tensor, state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
         if "exp_avg" in state:  # under min_8bit_size; a state_dict always has the fp32 moments
             return super()._load_moments(p, state, saved)
-        local = _local(p)
+        local = local_shard(p)
         nblocks = -(-local.numel() // QBLOCK)
         for moment, signed in self._SIGNED.items():
-            if f"{moment}_codes" in saved and not isinstance(p, DTensor):
+            if f"{moment}_codes" in saved and not is_dtensor(p):
                 codes = _check_saved(f"{moment}_codes", saved, p.shape)
                 absmax = _check_saved(f"{moment}_absmax", saved, (nblocks,))
                 if codes.dtype != torch.uint8:
@@ -438,7 +422,7 @@ class PagedAdamW8bit(PagedAdamW):
     def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp_avg, exp_avg_sq)`` of ``p`` as fp32 tensors of the shape of
         p's local shard (p's shape when it is not sharded)."""
-        state, local = self.state[p], _local(p)
+        state, local = self.state[p], local_shard(p)
         if "exp_avg" in state:
             return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
         if local.numel() == 0:
@@ -452,6 +436,6 @@ class PagedAdamW8bit(PagedAdamW):
         if "exp_avg" not in state:  # 8-bit: add the fp32 moments
             exp_avg, exp_avg_sq = self.dequantized_moments(p)
             state = {**state, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-            if isinstance(p, DTensor):  # see the module docstring
+            if is_dtensor(p):  # see the module docstring
                 state = {k: state[k] for k in ("step", "exp_avg", "exp_avg_sq")}
         return super()._saved_state(p, state)
