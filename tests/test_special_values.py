@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -253,3 +254,65 @@ def test_a_gpu_nan_scale_stays_nan_in_bf16(M, strategy, K, kernel, backend, devi
     _check_ran(before, kernel, backend)
     assert torch.isnan(y[:, touched]).all(), "a NaN scale came out as a number"
     assert torch.isfinite(y[:, ~touched]).all()
+
+
+# --------------------------------------------------------------------------- the optimizer step
+
+def _nonfinite_warnings(record) -> list:
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "PagedAdamW8bit" in str(w.message)]
+
+
+def _steps(opt, p, grads, device) -> list:
+    """Run one step per gradient; the PagedAdamW8bit warnings they gave (a CUDA
+    flag is read by the step after its copy is done: synchronize between)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for g in grads:
+            p.grad = g.to(p.dtype).to(device)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    return _nonfinite_warnings(record)
+
+
+@pytest.mark.parametrize("cls", ["PagedAdamW", "PagedAdamW8bit"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_nan_gradient_gives_a_nan_parameter_element(cls, dtype, backend, device):
+    # bf16 / fp16 parameters: the kernel updates in fp32 and casts back by hand.
+    n, i, j = 700, 300, 517
+    p = torch.nn.Parameter(torch.randn(n).to(dtype).to(device))
+    extra = {"min_8bit_size": 0} if cls == "PagedAdamW8bit" else {}
+    opt = getattr(qt, cls)([p], lr=1e-2, paged=False, **extra)
+    g = torch.randn(n)
+    g[i], g[j] = float("nan"), float("inf")
+    _steps(opt, p, [g], device)
+    out = p.detach().cpu()
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[i] = bad[j] = True
+    assert torch.isnan(out[bad]).all(), f"the parameter of a NaN / Inf gradient became {out[bad].tolist()}"
+    assert torch.isfinite(out[~bad]).all()
+
+
+def test_paged_adamw8bit_warns_once_when_it_zeroes_moments(backend, device):
+    n = 600
+    p = torch.nn.Parameter(torch.randn(n, device=device))
+    small = torch.nn.Parameter(torch.randn(10, device=device))  # fp32 moments: NaN kept, no warning
+    opt = qt.PagedAdamW8bit([p, small], lr=1e-3, paged=False, min_8bit_size=100)
+    small.grad = torch.full((10,), float("nan"), device=device)
+    assert _steps(opt, p, [torch.randn(n), torch.randn(n)], device) == []
+    assert torch.isnan(opt.state[small]["exp_avg"]).all()  # as torch.optim.AdamW
+    bad = torch.randn(n)
+    bad[123] = float("nan")
+    huge = torch.randn(n)
+    huge[7] = 3e37  # finite, but its second moment overflows fp32: v is stored as 0
+    first = _steps(opt, p, [bad, torch.randn(n)], device)
+    assert len(first) == 1, [str(w.message) for w in first]
+    assert "stored as 0" in str(first[0].message)
+    # Once per optimizer: a later NaN or overflow says nothing more.
+    assert _steps(opt, p, [bad, huge, torch.randn(n)], device) == []
+    # Another optimizer warns again, on the overflow alone.
+    q = torch.nn.Parameter(torch.randn(n, device=device))
+    opt2 = qt.PagedAdamW8bit([q], lr=1e-3, paged=False, min_8bit_size=0)
+    said = _steps(opt2, q, [huge], device)
+    assert float(opt2.dequantized_moments(q)[1][7]) == 0.0 and bool(torch.isfinite(q).all())
+    assert len(said + _steps(opt2, q, [torch.randn(n)], device)) == 1
