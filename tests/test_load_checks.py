@@ -115,3 +115,24 @@ def test_from_linear_with_meta_tensors_names_them(device):
             convert(linear)
         with pytest.raises(ValueError, match="linear.bias is a meta tensor"):
             convert(linear, device=device)
+
+
+# --------------------------------------------------------------------------- int32 offsets
+
+def test_launches_whose_last_tile_would_wrap_int32_are_refused():
+    # Meta tensors: a shape without memory; the check runs before any launch.
+    from qlora_triton.adamw_scalars import AdamWScalars
+    from qlora_triton.ops import optimizer as ops_optimizer
+    from qlora_triton.ops import quantize as ops_quantize
+
+    n = 2**31 - 10  # fits int32, but the last tile of every launch reaches past it
+    x = torch.empty(n, device="meta")
+    with pytest.raises(ValueError, match="x has 2147483638 elements.*past int32"):
+        ops_quantize.nf4_quantize(x, 64)
+    with pytest.raises(ValueError, match="x has 2147483638 elements.*past int32"):
+        ops_quantize.blockwise_8bit_quantize(x, torch.linspace(-1, 1, 256), 256)
+    codes = torch.empty(n, dtype=torch.uint8, device="meta")
+    absmax = torch.empty(-(-n // 256), device="meta")
+    scalars = AdamWScalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="param has 2147483638 elements.*past int32"):
+        ops_optimizer.adamw_step(x, x, codes, codes, scalars, absmax, absmax)

@@ -43,7 +43,7 @@ from ..adamw_scalars import STATE_BLOCKSIZE, AdamWScalars
 from ..backend import INTERPRET
 from ..codebooks import dynamic_map, midpoints
 from .cast import cast_rtne
-from .quantize import nearest_code_256
+from .quantize import check_launch_extent, nearest_code_256
 
 QBLOCK = STATE_BLOCKSIZE  # elements per absmax block of the 8-bit moments
 
@@ -190,6 +190,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     if INTERPRET:
         per_prog = min(per_prog, triton.next_power_of_2(nblocks))
     grid = (triton.cdiv(nblocks, per_prog),)
+    check_launch_extent("param", n, grid[0], per_prog * QBLOCK)
     s = scalars
     report = eight_bit and nonfinite is not None
     _adamw_step_kernel[grid](
