@@ -409,8 +409,8 @@ class PagedAdamW8bit(PagedAdamW):
         """Warn once per optimizer when a step stored a non-finite moment element
         as 0. Never waits for the device: a CUDA flag is copied to the host
         without blocking and read by a later ``step`` once its copy is done."""
-        if self._warned_nonfinite:
-            return
+        if self._warned_nonfinite or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return  # (no host copies or event queries inside a CUDA graph capture)
         for flag in self._nonfinite_flags.values():
             if flag.device.type == "cuda":
                 host = torch.empty(1, dtype=torch.int32, pin_memory=True)
