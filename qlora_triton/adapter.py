@@ -177,7 +177,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     The file must hold ``lora_A`` and ``lora_B`` for exactly the model's LoRA
     layers, with matching shapes; anything else is a ``ValueError`` that names
     the offending keys (a rank other than the model's included: convert the
-    model with the adapter's ``r``). The layers take the adapter's ``lora_alpha``,
+    model with the adapter's ``r``). A tensor that is not floating point is a
+    ``TypeError``, and one holding NaN or Inf a ``ValueError``, naming the key
+    and the file; nothing is loaded then. The layers take the adapter's ``lora_alpha``,
     ``use_rslora`` and ``lora_dropout`` (its scaling is part of what it computes).
     With several processes every rank must call it (see the module docstring).
     """
@@ -262,7 +264,28 @@ def _read_adapter(path: str | os.PathLike, layers: dict[str, LoRALinear4bit]
             errors.append(f"{key}: the config says r={r}, the model's layer has r={m.r}")
     if errors:
         raise ValueError(f"{weights_path}: " + "; ".join(errors[:6]))
+    _check_values(weights_path, {key: tensors[key] for key in expected})
     return r, lora_alpha, use_rslora, lora_dropout, tensors
+
+
+def _check_values(weights_path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse what would load silently wrong: a tensor that is not floating
+    point (it would be cast to the layer's dtype) and NaN or Inf, e.g. a few
+    flipped bytes (safetensors has no checksum)."""
+    not_float = [f"{key}: {t.dtype}" for key, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise TypeError(f"{weights_path}: LoRA weights must be floating point, got "
+                        + "; ".join(not_float[:6]) + (" ..." if len(not_float) > 6 else ""))
+    bad = []
+    for key, t in tensors.items():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            first = tuple(int(i) for i in (~finite).nonzero()[0])
+            bad.append(f"{key}: {int((~finite).sum())} of {t.numel()} values are NaN or Inf "
+                       f"(first at index {first})")
+    if bad:
+        raise ValueError(f"{weights_path}: the adapter is corrupt: " + "; ".join(bad[:6])
+                         + (" ..." if len(bad) > 6 else ""))
 
 
 # -- atomic replacement of a folder ----------------------------------------------------

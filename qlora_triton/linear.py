@@ -150,6 +150,11 @@ def _quantize_linear(linear: nn.Linear, blocksize: int, double_quant: bool,
                      device: torch.device | str | None) -> tuple[NF4Weight, torch.Tensor | None]:
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
+    for name, t in (("linear.weight", weight), ("linear.bias", bias)):
+        if t is not None and t.is_meta:
+            raise ValueError(f"{name} is a meta tensor (a shape without values), so there is nothing to "
+                             "quantize or copy: load the model's weights first (e.g. build it on a real "
+                             "device, or model.to_empty(device=...) then load_state_dict), then convert")
     if device is not None:
         weight = weight.to(device)
         bias = None if bias is None else bias.to(device)
@@ -187,6 +192,12 @@ class Linear4bit(nn.Module):
                 raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            if bias.is_meta and weight.device.type != "meta":
+                raise ValueError(
+                    f"bias is a meta tensor (a shape without values) but the weight is on {weight.device}: "
+                    "pass the bias with its values (load the model's weights before converting it), or "
+                    "build the layer with bias=None, or build it on the meta device (weight and bias) and "
+                    "load a state dict into it later")
             self.bias = nn.Parameter(bias.detach().to(weight.device).clone(), requires_grad=False)
 
     @classmethod

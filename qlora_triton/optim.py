@@ -50,6 +50,7 @@ them, so that continuation matches to 8-bit rounding, not bitwise.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -232,12 +233,21 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 from .ops.optimizer import adamw_step
             else:
                 adamw_step = reference.adamw_step
-            adamw_step(target, local_shard(p.grad).contiguous(), scalars=scalars, **self._kernel_states(state))
+            adamw_step(target, local_shard(p.grad).contiguous(), scalars=scalars, **self._kernel_states(state),
+                       **self._step_flags(local.device, state))
             if target is not local:
                 local.copy_(target)
+        self._after_step()
         if self.evict_after_step:
             self._page([p for p, _ in work], "host")
         return loss
+
+    def _step_flags(self, device: torch.device, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra arguments of the step functions for ``state`` (none here)."""
+        return {}
+
+    def _after_step(self) -> None:
+        """Called at the end of every ``step`` (nothing here)."""
 
     def _kernel_states(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The state arguments of the step functions (ops.optimizer / reference ``adamw_step``)."""
@@ -378,8 +388,54 @@ class PagedAdamW8bit(PagedAdamW):
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         self.min_8bit_size = min_8bit_size
+        # Non-finite moments stored as 0 (see _after_step): one int32 flag per
+        # device that the step kernels set, its host copies still in flight
+        # (CUDA: a non-blocking copy and its event), and whether we warned.
+        self._nonfinite_flags: dict[torch.device, torch.Tensor] = {}
+        self._nonfinite_pending: list[tuple[Any, torch.Tensor]] = []
+        self._warned_nonfinite = False
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, paged=paged,
                          evict_after_step=evict_after_step)
+
+    def _step_flags(self, device: torch.device, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "exp_avg" in state:  # fp32 moments (under min_8bit_size): NaN stays NaN, as in torch
+            return {}
+        flag = self._nonfinite_flags.get(device)
+        if flag is None:
+            flag = self._nonfinite_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return {"nonfinite": flag}
+
+    def _after_step(self) -> None:
+        """Warn once per optimizer when a step stored a non-finite moment element
+        as 0. Never waits for the device: a CUDA flag is copied to the host
+        without blocking and read by a later ``step`` once its copy is done."""
+        if self._warned_nonfinite or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return  # (no host copies or event queries inside a CUDA graph capture)
+        for flag in self._nonfinite_flags.values():
+            if flag.device.type == "cuda":
+                host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(flag.device))
+                self._nonfinite_pending.append((done, host))
+            else:
+                self._nonfinite_pending.append((None, flag))
+        pending, seen = [], False
+        for done, host in self._nonfinite_pending:
+            if done is not None and not done.query():
+                pending.append((done, host))
+            elif int(host[0]):
+                seen = True
+        self._nonfinite_pending = pending
+        if seen:
+            self._warned_nonfinite = True
+            self._nonfinite_pending = []
+            warnings.warn(
+                "PagedAdamW8bit: a moment element became NaN or Inf (a NaN or Inf gradient, or one so "
+                "large that its second moment overflows float32) and was stored as 0, since 8 bits hold no NaN; "
+                "the rest of its 256-element block is unaffected. A NaN or Inf gradient also made "
+                "its parameter element NaN, as in torch.optim.AdamW. This warning is given once "
+                "per optimizer.", RuntimeWarning, stacklevel=3)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         # The full parameter's size decides, so every rank (and one process) agrees.

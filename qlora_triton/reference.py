@@ -77,12 +77,13 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                scalars: AdamWScalars, exp_avg_absmax: torch.Tensor | None = None,
-               exp_avg_sq_absmax: torch.Tensor | None = None) -> None:
+               exp_avg_sq_absmax: torch.Tensor | None = None,
+               nonfinite: torch.Tensor | None = None) -> None:
     """One AdamW update in place, torch.optim.AdamW's single-tensor ops in fp32.
 
     32-bit: fp32 moments. 8-bit (uint8 ``exp_avg``): codes into the signed /
     unsigned dynamic maps with one absmax per 256 elements, dequantized, updated
-    and requantized (see ops/optimizer.py)."""
+    and requantized (see ops/optimizer.py); ``nonfinite`` as there."""
     s = scalars
     eight_bit = exp_avg.dtype == torch.uint8
     if eight_bit:
@@ -104,7 +105,10 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         for x, codes, absmax, code in ((m, exp_avg, exp_avg_absmax, signed), (v, exp_avg_sq, exp_avg_sq_absmax, unsigned)):
             # A NaN/Inf moment element (from a NaN/Inf gradient) is stored as 0:
             # it would make its whole block's absmax NaN/Inf (see ops/optimizer.py).
-            x = torch.where(torch.isfinite(x), x, 0.0)
+            finite = torch.isfinite(x)
+            if nonfinite is not None:  # no device sync: a max on the device
+                torch.maximum(nonfinite, (~finite).any().to(nonfinite.dtype), out=nonfinite)
+            x = torch.where(finite, x, 0.0)
             q, a = blockwise_8bit_quantize(x, code, STATE_BLOCKSIZE)
             codes.view(-1).copy_(q)
             absmax.copy_(a)

@@ -345,13 +345,14 @@ def optimizer_variants(subset: bool = False) -> list[Variant]:
     out = []
     for dt in (("bf16", "fp32") if subset else tuple(DTYPES)):
         for eight_bit in (False, True):
-            ce = dict(QBLOCK=opt.QBLOCK, QBLOCKS_PER_PROG=opt._TILE // opt.QBLOCK, EIGHT_BIT=eight_bit)
+            ce = dict(QBLOCK=opt.QBLOCK, QBLOCKS_PER_PROG=opt._TILE // opt.QBLOCK, EIGHT_BIT=eight_bit,
+                      REPORT=eight_bit)  # what PagedAdamW8bit launches
             state = "*u8" if eight_bit else "*fp32"
             types = dict(param_ptr=DTYPES[dt], grad_ptr=DTYPES[dt], exp_avg_ptr=state,
                          exp_avg_sq_ptr=state, exp_avg_absmax_ptr="*fp32",
                          exp_avg_sq_absmax_ptr="*fp32", signed_code_ptr="*fp32",
                          signed_bounds_ptr="*fp32", unsigned_code_ptr="*fp32",
-                         unsigned_bounds_ptr="*fp32", n="i32")
+                         unsigned_bounds_ptr="*fp32", nonfinite_ptr="*i32", n="i32")
             for s in ("decay", "beta1_weight", "beta2", "beta2_weight", "neg_step_size",
                       "bias_correction2_sqrt", "eps"):
                 types[s] = "fp32"

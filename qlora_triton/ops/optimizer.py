@@ -23,7 +23,12 @@ owns whole 256-blocks, so the absmax reduction never crosses programs.
 A NaN or Inf gradient element costs that element only, as in torch's AdamW:
 its parameter becomes NaN, and its 8-bit moments are stored as 0 (8 bits hold
 no NaN; any other code would keep moving a repaired parameter), while the rest
-of its block keeps finite moments and scale. The reference does the same.
+of its block keeps finite moments and scale. The rule is on the moments: any
+moment element that is not finite after the update is stored as 0, so a
+finite gradient so large that its second moment overflows fp32 (about
+|g| > 6e20 at beta2 = 0.999) loses that moment the same way. The reference does the same. When a
+``nonfinite`` flag is passed, the 8-bit kernel sets it to 1 if that happened
+anywhere (qlora_triton.optim warns once from it, without a device sync).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..adamw_scalars import STATE_BLOCKSIZE, AdamWScalars
 from ..backend import INTERPRET
 from ..codebooks import dynamic_map, midpoints
 from .cast import cast_rtne
-from .quantize import nearest_code_256
+from .quantize import check_launch_extent, nearest_code_256
 
 QBLOCK = STATE_BLOCKSIZE  # elements per absmax block of the 8-bit moments
 
@@ -64,11 +69,11 @@ def _dequantize_moment(codes_ptr, absmax_ptr, code_ptr, idx, block, mask, block_
 
 
 @triton.jit
-def _quantize_moment(x, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, block_mask):
+def _quantize_moment(x, finite, codes_ptr, absmax_ptr, bounds_ptr, idx, block, mask, block_mask):
     # x: fp32 [blocks, QBLOCK], 0.0 in masked lanes. A NaN/Inf element (from a
     # NaN/Inf gradient; its parameter element is NaN by now) is stored as 0, so
     # that it neither spoils its block's absmax nor moves a repaired parameter.
-    x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
+    x = tl.where(finite, x, 0.0)
     absmax = tl.max(tl.abs(x), axis=1)
     # An fp32 clamp, not the literal 1e-38 (subnormal in fp32: Triton 3.6 types
     # it fp64 and div_rn then fails to compile).
@@ -92,6 +97,7 @@ def _adamw_step_kernel(
     signed_bounds_ptr,      # fp32 [255] its midpoints
     unsigned_code_ptr,      # fp32 [256] unsigned dynamic map, for exp_avg_sq (8-bit only)
     unsigned_bounds_ptr,    # fp32 [255] its midpoints
+    nonfinite_ptr,          # int32 [1]: set to 1 when a moment element was stored as 0 (REPORT only)
     # scalars, computed on the host (AdamWScalars)
     decay,                  # 1 - lr * weight_decay
     beta1_weight,           # 1 - beta1, the lerp weight
@@ -106,6 +112,7 @@ def _adamw_step_kernel(
     QBLOCK: tl.constexpr,             # elements per absmax block (8-bit)
     QBLOCKS_PER_PROG: tl.constexpr,   # absmax blocks one program owns
     EIGHT_BIT: tl.constexpr,          # moments as 8-bit codes + absmax, else fp32
+    REPORT: tl.constexpr,             # 8-bit: flag a non-finite moment in nonfinite_ptr
 ):
     block = tl.program_id(0) * QBLOCKS_PER_PROG + tl.arange(0, QBLOCKS_PER_PROG)
     idx = block[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
@@ -136,10 +143,16 @@ def _adamw_step_kernel(
 
     tl.store(param_ptr + idx, cast_rtne(p, param_ptr.dtype.element_ty), mask=mask)
     if EIGHT_BIT:
-        _quantize_moment(m, exp_avg_ptr, exp_avg_absmax_ptr, signed_bounds_ptr,
+        # ``abs(x) < inf`` is false for NaN and +-Inf alike.
+        m_finite = tl.abs(m) < float("inf")
+        v_finite = tl.abs(v) < float("inf")
+        _quantize_moment(m, m_finite, exp_avg_ptr, exp_avg_absmax_ptr, signed_bounds_ptr,
                          idx, block, mask, block_mask)
-        _quantize_moment(v, exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_bounds_ptr,
+        _quantize_moment(v, v_finite, exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_bounds_ptr,
                          idx, block, mask, block_mask)
+        if REPORT:
+            lost = tl.max(tl.where(m_finite & v_finite, 0, 1))
+            tl.store(nonfinite_ptr, lost, mask=lost > 0)  # only ever 1: concurrent stores agree
     else:
         tl.store(exp_avg_ptr + idx, m, mask=mask)
         tl.store(exp_avg_sq_ptr + idx, v, mask=mask)
@@ -153,12 +166,15 @@ def _codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                scalars: AdamWScalars, exp_avg_absmax: torch.Tensor | None = None,
-               exp_avg_sq_absmax: torch.Tensor | None = None) -> None:
+               exp_avg_sq_absmax: torch.Tensor | None = None,
+               nonfinite: torch.Tensor | None = None) -> None:
     """Launch one fused AdamW update, in place, of contiguous ``param`` and its
     moments. 32-bit: ``exp_avg`` / ``exp_avg_sq`` fp32 like ``param``.
     8-bit: they are uint8 codes like ``param`` and the absmax tensors are fp32
-    ``[cdiv(numel, 256)]``. The caller (qlora_triton.optim) checks dtypes,
-    devices and shapes."""
+    ``[cdiv(numel, 256)]``; ``nonfinite`` (int32 ``[1]``, optional) is set to 1
+    when a non-finite moment element is stored as 0, and left as it is
+    otherwise. The caller (qlora_triton.optim) checks dtypes, devices and
+    shapes."""
     n = param.numel()
     if n == 0:
         return
@@ -174,11 +190,14 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     if INTERPRET:
         per_prog = min(per_prog, triton.next_power_of_2(nblocks))
     grid = (triton.cdiv(nblocks, per_prog),)
+    check_launch_extent("param", n, grid[0], per_prog * QBLOCK)
     s = scalars
+    report = eight_bit and nonfinite is not None
     _adamw_step_kernel[grid](
         param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, *_codebooks(param.device),
+        nonfinite if report else absmax1,  # never written unless REPORT
         s.decay, 1 - s.beta1, s.beta2, 1 - s.beta2, -s.step_size, s.bias_correction2_sqrt, s.eps,
         n,
-        QBLOCK=QBLOCK, QBLOCKS_PER_PROG=per_prog, EIGHT_BIT=eight_bit,
+        QBLOCK=QBLOCK, QBLOCKS_PER_PROG=per_prog, EIGHT_BIT=eight_bit, REPORT=report,
         num_warps=_NUM_WARPS,
     )

@@ -119,6 +119,17 @@ def _check_flat(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has {x.numel()} elements; at most 2**31 - 1 are supported")
 
 
+def check_launch_extent(name: str, n: int, programs: int, tile: int) -> None:
+    """Element offsets in the kernels are int32, and the masked lanes of the last
+    program compute theirs too: past 2**31 one would wrap negative and pass an
+    ``idx < n`` mask (a write before the tensor). So ``programs`` programs of
+    ``tile`` elements must stay below 2**31, which costs at most one tile of
+    the 2**31 - 1 limit."""
+    if programs * tile >= 2**31:
+        raise ValueError(f"{name} has {n} elements; the last {tile}-element tile of this kernel would reach "
+                         f"offset {programs * tile}, past int32: at most {2**31 - tile} elements are supported")
+
+
 def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch NF4 quantization of a flat weight; returns ``(packed, absmax)``."""
     _check_flat("x", x)
@@ -128,6 +139,7 @@ def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     per_prog = max(1, _TILE // blocksize)
     grid = (triton.cdiv(nblocks, per_prog),)
+    check_launch_extent("x", n, grid[0], per_prog * blocksize)
     _nf4_quantize_kernel[grid](x, _nf4_bounds(x.device), packed, absmax, n, nblocks,
                                BLOCKSIZE=blocksize, BLOCKS_PER_PROG=per_prog)
     return packed, absmax
@@ -145,6 +157,7 @@ def blockwise_8bit_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     per_prog = max(1, _TILE // blocksize)
     grid = (triton.cdiv(nblocks, per_prog),)
+    check_launch_extent("x", n, grid[0], per_prog * blocksize)
     _blockwise_8bit_quantize_kernel[grid](x, midpoints(code).to(x.device), q, absmax, n, nblocks,
                                           BLOCKSIZE=blocksize, BLOCKS_PER_PROG=per_prog)
     return q, absmax
