@@ -12,13 +12,28 @@ Under ``qt.force_strategy("dequant")`` the step holds the fused strategy's
 tensors plus the one scratch buffer: one largest layer in the compute dtype
 (for LLaMA-7B ``down_proj``/``up_proj``: 11008 x 4096 x 2 bytes in bf16).
 
-On the meta device attention takes torch's math path (the [B, H, S, S]
-scores are materialized), so the absolute peak is above a flash-attention
-GPU run's; the strategies' differences are exact either way.
+Attention on meta: torch's math path would materialise the [B, H, S, S]
+scores, which a GPU's flash kernel never holds; by default (``attention=
+"flash"``) the model runs :mod:`.meta_attention` instead (torch's meta kernel
+and autograd formula of flash attention: the output and an fp32 logsumexp,
+no scores). ``attention="math"`` keeps the old accounting, for comparison.
+
+Options (each a keyword of :func:`step_peaks`, the CLI's flags):
+
+* ``liger``: :func:`qlora_triton.liger.apply_liger` (on meta, its torch path:
+  the chunked linear cross-entropy, the analogue of Liger's fused one);
+* ``offload``: :func:`qlora_triton.offload.offload_checkpoints` (the layer
+  inputs wait on the host; on meta their bytes are recorded as host bytes);
+* ``fuse``: ``qt.fuse`` (the fused decoder blocks), where the package has it.
+
+The peak's breakdown (``peak_breakdown``) tags every allocation by where it
+was made: the model's weights, checkpointed layer inputs, a decoder layer's
+forward or recompute, embeddings/head/loss, backward gradients, optimizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import torch
@@ -36,30 +51,83 @@ def _largest_layer_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
+# Tags of the peak's breakdown (TensorMemory.tag), by where an allocation was made.
+TAG_INPUTS = "checkpointed layer inputs"
+TAG_LAYER = "decoder layer (forward / recompute)"
+TAG_PHASE = {"forward": "embeddings, head and loss", "backward": "backward: gradients",
+             "optimizer": "optimizer step and states"}
+
+
+def _tagging(checkpoint_fn, meter):
+    """Wrap a layer's checkpoint function so that the meter tags what the layer makes."""
+    def tagged(function, *args, **kwargs):
+        def run(*a, **k):
+            previous, meter.tag = meter.tag, TAG_LAYER
+            try:
+                return function(*a, **k)
+            finally:
+                meter.tag = previous
+        if args and isinstance(args[0], torch.Tensor):
+            meter.retag(args[0], TAG_INPUTS)
+        return checkpoint_fn(run, *args, **kwargs)
+    tagged.untagged = checkpoint_fn
+    return tagged
+
+
 def _step(model, vocab_size: int, batch_size: int, seq_len: int, mask, optimizer, meter=None) -> None:
     """Forward, backward and optimizer step on random tokens, each a phase of ``meter``."""
     import contextlib
 
-    phase = meter.phase if meter is not None else (lambda name: contextlib.nullcontext())
+    def phase(name):
+        if meter is None:
+            return contextlib.nullcontext()
+        if hasattr(meter, "tag"):
+            meter.tag = TAG_PHASE[name]
+        return meter.phase(name)
+
+    layers = []
+    if meter is not None and hasattr(meter, "retag"):
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                  and hasattr(m, "_gradient_checkpointing_func")]
+        for m in layers:
+            m._gradient_checkpointing_func = _tagging(m._gradient_checkpointing_func, meter)
     device = next(model.parameters()).device
-    with phase("forward"):
-        batch = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
-        loss = model(input_ids=batch, attention_mask=mask, labels=batch).loss
-    with phase("backward"):
-        loss.backward()
-        del loss, batch
-    with phase("optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        with phase("forward"):
+            batch = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
+            loss = model(input_ids=batch, attention_mask=mask, labels=batch).loss
+        with phase("backward"):
+            loss.backward()
+            del loss, batch
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        for m in layers:
+            m._gradient_checkpointing_func = m._gradient_checkpointing_func.untagged
 
 
 def step_peaks(preset: str = "7b", device: str | torch.device | None = None, batch_size: int = 1,
                seq_len: int = 512, r: int = 8, alpha: float = 16.0,
-               strategies_to_run: tuple = STRATEGIES, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """``{"device", "kind", "tokens", "largest_layer_bytes", "strategies": {name: {"peak_bytes",
-    "baseline_bytes", "phases", "ran", "scratch_buffers"}}}`` for one LoRA step of ``preset``
-    under each strategy (device default: CUDA if available, else meta)."""
+               strategies_to_run: tuple = STRATEGIES, dtype: torch.dtype = torch.bfloat16,
+               liger: bool = False, offload: bool = False, fuse: bool = False,
+               attention: str = "flash") -> dict:
+    """``{"device", "kind", "tokens", "largest_layer_bytes", "options", "strategies": {name:
+    {"peak_bytes", "baseline_bytes", "phases", "ran", "scratch_buffers", "peak_breakdown",
+    "offload"}}}`` for one LoRA step of ``preset`` under each strategy (device default: CUDA if
+    available, else meta); ``liger``, ``offload``, ``fuse``, ``attention``: see the module."""
     import qlora_triton as qt
+    from ..liger import apply_liger
+    from ..offload import offload_checkpoints
+    from . import meta_attention
+
+    if attention not in ("flash", "math"):
+        raise ValueError(f"attention: expected 'flash' or 'math', got {attention!r}")
+    for flag, value in (("liger", liger), ("offload", offload), ("fuse", fuse)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
+    if fuse and not hasattr(qt, "fuse"):
+        raise ValueError("fuse: this qlora_triton has no qt.fuse (the fused decoder blocks) yet")
 
     if preset not in LLAMA_SHAPES:
         raise ValueError(f"preset: expected one of {sorted(LLAMA_SHAPES)}, got {preset!r}")
@@ -73,11 +141,24 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
     model = build_quantized_llama(shape, dev, r, alpha, dtype=dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    # On meta, transformers' mask builder reads values (is the mask all ones?):
-    # a ready 4-D causal mask skips it.
-    mask = (torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=dev).tril()
-            if dev.type == "meta" else None)
+    if fuse:
+        qt.fuse(model)
+    if liger:
+        apply_liger(model, dev)
+    stats = offload_checkpoints(model) if offload else None
+    mask = None
+    if dev.type == "meta" and attention == "flash":
+        meta_attention.use_on(model)
+        # a 2-D mask keeps transformers from reading position ids' values (the
+        # packed-sequence check); the implementation's mask function drops it
+        mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=dev)
+    elif dev.type == "meta":
+        # On meta, transformers' mask builder reads values (is the mask all ones?):
+        # a ready 4-D causal mask skips it.
+        mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=dev).tril()
     out = {"preset": preset, "device": str(dev), "tokens": batch_size * seq_len,
+           "r": r, "options": {"liger": liger, "offload": offload, "fuse": fuse,
+                               "attention": attention if dev.type == "meta" else "sdpa"},
            "batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."),
            "largest_layer_bytes": _largest_layer_bytes(model, dtype), "strategies": {}}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -95,9 +176,13 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
         optimizer = qt.PagedAdamW(params, lr=2e-4)  # fresh: its states are allocated in the step
         before = strategies.copy()
         meter = memory_meter(dev, [*model.parameters(), *model.buffers()])
+        moved = dataclasses.asdict(stats) if stats is not None else None
         with force_strategy(name), meter:
             _step(model, shape.vocab_size, batch_size, seq_len, mask, optimizer, meter)
             result = meter.result()
+        if stats is not None:  # this step's share
+            now = dataclasses.asdict(stats)
+            result["offload"] = {k: now[k] - moved[k] if k != "peak_host_bytes" else now[k] for k in now}
         out["kind"] = result["kind"]
         result["ran"] = {f"{op}/{s}": n for (op, s), n in (strategies - before).items()}
         result["scratch_buffers"] = {str(dtype_).removeprefix("torch."): buf.numel() * buf.element_size()
@@ -112,9 +197,12 @@ def format_peaks(result: dict) -> str:
     """A few lines for the console: each strategy's peak and its excess over "fused"."""
     gib = 2**30
     layer = result["largest_layer_bytes"]
+    opts = result.get("options", {})
+    on = [k for k in ("fuse", "liger", "offload") if opts.get(k)]
     lines = [f"preset {result['preset']}: one LoRA step ({result['batch_size']} x {result['seq_len']} tokens, "
-             f"{result['dtype']}) on {result['device']}, {result['kind']}; largest layer in "
-             f"{result['dtype']}: {layer / 2**20:.1f} MiB"]
+             f"{result['dtype']}, r {result.get('r')}, gradient checkpointing) on {result['device']}, "
+             f"{result['kind']}; options: {', '.join(on) or 'none'}; attention accounted as "
+             f"{opts.get('attention', '?')}; largest layer in {result['dtype']}: {layer / 2**20:.1f} MiB"]
     fused = result["strategies"].get("fused", {}).get("peak_bytes")
     for name, r in result["strategies"].items():
         phases = ", ".join(f"{p} {v['peak_bytes'] / gib:.3f}" for p, v in r["phases"].items())
@@ -122,4 +210,12 @@ def format_peaks(result: dict) -> str:
                                           f"({(r['peak_bytes'] - fused) / layer:+.2f} largest layers)")
         ran = ", ".join(f"{k} x{n}" for k, n in sorted(r["ran"].items()))
         lines.append(f"  {name:8s} peak {r['peak_bytes'] / gib:.3f} GiB{extra}; phases (GiB): {phases}; ran: {ran}")
+        if r.get("peak_breakdown"):
+            parts = ", ".join(f"{tag} {v / gib:.3f}" for tag, v in
+                              sorted(r["peak_breakdown"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"           at the peak (GiB): {parts}")
+        if r.get("offload"):
+            o = r["offload"]
+            lines.append(f"           offloaded to the host: {o['offloaded_tensors']} layer inputs, "
+                         f"{o['offloaded_bytes'] / gib:.3f} GiB (at most {o['peak_host_bytes'] / gib:.3f} GiB at once)")
     return "\n".join(lines)
