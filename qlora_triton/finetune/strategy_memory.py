@@ -117,17 +117,14 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
     "offload"}}}`` for one LoRA step of ``preset`` under each strategy (device default: CUDA if
     available, else meta); ``liger``, ``offload``, ``fuse``, ``attention``: see the module."""
     import qlora_triton as qt
-    from ..liger import apply_liger
-    from ..offload import offload_checkpoints
-    from . import meta_attention
+    from . import meta_attention, speedups
 
     if attention not in ("flash", "math"):
         raise ValueError(f"attention: expected 'flash' or 'math', got {attention!r}")
     for flag, value in (("liger", liger), ("offload", offload), ("fuse", fuse)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
-    if fuse and not hasattr(qt, "fuse"):
-        raise ValueError("fuse: this qlora_triton has no qt.fuse (the fused decoder blocks) yet")
+    chosen = speedups.resolve(fuse=fuse, liger=liger, offload=offload)
 
     if preset not in LLAMA_SHAPES:
         raise ValueError(f"preset: expected one of {sorted(LLAMA_SHAPES)}, got {preset!r}")
@@ -141,11 +138,7 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
     model = build_quantized_llama(shape, dev, r, alpha, dtype=dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if fuse:
-        qt.fuse(model)
-    if liger:
-        apply_liger(model, dev)
-    stats = offload_checkpoints(model) if offload else None
+    stats = speedups.apply(model, chosen, dev)["offload"]
     mask = None
     if dev.type == "meta" and attention == "flash":
         meta_attention.use_on(model)
