@@ -117,10 +117,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         run_preset(args.preset, device=args.device, steps=args.steps or 4, batch_size=args.batch_size,
                    seq_len=args.seq_len, r=args.r, alpha=args.alpha, seed=args.seed,
                    output_dir=args.output_dir or "runs", quiet=args.quiet,
+                   fuse=args.fuse, liger=args.liger, offload=args.offload,
                    **({"lr": args.lr} if args.lr is not None else {}))
         return 0
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     config = FinetuneConfig(**{name: value for name, value in given.items() if name in fields})
+    # (given drops False: --no-fuse / --no-liger / --no-offload are passed here as they are)
+    config.fuse, config.liger, config.offload = args.fuse, args.liger, args.offload
     from .finetune.multirank import run_multirank, world_size_from_env
 
     if world_size_from_env() > 1:  # started by torchrun

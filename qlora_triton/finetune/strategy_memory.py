@@ -212,3 +212,84 @@ def format_peaks(result: dict) -> str:
             lines.append(f"           offloaded to the host: {o['offloaded_tensors']} layer inputs, "
                          f"{o['offloaded_bytes'] / gib:.3f} GiB (at most {o['peak_host_bytes'] / gib:.3f} GiB at once)")
     return "\n".join(lines)
+
+
+# The issue-23 table: each option's share of the peak, on meta, bf16, r 16, batch 1.
+TABLE_CASES = (("7b", 2048), ("33b", 2048), ("65b", 2048), ("65b", 8192), ("70b", 4096))
+TABLE_TARGETS_GIB = {("7b", 2048): 4.6, ("33b", 2048): 19, ("65b", 2048): 35, ("65b", 8192): 37,
+                     ("70b", 4096): 40}
+TABLE_STEPS = (("today (math attention)", {"attention": "math"}),
+               ("+ flash-attention accounting", {}),
+               ("+ Liger CE (chunked on meta)", {"liger": True}),
+               ("+ offload", {"liger": True, "offload": True}),
+               ("+ fused blocks", {"liger": True, "offload": True, "fuse": True}))
+
+
+def memory_table(cases=TABLE_CASES, r: int = 16, out_dir: str | None = None) -> dict:
+    """Run every case under each cumulative step of :data:`TABLE_STEPS` (the fused
+    row only where ``qt.fuse`` exists; "today" skipped at 8192 tokens, where the math
+    path's scores alone are 8 GiB a layer) and write ``memory-table.json`` and
+    ``memory-table.md`` to ``out_dir``."""
+    import time
+
+    import qlora_triton as qt
+    from .presets import lora_params
+    from .report import write_json
+
+    rows = []
+    for preset, seq in cases:
+        row = {"preset": preset, "seq_len": seq, "target_gib": TABLE_TARGETS_GIB.get((preset, seq)),
+               "adam_states_bytes": 8 * lora_params(LLAMA_SHAPES[preset], r), "steps": {}}
+        for label, kw in TABLE_STEPS:
+            if kw.get("fuse") and not hasattr(qt, "fuse"):
+                continue
+            if seq > 4096 and kw.get("attention") == "math":
+                continue
+            result = step_peaks(preset, device="meta", batch_size=1, seq_len=seq, r=r,
+                                strategies_to_run=("fused",), **kw)
+            s = result["strategies"]["fused"]
+            row["steps"][label] = {"peak_bytes": s["peak_bytes"],
+                                   "phases": {k: v["peak_bytes"] for k, v in s["phases"].items()},
+                                   "peak_breakdown": s["peak_breakdown"], "offload": s.get("offload")}
+            print(f"{preset} {seq} {label}: {s['peak_bytes'] / 2**30:.3f} GiB", flush=True)
+        rows.append(row)
+    table = {"kind": "meta_tensor_accounting (estimate, no GPU)", "dtype": "bfloat16", "r": r, "batch_size": 1,
+             "gradient_checkpointing": True, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+             "rows": rows}
+    if out_dir:
+        from pathlib import Path
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "memory-table.json", table)
+        tmp = out / "memory-table.md.tmp"
+        tmp.write_text(format_table(table))
+        tmp.replace(out / "memory-table.md")  # atomic
+    return table
+
+
+def format_table(table: dict) -> str:
+    gib = 2**30
+    labels = [label for label, _ in TABLE_STEPS]
+    lines = ["| model, tokens | " + " | ".join(labels) + " | target | Adam states if not evicted |",
+             "|---|" + "---|" * (len(labels) + 2)]
+    for row in table["rows"]:
+        cells, previous = [], None
+        for label in labels:
+            step = row["steps"].get(label)
+            if step is None:
+                cells.append("n/a")
+                continue
+            peak = step["peak_bytes"] / gib
+            share = "" if previous is None else f" ({peak - previous:+.2f})"
+            cells.append(f"{peak:.2f}{share}")
+            previous = peak
+        lines.append(f"| {row['preset']}, {row['seq_len']} | " + " | ".join(cells)
+                     + f" | <= {row['target_gib']} | +{row['adam_states_bytes'] / gib:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    memory_table(out_dir=sys.argv[1] if len(sys.argv) > 1 else None)
