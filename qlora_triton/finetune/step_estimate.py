@@ -18,9 +18,15 @@ attention kernels; elementwise ops count bytes only, which bind them anyway);
 bytes are every input tensor read and every output written. An op that
 launches nothing (a view, ``detach``, a bare ``empty``) costs nothing. The
 package's NF4 matmuls (``qlora_triton::nf4_matmul`` and its grad-input) are
-one op each, read their packed weights and constants, and cost what the
-fused NF4 kernel would: the same flops as a bf16 matmul, a quarter of the
-weight bytes.
+one op each, under the strategy the package itself picks for the shape (on
+meta: the sm_90 rows of its crossover table): "gemv"/"fused" read the packed
+weights and constants once (the same flops as a bf16 matmul, about a quarter
+of the weight bytes); "dequant" adds a second launch that writes and reads
+the dense weight. The roofline does not see that a fused NF4 GEMM runs below
+cuBLAS's efficiency: where that matters the strategy table picks "dequant".
+
+The 16-bit LoRA row is PEFT's LoRA (fp32 adapters: it casts each layer's input
+to fp32 and back), so its extra bytes are PEFT's as much as the dense weights'.
 
 The model: the preset's shapes, bf16, gradient checkpointing (the recompute is
 counted), the same options for each row: QLoRA (NF4 + LoRA, ``qt``), QLoRA
@@ -38,6 +44,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
+
+from .. import strategy as strategy_mod
 
 FLOPS = 790e12
 BANDWIDTH = 4.3e12
@@ -81,12 +89,18 @@ class StepCost(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        nf4 = func.namespace == "qlora_triton" and func._schema.name.split("::", 1)[1] in _NF4_OPS
+        before = strategy_mod.strategies.copy() if nf4 else None
         out = func(*args, **kwargs)  # qlora_triton ops run below the mode: one op each
-        if func.namespace == "qlora_triton" and func._schema.name.split("::", 1)[1] in _NF4_OPS:
+        if nf4:
             x, y = args[0], out
             k, n = x.shape[-1], y.shape[-1]
             weight = sum(_nbytes(a) for a in args[1:] if isinstance(a, torch.Tensor))
             self._add(func._schema.name, 2.0 * (x.numel() // k) * n * k, _nbytes(x) + _nbytes(y) + weight)
+            if any(s == "dequant" for (_, s) in strategy_mod.strategies - before):
+                # the "dequant" strategy: the NF4 -> bf16 kernel writes W, the GEMM reads it
+                # (a second launch, counted here; the GEMM's own launch is the one above)
+                self._add(func._schema.name + "[dequant]", 0.0, 2 * n * k * x.element_size())
             return out
         if not _launches(func):
             return out
