@@ -50,7 +50,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                         "chunked cross-entropy elsewhere (default on)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA: offloaded checkpoints, each layer's input waits in pinned host memory "
-                        "for the backward (default off)")
+                        "for the backward, and the PagedAdamW states are evicted after each step (default off)")
     p.add_argument("--estimate-step", action="store_true",
                    help="with --preset: print the ESTIMATED step time (roofline sum over the ops on meta: "
                         "790 TFLOP/s, 4.3 TB/s, 4 us per launch) of QLoRA beside 16-bit LoRA, then exit")

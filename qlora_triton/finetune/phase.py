@@ -57,7 +57,9 @@ def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
     qt.load_adapter(model, init_adapter)
     apply_speedups(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, qt.PagedAdamW(params, paged=_can_page(model), **_optimizer_settings(config))
+    # with offload the Adam states leave the device after each step too
+    return model, qt.PagedAdamW(params, paged=_can_page(model), evict_after_step=bool(config.get("offload")),
+                                **_optimizer_settings(config))
 
 
 def apply_speedups(model, config: dict) -> None:

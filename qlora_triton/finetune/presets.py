@@ -236,7 +236,8 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         model.config.use_cache = False
         speedups.apply(model, chosen, dev)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = qt.PagedAdamW(params, lr=lr)
+        # with offload the Adam states leave the device after each step too
+        optimizer = qt.PagedAdamW(params, lr=lr, evict_after_step=chosen.offload)
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)

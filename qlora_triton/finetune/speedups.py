@@ -4,7 +4,9 @@ and offloaded checkpoints (:mod:`qlora_triton.offload`).
 
 Defaults (``None``): fused blocks on where the package has ``qt.fuse``,
 Liger on (Liger's kernels on CUDA, the chunked-loss torch path elsewhere),
-offload off (it trades host traffic for memory: ask for it). ``--no-fuse`` /
+offload off (it trades host traffic for memory: ask for it; the callers that
+make the optimizer also give ``PagedAdamW`` ``evict_after_step=True`` with it,
+so the Adam states leave the device between steps as well). ``--no-fuse`` /
 ``--no-liger`` turn the defaults off for comparisons.
 """
 
