@@ -1,16 +1,18 @@
 """Offloaded checkpoints: with gradient checkpointing, each layer's input waits
 for the backward in (pinned) host memory instead of on the GPU.
 
-Why a hook of our own and not ``torch.autograd.graph.save_on_cpu``: with
-non-reentrant checkpointing (transformers' and our default) the layer input is
-not a *saved tensor*: ``torch.utils.checkpoint`` keeps it in the closure that
-recomputes the layer, and every tensor the layer saves is replaced by a
-placeholder by checkpoint's own saved-tensor hooks, which take precedence
-inside the region. ``save_on_cpu`` around the checkpoint (transformers'
-``activation_checkpointing_enable(offload=True)``) therefore moves nothing of
-what checkpointing keeps (``tests/test_offload.py`` counts it: 0 bytes); with
-reentrant checkpointing it would, but that path loses the grads of inputs
-passed by keyword and recomputes inside a nested backward.
+Why a hook of our own and not ``torch.autograd.graph.save_on_cpu``: both move
+the same tensors. Non-reentrant ``torch.utils.checkpoint`` keeps a layer's
+inputs as saved tensors of a no-op autograd Function, saved before its own
+hooks take over inside the region, so ``save_on_cpu`` around the checkpoint
+(transformers' ``activation_checkpointing_enable(offload=True)``) sees exactly
+the layer inputs (``tests/test_offload.py`` counts the same bytes as ours).
+But ``save_on_cpu`` copies to the host synchronously on the compute stream when
+the tensor is saved, and copies back only when the recompute unpacks it, so
+both copies sit on the critical path; transformers also asks for pinned memory
+unconditionally, which fails where there is no CUDA. The hook here copies on a
+side stream and starts bringing a layer's input back one layer ahead. Which of
+the two is faster on a GPU is not measured yet (no GPU in this session).
 
 So :func:`offloading` wraps the checkpoint function itself: the layer runs on
 its real input (the autograd graph to that input is the ordinary one), then

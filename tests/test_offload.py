@@ -92,6 +92,36 @@ def test_offload_survives_trainer_style_reenable_and_undo(device):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
+def test_save_on_cpu_around_the_checkpoint_moves_the_same_inputs(device):
+    # transformers' offload=True wraps non-reentrant checkpointing in save_on_cpu: its
+    # hooks see the layer inputs checkpoint saves, the same tensors our hook moves
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.numel() * t.element_size())
+        return t
+
+    def save_on_host_checkpoint(function, *args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return checkpoint(function, *args, **kwargs)
+
+    ids = torch.randint(0, 61, (1, 9), device=device)
+    with qt.force_backend("torch"):
+        theirs = tiny_qlora(seed=5, layers=3).to(device)
+        theirs._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=functools.partial(save_on_host_checkpoint, use_reentrant=False))
+        _step(theirs, ids)
+        ours = tiny_qlora(seed=5, layers=3).to(device)
+        stats = offload_checkpoints(ours)
+        _step(ours, ids)
+    assert len(packed) == stats.offloaded_tensors == 3
+    assert sum(packed) == stats.offloaded_bytes
+
+
 def test_offload_bad_input():
     with pytest.raises(TypeError, match="model"):
         offload_checkpoints(torch.nn.Linear(2, 2))
