@@ -66,3 +66,20 @@ def dot_in_fp32(device: torch.device) -> bool:
     dot is the fast path, so only the interpreter gets the cast; every other
     line of the kernels is the same code on both."""
     return INTERPRET and device.type == "cpu"
+
+
+def use_liger(device: torch.device) -> bool:
+    """Whether a model on ``device`` gets Liger-Kernel's RMSNorm, RoPE and
+    fused linear cross-entropy (:mod:`qlora_triton.liger`), rather than the
+    plain-torch path (transformers' own norm and RoPE, and the chunked
+    :mod:`qlora_triton.linear_cross_entropy`).
+
+    Liger's kernels are Triton for CUDA; they do not run under Triton 3.9's
+    interpreter (its RMSNorm launcher calls ``eps.to`` on a Python float), so
+    the CPU and the meta device of the memory accounting take the torch path,
+    as does ``force_backend("torch")``."""
+    if _forced == "torch" or torch.device(device).type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None

@@ -22,6 +22,11 @@ tensors too, but sees only an op's outputs: for a 2048x1024 bf16 LoRA layer
 at M = 64 it reports the same peak (2,074,692 bytes) under "fused" and
 "dequant", missing the 4 MiB scratch buffer.
 
+:class:`TensorMemory` also says where its peak went: each storage carries the
+``tag`` the meter had when the storage was made (callers set ``meter.tag``,
+e.g. from module hooks, and may ``retag`` a live tensor), and ``result()``
+holds ``peak_breakdown``, bytes per tag at the moment of the peak.
+
 Both meters give ``phase(name)`` blocks (one at a time, not nested) and
 ``result()``: ``{"kind", "peak_bytes", "baseline_bytes", "phases": {name:
 {"start_bytes", "peak_bytes", "end_bytes"}}}`` (a phase entered again keeps
@@ -127,27 +132,52 @@ class TensorMemory(_Phases, TorchDispatchMode):
     def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         _Phases.__init__(self)
         TorchDispatchMode.__init__(self)
-        self._live: dict[int, int] = {}  # storage id -> bytes
+        self._live: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, tag)
         self._bytes = self._peak = self._phase_max = 0
+        self.tag = "weights"
+        self._by_tag: dict[str, int] = {}
+        self._peak_tags: dict[str, int] = {}
         for t in existing:
             self._count(t)
         self.baseline = self._bytes
+        self.tag = "other"
 
     def _count(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata  # the StorageImpl: views and their base share it
         if key in self._live:
             return
-        self._live[key] = size = storage.nbytes()
+        size = storage.nbytes()
+        self._live[key] = (size, self.tag)
         # torch keeps a storage's Python object alive as long as the storage
         # itself, so this runs when the memory would be freed.
         weakref.finalize(storage, self._free, key)
         self._bytes += size
-        self._peak = max(self._peak, self._bytes)
+        self._by_tag[self.tag] = self._by_tag.get(self.tag, 0) + size
+        if self._bytes > self._peak:
+            self._peak = self._bytes
+            self._peak_tags = dict(self._by_tag)
         self._phase_max = max(self._phase_max, self._bytes)
 
     def _free(self, key: int) -> None:
-        self._bytes -= self._live.pop(key, 0)
+        size, tag = self._live.pop(key, (0, ""))
+        self._bytes -= size
+        if size:
+            self._by_tag[tag] -= size
+
+    def retag(self, t: torch.Tensor, tag: str) -> None:
+        """Count live tensor ``t``'s storage under ``tag`` from now on."""
+        key = t.untyped_storage()._cdata
+        if key in self._live:
+            size, old = self._live[key]
+            self._live[key] = (size, tag)
+            self._by_tag[old] -= size
+            self._by_tag[tag] = self._by_tag.get(tag, 0) + size
+
+    def result(self) -> dict:
+        out = super().result()
+        out["peak_breakdown"] = {k: v for k, v in self._peak_tags.items() if v}
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

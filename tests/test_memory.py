@@ -179,7 +179,8 @@ def test_cli_memory_only_prints_every_strategy(tmp_path, capsys):
             "--output-dir", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines() if line.startswith("  ")] == STRATEGIES
+    assert [line.split()[0] for line in out.splitlines()
+            if line.startswith("  ") and line.split()[1:2] == ["peak"]] == STRATEGIES
     assert (tmp_path / "memory-tiny.json").is_file()
     assert main(args + ["--steps", "3"]) == 2 and "--steps" in capsys.readouterr().err
     assert main(["finetune", "--memory-only"]) == 2 and "--preset" in capsys.readouterr().err
@@ -204,3 +205,85 @@ def test_device_accounting_sees_the_scratch_on_cuda():
         layer.zero_grad(set_to_none=True)
         peaks[strategy] = mem.result()["phases"]["step"]["peak_bytes"]
     assert N * K * 2 <= peaks["dequant"] - peaks["fused"] <= N * K * 2 + 2**20
+
+
+# -- issue 23: attention as the GPU's kernel holds it, the options, the step estimator --------
+def _activations(result, strategy="fused"):
+    s = result["strategies"][strategy]
+    return s["peak_bytes"] - s["baseline_bytes"]
+
+
+def test_meta_attention_is_accounted_without_scores():
+    from qlora_triton.finetune.strategy_memory import step_peaks
+
+    seq = 1024
+    scores = 4 * seq * seq * 2  # tiny: 4 heads; one bf16 [1, 4, S, S] tensor
+    math = step_peaks("tiny", device="meta", seq_len=seq, strategies_to_run=("fused",), attention="math",
+                      liger=True)
+    flash = step_peaks("tiny", device="meta", seq_len=seq, strategies_to_run=("fused",), liger=True)
+    assert flash["options"]["attention"] == "flash" and math["options"]["attention"] == "math"
+    assert _activations(math) >= scores  # the math path holds the scores (and more)
+    assert _activations(flash) < scores  # the flash accounting holds none
+    assert _activations(math) - _activations(flash) >= scores
+    with pytest.raises(ValueError, match="attention"):
+        step_peaks("tiny", device="meta", seq_len=8, attention="eager")
+
+
+def test_meta_options_liger_and_offload_and_the_breakdown():
+    from qlora_triton.finetune.strategy_memory import TAG_INPUTS, format_peaks, step_peaks
+
+    seq, hidden, layers = 96, 128, 2
+    plain = step_peaks("tiny", device="meta", seq_len=seq, strategies_to_run=("fused",))
+    both = step_peaks("tiny", device="meta", seq_len=seq, strategies_to_run=("fused",), liger=True,
+                      offload=True)
+    p, b = plain["strategies"]["fused"], both["strategies"]["fused"]
+    assert b["offload"]["offloaded_tensors"] == layers
+    assert b["offload"]["offloaded_bytes"] == layers * seq * hidden * 2
+    assert b["peak_bytes"] < p["peak_bytes"]
+    # the breakdown adds up to the peak; with offload at most one layer's input stays
+    for r in (p, b):
+        assert sum(r["peak_breakdown"].values()) == r["peak_bytes"]
+        assert r["peak_breakdown"]["weights"] == r["baseline_bytes"]
+    assert b["peak_breakdown"].get(TAG_INPUTS, 0) <= seq * hidden * 2
+    text = format_peaks(both)
+    assert "options: liger, offload" in text and "offloaded to the host: 2 layer inputs" in text
+
+
+def test_cli_speedup_flags(capsys):
+    from qlora_triton.cli import main
+
+    base = ["finetune", "--preset", "tiny", "--memory-only", "--device", "meta", "--seq-len", "8"]
+    assert main(base + ["--no-liger", "--offload", "--no-fuse"]) == 0
+    assert "options: offload;" in capsys.readouterr().out
+    if not hasattr(qt, "fuse"):
+        assert main(base + ["--fuse"]) == 2 and "qt.fuse" in capsys.readouterr().err
+    assert main(["finetune", "--estimate-step"]) == 2 and "--preset" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(not hasattr(qt, "fuse"), reason="needs qt.fuse from the fused-blocks branch", strict=True)
+def test_cli_fuse_flag_runs_the_fused_blocks(capsys):
+    from qlora_triton.cli import main
+
+    base = ["finetune", "--preset", "tiny", "--memory-only", "--device", "meta", "--seq-len", "16"]
+    assert main(base + ["--fuse"]) == 0
+    assert "options: fuse" in capsys.readouterr().out
+
+
+def test_step_estimate_counts_the_ops(capsys):
+    from qlora_triton.cli import main
+    from qlora_triton.finetune import step_estimate
+
+    result = step_estimate.estimate_step("tiny", seq_len=16, r=4)
+    q, l16 = result["rows"]["qlora"], result["rows"]["lora16"]
+    assert ("qlora_fused" in result["rows"]) == hasattr(qt, "fuse")
+    # the same matmuls (NF4 costs a bf16 matmul's flops), fewer weight bytes
+    assert q["flops"] > 0 and abs(q["flops"] - l16["flops"]) <= 0.02 * l16["flops"]
+    assert q["bytes"] < l16["bytes"]
+    for row in (q, l16):
+        floor = max(row["flops"] / step_estimate.FLOPS, row["bytes"] / step_estimate.BANDWIDTH)
+        assert row["seconds"] >= (floor + row["launches"] * step_estimate.LAUNCH_SECONDS) * (1 - 1e-9)
+        assert row["launches"] > 50
+    text = step_estimate.format_estimate(result)
+    assert "ESTIMATED" in text and "7.9e+14 flop/s" in text and "4.3e+12 B/s" in text and "4 us" in text
+    assert main(["finetune", "--preset", "tiny", "--estimate-step", "--device", "cpu"]) == 2
+    assert "--device" in capsys.readouterr().err

@@ -55,8 +55,23 @@ def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
     qt.replace_linear(model, target_modules=targets, r=config["r"], lora_alpha=config["alpha"],
                       lora_dropout=config["dropout"], double_quant=True, progress=not config["quiet"])
     qt.load_adapter(model, init_adapter)
+    apply_speedups(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, qt.PagedAdamW(params, paged=_can_page(model), **_optimizer_settings(config))
+    # with offload the Adam states leave the device after each step too
+    return model, qt.PagedAdamW(params, paged=_can_page(model), evict_after_step=bool(config.get("offload")),
+                                **_optimizer_settings(config))
+
+
+def apply_speedups(model, config: dict) -> None:
+    """The QLoRA phase's fused blocks, Liger and offload, as ``FinetuneConfig.resolve``
+    settled them (the 16-bit baseline stays plain PEFT: see the module docstring)."""
+    from .speedups import Speedups, apply
+
+    chosen = Speedups(fuse=bool(config.get("fuse")), liger=bool(config.get("liger")),
+                      offload=bool(config.get("offload")))
+    if chosen.offload:  # offload works on checkpointed layer inputs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply(model, chosen)
 
 
 def _can_page(model) -> bool:

@@ -184,8 +184,10 @@ def estimate_cpu_seconds(shape: ModelShape, batch_size: int, seq_len: int, steps
 
 def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size: int | None = None,
                seq_len: int | None = None, r: int = 8, alpha: float = 16.0, lr: float = 2e-4,
-               seed: int = 0, output_dir: str | None = None, quiet: bool = False) -> dict:
-    """Build the preset's NF4 LLaMA and time ``steps`` LoRA steps (the first is warm-up)."""
+               seed: int = 0, output_dir: str | None = None, quiet: bool = False,
+               fuse: bool | None = None, liger: bool | None = None, offload: bool | None = None) -> dict:
+    """Build the preset's NF4 LLaMA and time ``steps`` LoRA steps (the first is warm-up);
+    ``fuse``/``liger``/``offload``: see :mod:`.speedups` (None: the default)."""
     import contextlib
 
     import qlora_triton as qt
@@ -195,6 +197,9 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         raise ValueError(f"preset: expected one of {sorted(LLAMA_SHAPES)}, got {name!r}")
     if steps < 2:
         raise ValueError(f"steps: a preset run needs at least 2 (one warm-up), got {steps}")
+    from . import speedups
+
+    chosen = speedups.resolve(fuse, liger, offload)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = LLAMA_SHAPES[name]
     batch_size = batch_size or (1 if dev.type == "cuda" else 2)
@@ -229,8 +234,10 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         built = memory.result()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        speedups.apply(model, chosen, dev)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = qt.PagedAdamW(params, lr=lr)
+        # with offload the Adam states leave the device after each step too
+        optimizer = qt.PagedAdamW(params, lr=lr, evict_after_step=chosen.offload)
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
@@ -250,7 +257,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         "step_seconds": step_seconds, "step_seconds_median": statistics.median(timed),
         "tokens_per_s": batch_size * seq_len / statistics.median(timed),
         "losses": losses, "memory_after_build": built, "memory": memory.result(),
-        "estimate_bytes": estimate, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "estimate_bytes": estimate, "speedups": chosen.names(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if output_dir:
         out = Path(output_dir)

@@ -53,6 +53,11 @@ class FinetuneConfig:
     backend: str = "auto"             # auto | triton | torch (the NF4 ops' backend)
     eval_every: int | None = None
     quiet: bool = False
+    # QLoRA phase options (speedups.py): None = the default (fused blocks where the
+    # package has them, Liger on, offload off)
+    fuse: bool | None = None
+    liger: bool | None = None
+    offload: bool | None = None
     # model and data sizes; resolve() fills the device's defaults (presets.DEFAULT_SIZES)
     size: dict = field(default_factory=dict)
 
@@ -88,6 +93,10 @@ class FinetuneConfig:
             raise ValueError(f"lr and alpha must be positive, got lr={self.lr!r}, alpha={self.alpha!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected auto, triton or torch, got {self.backend!r}")
+        from . import speedups
+
+        chosen = speedups.resolve(self.fuse, self.liger, self.offload)
+        self.fuse, self.liger, self.offload = chosen.fuse, chosen.liger, chosen.offload
         self.check_paths()
         return self
 
