@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+import device_audit
 import qlora_triton as qt
 from qlora_triton import backend as _backend
 
@@ -25,7 +26,11 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where op tests put their tensors: cuda on a GPU machine, else cpu.
+    Build inputs with ``device=device`` or ``.to(device)`` (the audit in
+    tests/device_audit.py knows this object)."""
+    return device_audit.register_fixture_device(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -54,6 +59,13 @@ def _fresh_seed(request):
     # failures (crc32, not hash(): Python salts str hashes per process).
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # The device audit watches the test's setup, call and teardown.
+    with device_audit.tracking():
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
