@@ -9,6 +9,7 @@ that leg is skipped with the reason, never silently passed.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -17,6 +18,20 @@ import torch
 import device_audit
 import qlora_triton as qt
 from qlora_triton import backend as _backend
+
+
+def pytest_configure(config):
+    # QLORA_TRITON_BNB_AVX512BF16=1 (or 0): run as if bitsandbytes had found
+    # (or not) an AVX512-BF16 CPU, to check on any CPU that no test depends on it.
+    simulate = os.environ.get("QLORA_TRITON_BNB_AVX512BF16")
+    if simulate in ("0", "1"):
+        try:
+            import bitsandbytes.functional as bnb_functional
+            import bitsandbytes.nn.modules as bnb_modules
+        except ImportError:
+            return
+        for module in (bnb_functional, bnb_modules):
+            module.has_avx512bf16 = lambda found=simulate == "1": found
 
 
 def pytest_report_header(config):
@@ -31,6 +46,20 @@ def device() -> torch.device:
     tests/device_audit.py knows this object)."""
     return device_audit.register_fixture_device(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.fixture
+def bnb(monkeypatch):
+    """bitsandbytes for one test, skipped alone (not its module) when it is not
+    installed, and on its portable CPU path: its AVX512-BF16 CPUs repack an
+    eval-mode ``Linear4bit``'s weight in a layout that fails for some shapes
+    (docs/testing.md), so a comparison must not depend on which CPU CI gets."""
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional  # noqa: F401  (bnb.functional for the tests)
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    return bitsandbytes
 
 
 @pytest.fixture(params=["triton", "torch"])

@@ -218,8 +218,7 @@ def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, 
     assert result["rel_err"] <= 1e-5
 
 
-def test_our_folder_loads_in_transformers_and_bitsandbytes(dense_folder, tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_our_folder_loads_in_transformers_and_bitsandbytes(bnb, dense_folder, tmp_path):
     q = transformers.AutoModelForCausalLM.from_pretrained(dense_folder("llama"), quantization_config=qt.NF4Config())
     q.save_pretrained(tmp_path)
     config = transformers.AutoConfig.from_pretrained(tmp_path)

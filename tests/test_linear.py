@@ -11,7 +11,6 @@ import torch
 import qlora_triton as qt
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def rel_err(out, ref):
@@ -28,10 +27,10 @@ def ref_forward(layer, x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,bias", [((3, 77, 45), True), ((1, 64, 33), False), ((2, 5, 130, 96), True)])
-def test_forward_matches_reference(backend, dtype, shape, bias):
+def test_forward_matches_reference(backend, device, dtype, shape, bias):
     *lead, k, n = shape
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=bias))
-    x = torch.randn(*lead, k).to(dtype).requires_grad_()
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=bias, device=device))
+    x = torch.randn(*lead, k, device=device).to(dtype).requires_grad_()
     y = layer(x)
     assert y.dtype == dtype and y.shape == (*lead, n)
     assert rel_err(y, ref_forward(layer, x)) <= TOL[dtype]
@@ -97,7 +96,7 @@ def test_a_data_swap_is_seen():
     assert torch.equal(layer(x), other(x))
 
 
-def _bnb_layer(k, n, bias=True, sd=None):
+def _bnb_layer(bnb, k, n, bias=True, sd=None):
     layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=torch.bfloat16,
                               compress_statistics=True, quant_type="nf4")
     if sd is None:
@@ -110,8 +109,8 @@ def _bnb_layer(k, n, bias=True, sd=None):
 
 
 @pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
-def test_bitsandbytes_state_dict_loads_into_ours(k, n):
-    theirs = _bnb_layer(k, n)
+def test_bitsandbytes_state_dict_loads_into_ours(bnb, k, n):
+    theirs = _bnb_layer(bnb, k, n)
     sd = {key: v.clone() for key, v in theirs.state_dict().items()}  # before bnb's CPU repacking
     ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n), compute_dtype=torch.bfloat16)
     assert ours.load_state_dict(sd) is not None
@@ -128,12 +127,12 @@ def test_bitsandbytes_state_dict_loads_into_ours(k, n):
 
 
 @pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
-def test_our_state_dict_loads_into_bitsandbytes(k, n):
+def test_our_state_dict_loads_into_bitsandbytes(bnb, k, n):
     ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16), compute_dtype=torch.bfloat16)
     sd = ours.state_dict()
     assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
                        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
-    theirs = _bnb_layer(k, n, sd=sd)
+    theirs = _bnb_layer(bnb, k, n, sd=sd)
     for key, v in theirs.state_dict().items():
         assert torch.equal(v.reshape(-1), sd[key].reshape(-1)), key
     x = torch.randn(3, k, dtype=torch.bfloat16)
