@@ -42,6 +42,7 @@ _MARK = "_qlora_triton_audit_host"  # attribute: where a would-be-CPU tensor was
 _DEVICE_GET = torch._C.TensorBase.__dict__["device"]
 _DATA = torch._C.TensorBase.__dict__["data"]
 _MOVES = {torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda}
+_PARSE_TO = torch._C._nn._parse_to
 _SKIP_FILES = (os.path.dirname(torch.__file__), os.path.abspath(__file__),
                os.path.dirname(contextlib.__file__))
 
@@ -103,6 +104,12 @@ class _Tracker(TorchFunctionMode):
         owner = getattr(func, "__self__", None)
         if owner is _DEVICE_GET:  # x.device: remember which side it names
             self.audit.remember_device(out, _mark(args[0]))
+            return out
+        if func is _PARSE_TO:  # Module.to(...): the device it parsed names the same side
+            target = _move_target(func, (None, *args), kwargs)
+            if isinstance(out[0], torch.device) and target is not _KEEP:
+                mark = _mark(target) if isinstance(target, torch.Tensor) else self.audit.device_mark(target)
+                self.audit.remember_device(out[0], mark)
             return out
         if owner is _DATA and getattr(func, "__name__", "") == "__set__":  # p.data = v
             self.audit.set_mark(args[0], _mark(args[1]))

@@ -55,7 +55,7 @@ CASES = [  # (leading dims, K, N, r)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead,k,n,r", CASES)
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=pytest.mark.gpu)])
 def test_forward_and_grads_match_reference(backend, device, dtype, lead, k, n, r, dropout):
     layer = make_layer(k, n, r=r, dropout=dropout, device=device)
     layer.bias.requires_grad_(True)  # trainable bias: its grad is checked too

@@ -50,6 +50,7 @@ def _skip_large_8bit_on_cpu(shape):
                     "the small shapes and the kernel == reference test cover the CPU")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_torch_adamw_fp32(backend, device, shape):
     p0 = torch.randn(shape, device=device)
@@ -61,6 +62,7 @@ def test_matches_torch_adamw_fp32(backend, device, shape):
     assert state["step"].item() == STEPS and state["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1024, 32), (5, 4097), (1024, 1)], ids=str)
 def test_matches_torch_adamw_bf16(backend, device, shape):
     """bf16 parameters: the update runs in fp32 with fp32 moments and rounds the
@@ -87,6 +89,7 @@ def test_matches_torch_adamw_bf16(backend, device, shape):
     assert err <= 1e-2, err
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_8bit_tracks_fp32_adamw(backend, device, shape):
     _skip_large_8bit_on_cpu(shape)
@@ -102,6 +105,7 @@ def test_8bit_tracks_fp32_adamw(backend, device, shape):
     assert state["exp_avg_absmax"].shape == (-(-shape[0] * shape[1] // 256),)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1024, 32), (3, 333)], ids=str)
 def test_8bit_kernel_matches_reference(device, shape, dtype):

@@ -78,6 +78,7 @@ def test_double_quant_against_bitsandbytes(backend, device, bnb, dtype, shape, b
     assert torch.equal(theirs, bnbF.dequantize_4bit(packed, state))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_roundtrip_error_is_nf4_sized(backend, device, double_quant):
     w = torch.randn(300, 257, device=device)
@@ -88,6 +89,7 @@ def test_roundtrip_error_is_nf4_sized(backend, device, double_quant):
     assert 0.05 < rel.item() < 0.12
 
 
+@pytest.mark.gpu
 def test_quantize_noncontiguous_equals_contiguous(backend, device):
     w = torch.randn(96, 130, device=device).t()
     assert not w.is_contiguous()
@@ -95,6 +97,7 @@ def test_quantize_noncontiguous_equals_contiguous(backend, device):
     assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
 
 
+@pytest.mark.gpu
 def test_dequantize_to_other_dtypes(backend, device):
     qw = qt.quantize_nf4(torch.randn(33, 65, dtype=torch.bfloat16, device=device))
     ref = qt.dequantize_nf4(qw, torch.float32)
@@ -103,6 +106,7 @@ def test_dequantize_to_other_dtypes(backend, device):
         assert out.dtype == dtype and torch.equal(out, ref.to(dtype))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 70_001])
 def test_blockwise_8bit_roundtrip(backend, device, n):
     code = qt.dynamic_map().to(device)
