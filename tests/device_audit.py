@@ -165,10 +165,11 @@ class _Audit:
             if any(device is d for d in self.fixture_devices) or device.type != "cpu":
                 return FIXTURE
             # A torch.device("cpu") of the test's own: the CPU on any machine. One
-            # the package or a benchmark made may well be "cuda if available".
+            # the package or a benchmark made may well be "cuda if available":
+            # unknown, like a cached tensor.
             frame = _birth_frame()
             if frame is None or not frame.f_code.co_filename.startswith(_TESTS):
-                return FIXTURE
+                return None
             return _birth_site() + " (an explicit CPU device)"
         if isinstance(device, str):
             return _birth_site() + f" (device={device!r})" if device.startswith("cpu") else FIXTURE
