@@ -198,8 +198,7 @@ BNB_CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("arch, double_quant, layers", [("llama", True, 14), ("llama", False, 14),
                                                         ("gpt_neox", True, 8)])
-def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, arch, double_quant, layers):
-    pytest.importorskip("bitsandbytes")
+def test_bitsandbytes_folder_loads_without_bitsandbytes(bnb, dense_folder, tmp_path, arch, double_quant, layers):
     folder = dense_folder(arch)
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=double_quant)
