@@ -93,7 +93,7 @@ def _fresh_seed(request):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     # The device audit watches the test's setup, call and teardown.
-    with device_audit.tracking():
+    with device_audit.tracking(device_audit.watches(item)):
         yield
 
 
