@@ -93,13 +93,18 @@ def _fresh_seed(request):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     # The device audit watches the test's setup, call and teardown.
-    with device_audit.tracking(device_audit.watches(item)):
+    with device_audit.tracking(device_audit.watches(item)) as violations:
+        item.device_audit_violations = violations
         yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
+    violations = getattr(item, "device_audit_violations", None)
+    if call.when == "call" and report.passed and violations:
+        # the test caught the audit's error itself (pytest.raises(Exception), ...)
+        report.outcome, report.longrepr = "failed", violations[0]
     callspec = getattr(item, "callspec", None)
     if callspec is not None and "backend" in callspec.params:
         report.user_properties.append(("backend", callspec.params["backend"]))
