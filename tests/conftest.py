@@ -5,6 +5,12 @@ Triton kernels: compiled on CUDA, interpreted on the CPU) and ``torch`` (the
 plain-torch reference). On the CPU the Triton leg needs TRITON_INTERPRET=1 in
 the environment before Python starts (scripts/test.sh sets it); without it
 that leg is skipped with the reason, never silently passed.
+
+``device`` is where op tests build their tensors (cuda on a GPU machine); the
+device audit (tests/device_audit.py) fails, on a CPU-only machine, a Triton-leg
+test that would hand a kernel a CPU tensor on a GPU machine. ``bnb`` gives a
+test bitsandbytes (skipping that test alone without it) on its portable CPU
+path. docs/testing.md says more.
 """
 
 from __future__ import annotations
@@ -87,7 +93,6 @@ def _fresh_seed(request):
     # A different but reproducible seed per test: fresh inputs, replayable
     # failures (crc32, not hash(): Python salts str hashes per process).
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
 
 
 @pytest.hookimpl(hookwrapper=True)
