@@ -13,16 +13,17 @@ import torch
 import qlora_triton as qt
 
 
-def _qw(shape=(40, 96), double_quant=True, dtype=torch.float32, blocksize=64):
-    return qt.quantize_nf4(torch.randn(shape).to(dtype), blocksize=blocksize, double_quant=double_quant)
+def _qw(shape=(40, 96), double_quant=True, dtype=torch.float32, blocksize=64, device=None):
+    return qt.quantize_nf4(torch.randn(shape, device=device).to(dtype), blocksize=blocksize,
+                           double_quant=double_quant)
 
 
 def _strided(t: torch.Tensor, step: int = 3) -> torch.Tensor:
     """A copy of ``t`` (same values) as a strided view into a larger buffer
     filled with junk, so that reading it as contiguous gives other values."""
     flat = t.reshape(-1)
-    big = torch.full((flat.numel() * step + 1,), 77, dtype=t.dtype) if not t.is_floating_point() \
-        else torch.randn(flat.numel() * step + 1).to(t.dtype) * 1e3
+    big = torch.full((flat.numel() * step + 1,), 77, dtype=t.dtype, device=t.device) if not t.is_floating_point() \
+        else torch.randn(flat.numel() * step + 1, device=t.device).to(t.dtype) * 1e3
     view = big[1::step][: flat.numel()]
     view.copy_(flat)
     assert not view.is_contiguous() or flat.numel() == 1
@@ -30,7 +31,7 @@ def _strided(t: torch.Tensor, step: int = 3) -> torch.Tensor:
 
 
 def _offset_view(t: torch.Tensor, offset: int = 5) -> torch.Tensor:
-    big = torch.zeros(t.numel() + offset, dtype=t.dtype)
+    big = torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)
     big[offset:] = t.reshape(-1)
     return big[offset:].reshape(t.shape)
 
@@ -43,25 +44,25 @@ FIELDS = [(False, f) for f in ("packed", "absmax", "code")] + \
 
 @pytest.mark.parametrize("double_quant, field", FIELDS, ids=[f"{f}-{'nested' if d else 'plain'}" for d, f in FIELDS])
 @pytest.mark.parametrize("view", ["strided", "offset"])
-def test_weight_fields_of_any_stride(backend, double_quant, field, view):
-    qw = _qw(double_quant=double_quant)
+def test_weight_fields_of_any_stride(backend, device, double_quant, field, view):
+    qw = _qw(double_quant=double_quant, device=device)
     make = _strided if view == "strided" else _offset_view
     odd = dataclasses.replace(qw, **{field: make(getattr(qw, field))})
     assert torch.equal(qt.dequantize_nf4(odd), qt.dequantize_nf4(qw))
     for M in (5, 33):  # the GEMV and the GEMM kernels
-        x, gy = torch.randn(M, 96), torch.randn(M, 40)
+        x, gy = torch.randn(M, 96, device=device), torch.randn(M, 40, device=device)
         assert torch.equal(qt.nf4_matmul(x, odd), qt.nf4_matmul(x, qw))
         assert torch.equal(qt.nf4_matmul_grad_input(gy, odd), qt.nf4_matmul_grad_input(gy, qw))
 
 
-def test_expanded_fields(backend):
+def test_expanded_fields(backend, device):
     # Stride-0 views: a constant codebook and a constant nested scale.
-    qw = _qw(double_quant=True)
-    code = torch.full((1,), 0.5).expand(16)
+    qw = _qw(double_quant=True, device=device)
+    code = torch.full((1,), 0.5, device=device).expand(16)
     absmax2 = qw.absmax2[:1].expand(qw.absmax2.numel())
     odd = dataclasses.replace(qw, code=code, absmax2=absmax2)
     dense = dataclasses.replace(qw, code=code.contiguous(), absmax2=absmax2.contiguous())
-    x = torch.randn(3, 96)
+    x = torch.randn(3, 96, device=device)
     assert torch.equal(qt.dequantize_nf4(odd), qt.dequantize_nf4(dense))
     assert torch.equal(qt.nf4_matmul(x, odd), qt.nf4_matmul(x, dense))
 
@@ -75,19 +76,19 @@ def test_contiguous_fields_are_not_copied():
 
 @pytest.mark.parametrize("bias", ["strided", "expanded"])
 @pytest.mark.parametrize("M", [3, 40])  # the GEMV and the GEMM kernels
-def test_bias_of_any_stride(backend, bias, M):
+def test_bias_of_any_stride(backend, device, bias, M):
     # Needs the matmul launchers to honour the bias stride (ops/matmul.py).
-    qw = _qw((24, 64), double_quant=False)
-    b = torch.randn(48)[::2] if bias == "strided" else torch.randn(1).expand(24)
-    x = torch.randn(M, 64)
+    qw = _qw((24, 64), double_quant=False, device=device)
+    b = torch.randn(48, device=device)[::2] if bias == "strided" else torch.randn(1, device=device).expand(24)
+    x = torch.randn(M, 64, device=device)
     assert torch.equal(qt.nf4_matmul(x, qw, b), qt.nf4_matmul(x, qw, b.contiguous()))
 
 
 # ---- 2. the 8-bit blockwise helpers ------------------------------------------------------
 
-def test_blockwise_8bit_strided_inputs(backend):
-    code = qt.dynamic_map()
-    x = torch.randn(700, 3)[:, 1]
+def test_blockwise_8bit_strided_inputs(backend, device):
+    code = qt.dynamic_map().to(device)
+    x = torch.randn(700, 3, device=device)[:, 1]
     q, absmax = qt.quantize_blockwise_8bit(x, code, 128)
     q2, absmax2 = qt.quantize_blockwise_8bit(x.contiguous(), code, 128)
     assert torch.equal(q, q2) and torch.equal(absmax, absmax2)
@@ -120,8 +121,8 @@ def test_blockwise_8bit_bad_arguments():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_blockwise_8bit_refuses_non_finite_on_both_backends(backend, bad):
-    x = torch.randn(300)
+def test_blockwise_8bit_refuses_non_finite_on_both_backends(backend, device, bad):
+    x = torch.randn(300, device=device)
     x[17] = bad
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         qt.quantize_blockwise_8bit(x, qt.dynamic_map())
@@ -130,13 +131,13 @@ def test_blockwise_8bit_refuses_non_finite_on_both_backends(backend, bad):
 # ---- 5. overflow in double quantization ----------------------------------------------------
 
 @pytest.mark.parametrize("case", ["full-1e38", "outliers-3e38", "full-max"])
-def test_huge_weights_double_quantize_or_refuse(backend, case):
+def test_huge_weights_double_quantize_or_refuse(backend, device, case):
     if case == "full-1e38":
-        w = torch.full((4, 64), 1e38)
+        w = torch.full((4, 64), 1e38, device=device)
     elif case == "full-max":
-        w = torch.full((3, 64), torch.finfo(torch.float32).max)
+        w = torch.full((3, 64), torch.finfo(torch.float32).max, device=device)
     else:
-        w = torch.randn(64, 64)
+        w = torch.randn(64, 64, device=device)
         w[3, 5], w[40, 7] = 3e38, -3e38
     plain = qt.dequantize_nf4(qt.quantize_nf4(w, double_quant=False))
     try:
@@ -152,12 +153,12 @@ def test_huge_weights_double_quantize_or_refuse(backend, case):
     assert torch.allclose(out[big], plain[big], rtol=0.02)
 
 
-def test_double_quant_result_is_checked(backend):
+def test_double_quant_result_is_checked(backend, device):
     # Scales up to fp32's maximum: the nested decode dyn * absmax2 + offset
     # rounds above it for one block. quantize_nf4 says so instead of returning
     # a weight that dequantizes to Inf.
-    w = torch.randn(44, 64) * 1e-3
-    w[:, 0] = torch.finfo(torch.float32).max * torch.linspace(0.8, 1.0, 44)
+    w = torch.randn(44, 64, device=device) * 1e-3
+    w[:, 0] = torch.finfo(torch.float32).max * torch.linspace(0.8, 1.0, 44, device=device)
     with pytest.raises(ValueError, match="overflow float32 once double-quantized"):
         qt.quantize_nf4(w, double_quant=True)
     assert bool(qt.dequantize_nf4(qt.quantize_nf4(w, double_quant=False)).isfinite().all())
@@ -185,8 +186,8 @@ def test_bad_shape(shape):
 
 @pytest.mark.parametrize("field", ["absmax", "offset", "code", "absmax2", "code2"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_hand_built_weight(backend, field, bad):
-    qw = _qw(double_quant=field != "absmax")
+def test_non_finite_hand_built_weight(backend, device, field, bad):
+    qw = _qw(double_quant=field != "absmax", device=device)
     t = getattr(qw, field).clone()
     t.view(-1)[t.numel() // 2] = bad
     hand_built = dataclasses.replace(qw, **{field: t})  # structure only: no device sync
@@ -203,16 +204,16 @@ def test_non_finite_hand_built_weight(backend, field, bad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
-def test_noncontiguous_x_is_bit_identical(backend, dtype, M):
-    qw = _qw((48, 96), dtype=dtype)
-    transposed = torch.randn(96, M).to(dtype).t()
-    sliced = torch.randn(M, 200).to(dtype)[:, 7:103]
-    every_other = torch.randn(M, 192).to(dtype)[:, ::2]
+def test_noncontiguous_x_is_bit_identical(backend, device, dtype, M):
+    qw = _qw((48, 96), dtype=dtype, device=device)
+    transposed = torch.randn(96, M, device=device).to(dtype).t()
+    sliced = torch.randn(M, 200, device=device).to(dtype)[:, 7:103]
+    every_other = torch.randn(M, 192, device=device).to(dtype)[:, ::2]
     for x in (transposed, sliced, every_other):
         if x.is_contiguous():
             continue  # one row: a transpose or a column slice is contiguous
         assert torch.equal(qt.nf4_matmul(x, qw), qt.nf4_matmul(x.contiguous(), qw))
-        gy = torch.randn(48, M).to(dtype).t()
+        gy = torch.randn(48, M, device=device).to(dtype).t()
         assert torch.equal(qt.nf4_matmul_grad_input(gy, qw), qt.nf4_matmul_grad_input(gy.contiguous(), qw))
 
 
@@ -298,26 +299,25 @@ def test_optimizer_state_dict_without_step():
 
 # ---- 10. subnormal weights (documented in docs/format.md) --------------------------------
 
-def test_subnormal_blocks_follow_bitsandbytes(backend):
+def test_subnormal_blocks_follow_bitsandbytes(backend, device, bnb):
     # Blocks whose absmax is below 1e-38 are scaled by 1 / 1e-38 (not 1 / absmax),
     # exactly as bitsandbytes: coarser, but byte-identical to its quantizer.
-    bnbF = pytest.importorskip("bitsandbytes.functional")
-    w = torch.randn(8, 64) * 1e-39
-    qw = qt.quantize_nf4(w, double_quant=False)
-    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    w = torch.randn(8, 64, device=device) * 1e-39
+    qw = qt.quantize_nf4(w, double_quant=False).to("cpu")
+    packed, state = bnb.functional.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4", compress_statistics=False)
     assert torch.equal(qw.packed, packed.reshape(-1)) and torch.equal(qw.absmax, state.absmax)
-    rel = float((qt.dequantize_nf4(qw).double() - w.double()).norm() / w.double().norm())
+    rel = float((qt.dequantize_nf4(qw.to(device)).double() - w.double()).norm() / w.double().norm())
     assert 0.3 < rel < 1.0  # the documented loss (normal scales: ~0.09)
 
 
 # ---- 7. a NaN / Inf gradient element in PagedAdamW8bit --------------------------------------
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_8bit_adamw_loses_only_the_bad_element(bad):
+def test_8bit_adamw_loses_only_the_bad_element(device, bad):
     torch.manual_seed(0)
     n, i, lr = 1000, 300, 1e-2  # element 300 sits in the second 256-block
-    p0 = torch.randn(n)
-    grads = [torch.randn(n) for _ in range(4)]
+    p0 = torch.randn(n, device=device)
+    grads = [torch.randn(n, device=device) for _ in range(4)]
     grads[1][i] = bad
     runs = {}
     for backend in ("triton", "torch"):
@@ -334,7 +334,7 @@ def test_8bit_adamw_loses_only_the_bad_element(bad):
                 p.grad = g.clone()
                 opt.step()
                 if step in (1, 2):  # as torch.optim.AdamW: that element only is NaN
-                    assert torch.isnan(p[i]) and bool(p.detach()[torch.arange(n) != i].isfinite().all())
+                    assert torch.isnan(p[i]) and bool(p.detach()[torch.arange(n, device=device) != i].isfinite().all())
                 if step == 1:  # its moments are stored as exactly 0 (8 bits hold no NaN)
                     assert all(float(m[i]) == 0.0 for m in opt.dequantized_moments(p))
                 state = opt.state[p]
@@ -354,6 +354,6 @@ def test_8bit_adamw_loses_only_the_bad_element(bad):
     for g in grads:
         ref.grad = g.clone()
         topt.step()
-    ok = torch.arange(n) != i
+    ok = torch.arange(n, device=device) != i
     out = runs["torch"][0]
     assert float((out[ok] - ref.detach()[ok]).abs().max()) < 0.2 * lr

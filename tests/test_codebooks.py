@@ -9,11 +9,10 @@ from qlora_triton.codebooks import midpoints
 DYNAMIC_SHA256 = "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
 
 
-def test_nf4_codebook_equals_bitsandbytes():
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+def test_nf4_codebook_equals_bitsandbytes(bnb):
     code = qt.nf4_codebook()
     assert code.dtype == torch.float32 and code.shape == (16,)
-    assert torch.equal(code, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(code, bnb.functional.get_4bit_type("nf4", device="cpu"))
 
 
 def test_nf4_codebook_shape_of_the_distribution():

@@ -154,10 +154,9 @@ def test_merge_and_unload_after_half():
     assert torch.isfinite(dense(x)).all()
 
 
-def test_bnb_checkpoint_in_transformers_layout_loads():
+def test_bnb_checkpoint_in_transformers_layout_loads(bnb):
     """A transformers bnb-4bit checkpoint stores each quantized Linear under
     bitsandbytes' keys; the converted model loads it with only LoRA keys missing."""
-    bnb = pytest.importorskip("bitsandbytes")
     source = tiny_llama()
     checkpoint, bnb_dense = {}, {}
     for name, module in source.named_modules():
@@ -285,8 +284,7 @@ def test_our_linear4bit_gets_adapters_without_requantization():
         assert torch.equal(layer.weight, want)
 
 
-def test_bitsandbytes_layers_keep_their_bytes(monkeypatch):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_bitsandbytes_layers_keep_their_bytes(bnb, monkeypatch):
     model = tiny_llama().eval()
     tokens = torch.randint(0, 128, (2, 9))
     for name, m in list(model.named_modules()):

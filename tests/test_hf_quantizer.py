@@ -198,8 +198,7 @@ BNB_CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("arch, double_quant, layers", [("llama", True, 14), ("llama", False, 14),
                                                         ("gpt_neox", True, 8)])
-def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, arch, double_quant, layers):
-    pytest.importorskip("bitsandbytes")
+def test_bitsandbytes_folder_loads_without_bitsandbytes(bnb, dense_folder, tmp_path, arch, double_quant, layers):
     folder = dense_folder(arch)
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_use_double_quant=double_quant)
@@ -218,8 +217,7 @@ def test_bitsandbytes_folder_loads_without_bitsandbytes(dense_folder, tmp_path, 
     assert result["rel_err"] <= 1e-5
 
 
-def test_our_folder_loads_in_transformers_and_bitsandbytes(dense_folder, tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_our_folder_loads_in_transformers_and_bitsandbytes(bnb, dense_folder, tmp_path):
     q = transformers.AutoModelForCausalLM.from_pretrained(dense_folder("llama"), quantization_config=qt.NF4Config())
     q.save_pretrained(tmp_path)
     config = transformers.AutoConfig.from_pretrained(tmp_path)

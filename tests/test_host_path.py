@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 from benchmarks.launches import count_launches  # noqa: E402
 
 
-def lora_layer(k=96, n=80, r=4, dtype=torch.float32, bias=True):
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(k, n, bias=bias, dtype=dtype), r=r, lora_dropout=0.1)
+def lora_layer(k=96, n=80, r=4, dtype=torch.float32, bias=True, device=None):
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(k, n, bias=bias, dtype=dtype, device=device), r=r,
+                                          lora_dropout=0.1)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     return layer
@@ -70,10 +71,11 @@ def builds(monkeypatch):
 # -- built once ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["Linear4bit", "LoRALinear4bit"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_forward_builds_no_weight(backend, builds, kind, grad):
-    layer = lora_layer() if kind == "LoRALinear4bit" else qt.Linear4bit.from_linear(torch.nn.Linear(96, 80))
+def test_forward_builds_no_weight(backend, device, builds, kind, grad):
+    layer = lora_layer(device=device) if kind == "LoRALinear4bit" else qt.Linear4bit.from_linear(
+        torch.nn.Linear(96, 80, device=device))
     layer.eval()
-    x = torch.randn(3, 96, requires_grad=grad)
+    x = torch.randn(3, 96, requires_grad=grad, device=device)
     qw = layer.quant_weight
     before = builds[0]
     for _ in range(3):
@@ -85,9 +87,9 @@ def test_forward_builds_no_weight(backend, builds, kind, grad):
     assert layer.quant_weight is qw
 
 
-def test_public_nf4_matmul_reuses_the_callers_weight(backend, builds):
-    qw = qt.quantize_nf4(torch.randn(40, 64))
-    x = torch.randn(2, 64)
+def test_public_nf4_matmul_reuses_the_callers_weight(backend, device, builds):
+    qw = qt.quantize_nf4(torch.randn(40, 64, device=device))
+    x = torch.randn(2, 64, device=device)
     before = builds[0]
     qt.nf4_matmul(x, qw)
     assert builds[0] == before
@@ -99,33 +101,33 @@ def test_public_nf4_matmul_reuses_the_callers_weight(backend, builds):
 
 # -- never stale -----------------------------------------------------------------
 @pytest.fixture(params=["Linear4bit", "LoRALinear4bit"])
-def pair(request):
+def pair(request, device):
     """(dst, src): same shapes, different weights; dst has run (its caches are warm)."""
-    make = lora_layer if request.param == "LoRALinear4bit" else (
-        lambda: qt.Linear4bit.from_linear(torch.nn.Linear(96, 80)))
+    make = (lambda: lora_layer(device=device)) if request.param == "LoRALinear4bit" else (
+        lambda: qt.Linear4bit.from_linear(torch.nn.Linear(96, 80, device=device)))
     dst, src = make().eval(), make().eval()
-    x = torch.randn(2, 96)
+    x = torch.randn(2, 96, device=device)
     with torch.no_grad():
         dst(x)
     return dst, src, x
 
 
-def test_load_state_dict_renews_the_weight(backend, pair):
+def test_load_state_dict_renews_the_weight(backend, device, pair):
     dst, src, x = pair
     dst.load_state_dict(src.state_dict())
     same_output(dst, x, want=src(x).detach())
 
 
-def test_load_state_dict_with_peft_prefix_renews_the_weight(backend, pair):
+def test_load_state_dict_with_peft_prefix_renews_the_weight(backend, device, pair):
     dst, src, x = pair
     sd = {(k if k.startswith("lora_") else "base_layer." + k): v for k, v in src.state_dict().items()}
     dst.load_state_dict(sd)
     same_output(dst, x, want=src(x).detach())
 
 
-def test_dense_weight_quantized_on_load_renews_the_weight(backend, pair):
+def test_dense_weight_quantized_on_load_renews_the_weight(backend, device, pair):
     dst, _, x = pair
-    dense = torch.nn.Linear(96, 80)
+    dense = torch.nn.Linear(96, 80, device=device)
     sd = {k: v for k, v in dst.state_dict().items() if k.startswith("lora_")} | dense.state_dict()
     dst.load_state_dict(sd)
     base = qt.Linear4bit.from_linear(dense)
@@ -138,7 +140,7 @@ def test_dense_weight_quantized_on_load_renews_the_weight(backend, pair):
         same_output(dst, x, want=want)
 
 
-def test_parameter_assignment_renews_the_weight(backend, pair):
+def test_parameter_assignment_renews_the_weight(backend, device, pair):
     dst, src, x = pair
     # Only the packed bytes: the weight must combine the new bytes with the old scales.
     dst.weight = torch.nn.Parameter(src.weight.detach().clone(), requires_grad=False)
@@ -153,7 +155,7 @@ def test_parameter_assignment_renews_the_weight(backend, pair):
     same_output(dst, x, want=src(x).detach())
 
 
-def test_in_place_edits_are_seen(backend, pair):
+def test_in_place_edits_are_seen(backend, device, pair):
     dst, src, x = pair
     with torch.no_grad():  # (the NF4 storage is among the parameters)
         for mine, theirs in zip(dst.parameters(), src.parameters()):
@@ -161,7 +163,7 @@ def test_in_place_edits_are_seen(backend, pair):
     same_output(dst, x, want=src(x).detach())
 
 
-def test_apply_renews_the_weight(backend, pair):
+def test_apply_renews_the_weight(backend, device, pair):
     dst, src, x = pair
     dst._apply(lambda t: t.clone())  # every tensor replaced ...
     with torch.no_grad():            # ... then the new ones edited in place
@@ -170,7 +172,7 @@ def test_apply_renews_the_weight(backend, pair):
     same_output(dst, x, want=src(x).detach())
 
 
-def test_deepcopy_edits_reach_the_copys_weight(backend, pair):
+def test_deepcopy_edits_reach_the_copys_weight(backend, device, pair):
     import copy
 
     dst, src, x = pair
@@ -183,7 +185,7 @@ def test_deepcopy_edits_reach_the_copys_weight(backend, pair):
 
 
 @pytest.mark.parametrize("move", ["half", "to_bfloat16", "to_empty"])
-def test_dtype_and_device_moves_renew_the_weight(backend, pair, move):
+def test_dtype_and_device_moves_renew_the_weight(backend, device, pair, move):
     dst, src, x = pair
     if move == "half":
         dst.half()
@@ -192,7 +194,7 @@ def test_dtype_and_device_moves_renew_the_weight(backend, pair, move):
         dst.to(torch.bfloat16)
         x = x.bfloat16()
     else:  # through the meta device and back: every tensor is a new, empty one
-        dst.to("meta").to_empty(device="cpu")
+        dst.to("meta").to_empty(device=device)
         dst.load_state_dict(src.state_dict())
         same_output(dst, x, want=src(x).detach())
         return
@@ -201,9 +203,9 @@ def test_dtype_and_device_moves_renew_the_weight(backend, pair, move):
 
 
 # -- the eval-mode cast copies of the bias and adapters ------------------------------
-def test_eval_cast_copies_follow_their_parameters(backend):
-    layer = lora_layer().eval()  # fp32 bias and adapters, bf16 input
-    x = torch.randn(2, 96, dtype=torch.bfloat16)
+def test_eval_cast_copies_follow_their_parameters(backend, device):
+    layer = lora_layer(device=device).eval()  # fp32 bias and adapters, bf16 input
+    x = torch.randn(2, 96, dtype=torch.bfloat16, device=device)
     same_output(layer, x)
     with torch.no_grad():
         layer.lora_B.weight.add_(1.0)  # in place, seen by the version counter
@@ -217,15 +219,15 @@ def test_eval_cast_copies_follow_their_parameters(backend):
     layer.lora_A.weight.data.mul_(2.0)  # invisible to autograd and to the cache until eval()
     layer.eval()
     same_output(layer, x)
-    layer.load_state_dict(lora_layer().state_dict())
+    layer.load_state_dict(lora_layer(device=device).state_dict())
     same_output(layer, x)
 
 
-def test_eval_cast_copies_made_in_inference_mode_serve_autograd(backend):
-    layer = lora_layer().eval()
+def test_eval_cast_copies_made_in_inference_mode_serve_autograd(backend, device):
+    layer = lora_layer(device=device).eval()
     layer.lora_A.weight.requires_grad_(False)
     layer.lora_B.weight.requires_grad_(False)
-    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    x = torch.randn(2, 96, dtype=torch.bfloat16, device=device)
     with torch.inference_mode():
         want = layer(x)
     xg = x.clone().requires_grad_()
@@ -234,22 +236,22 @@ def test_eval_cast_copies_made_in_inference_mode_serve_autograd(backend):
     assert torch.equal(y.detach(), want) and xg.grad is not None
 
 
-def test_training_forward_does_not_cache_casts(backend):
-    layer = lora_layer()  # training mode
-    x = torch.randn(2, 96, dtype=torch.bfloat16)
+def test_training_forward_does_not_cache_casts(backend, device):
+    layer = lora_layer(device=device)  # training mode
+    x = torch.randn(2, 96, dtype=torch.bfloat16, device=device)
     layer(x)
     assert layer._casts == {}
 
 
-def test_compiled_eval_forward_has_no_graph_break(backend):
+def test_compiled_eval_forward_has_no_graph_break(backend, device):
     torch._dynamo.reset()
-    layer = lora_layer().eval()
-    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    layer = lora_layer(device=device).eval()
+    x = torch.randn(1, 96, dtype=torch.bfloat16, device=device)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         want, got = layer(x), compiled(x)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        layer.load_state_dict(lora_layer().state_dict())  # new NF4 parameters: a guard must notice
+        layer.load_state_dict(lora_layer(device=device).state_dict())  # new NF4 parameters: a guard must notice
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
@@ -259,15 +261,15 @@ needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or _backend.INT
 
 
 @needs_triton
-def test_the_counter_counts_what_launches():
-    x = torch.randn(5, 8)
-    qw = qt.quantize_nf4(torch.randn(64))
+def test_the_counter_counts_what_launches(device):
+    x = torch.randn(5, 8, device=device)
+    qw = qt.quantize_nf4(torch.randn(64, device=device))
     with count_launches() as counts:
         x.t().reshape(-1)[:3].view(3, 1)  # views, and one copy (reshape of a transpose)
-        torch.empty(4)                    # no fill
+        torch.empty(4, device=device)                    # no fill
         x.to(torch.float16)               # a cast
         x.to(torch.float32)               # no-op
-        torch.zeros(3)                    # a fill
+        torch.zeros(3, device=device)                    # a fill
         nf4_dequantize(qw, torch.float32)  # the launcher: one Triton kernel
     assert counts == {"aten.clone": 1, "aten._to_copy": 1, "aten.zeros": 1,
                       "triton.nf4_dequantize_kernel": 1}, counts
@@ -283,12 +285,12 @@ def _eval_counts(layer, x):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_lora_eval_forward_adds_two_launches_to_the_base(dtype):
+def test_lora_eval_forward_adds_two_launches_to_the_base(device, dtype):
     """Beside the base product: x @ A.T and the scaled update added in place into
     the base output (no casts of the fp32 adapters or bias, no scaling multiply,
     no [M, N] temporary)."""
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96), r=8).eval()  # fp32 adapters
-    x = torch.randn(1, 128, dtype=dtype)
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96, device=device), r=8).eval()  # fp32 adapters
+    x = torch.randn(1, 128, dtype=dtype, device=device)
     with qt.force_backend("triton"):
         lora = _eval_counts(layer, x)
         with torch.no_grad():
@@ -301,11 +303,11 @@ def test_lora_eval_forward_adds_two_launches_to_the_base(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_nf4_matmul_at_m1_is_one_launch(dtype):
+def test_nf4_matmul_at_m1_is_one_launch(device, dtype):
     """The target of issue 11: one kernel for a decode-sized product (no zero
     fill, no cast). Waits for the kernel rework of ops/matmul.py."""
-    qw = qt.quantize_nf4(torch.randn(96, 128))
-    x = torch.randn(1, 128, dtype=dtype)
+    qw = qt.quantize_nf4(torch.randn(96, 128, device=device))
+    x = torch.randn(1, 128, dtype=dtype, device=device)
     with qt.force_backend("triton"), torch.no_grad():
         qt.nf4_matmul(x, qw)
         with count_launches() as counts:
@@ -314,15 +316,15 @@ def test_nf4_matmul_at_m1_is_one_launch(dtype):
 
 
 @needs_triton
-def test_lora_eval_forward_at_m1_is_at_most_four_launches():
+def test_lora_eval_forward_at_m1_is_at_most_four_launches(device):
     """The target of issue 11 (bf16 input, fp32 master adapters, a bias): base
     product, x @ A.T and the rank-r update into the base output. Holds once
     nf4_matmul is one launch (the kernel rework of ops/matmul.py)."""
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96), r=8, lora_dropout=0.1).eval()
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96, device=device), r=8, lora_dropout=0.1).eval()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     with qt.force_backend("triton"):
-        counts = _eval_counts(layer, torch.randn(1, 128, dtype=torch.bfloat16))
+        counts = _eval_counts(layer, torch.randn(1, 128, dtype=torch.bfloat16, device=device))
     assert sum(counts.values()) <= 4, dict(counts)
 
 

@@ -11,7 +11,6 @@ import torch
 import qlora_triton as qt
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def rel_err(out, ref):
@@ -28,10 +27,10 @@ def ref_forward(layer, x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,bias", [((3, 77, 45), True), ((1, 64, 33), False), ((2, 5, 130, 96), True)])
-def test_forward_matches_reference(backend, dtype, shape, bias):
+def test_forward_matches_reference(backend, device, dtype, shape, bias):
     *lead, k, n = shape
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=bias))
-    x = torch.randn(*lead, k).to(dtype).requires_grad_()
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=bias, device=device))
+    x = torch.randn(*lead, k, device=device).to(dtype).requires_grad_()
     y = layer(x)
     assert y.dtype == dtype and y.shape == (*lead, n)
     assert rel_err(y, ref_forward(layer, x)) <= TOL[dtype]
@@ -42,26 +41,26 @@ def test_forward_matches_reference(backend, dtype, shape, bias):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
-def test_trainable_bias_gets_a_grad():
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(20, 12))
+def test_trainable_bias_gets_a_grad(device):
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(20, 12, device=device))
     layer.bias.requires_grad_(True)
-    g = torch.randn(4, 12)
-    layer(torch.randn(4, 20)).backward(g)
+    g = torch.randn(4, 12, device=device)
+    layer(torch.randn(4, 20, device=device)).backward(g)
     assert torch.allclose(layer.bias.grad, g.sum(0))
 
 
-def test_half_and_to_keep_the_nf4_storage_exact():
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
+def test_half_and_to_keep_the_nf4_storage_exact(device):
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24, device=device))
     before = {n: p.clone() for n, p in layer.nf4_parameters().items()}
     assert len(before) == 6
     layer.half()
     assert layer.bias.dtype == torch.float16
     for n, p in layer.nf4_parameters().items():
         assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
-    layer.to(torch.float32).to("cpu").bfloat16()
+    layer.to(torch.float32).to(device).bfloat16()
     assert set(layer.nf4_parameters()) == set(before)
     assert all(torch.equal(p, before[n]) for n, p in layer.nf4_parameters().items())
-    x = torch.randn(2, 40, dtype=torch.float16)
+    x = torch.randn(2, 40, dtype=torch.float16, device=device)
     assert layer(x).dtype == torch.float16
 
 
@@ -84,11 +83,11 @@ def test_nf4_storage_is_frozen_non_float_parameters():
     assert torch.equal(params2["weight_code2"].view(torch.float32), qt.dynamic_map())
 
 
-def test_a_data_swap_is_seen():
+def test_a_data_swap_is_seen(device):
     # param.data = ... keeps the Parameter object: the view must follow the data.
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
-    other = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24))
-    x = torch.randn(3, 40)
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24, device=device))
+    other = qt.Linear4bit.from_linear(torch.nn.Linear(40, 24, device=device))
+    x = torch.randn(3, 40, device=device)
     layer(x)
     for name, p in layer.nf4_parameters().items():
         p.data = other.nf4_parameters()[name].detach().clone()
@@ -97,7 +96,7 @@ def test_a_data_swap_is_seen():
     assert torch.equal(layer(x), other(x))
 
 
-def _bnb_layer(k, n, bias=True, sd=None):
+def _bnb_layer(bnb, k, n, bias=True, sd=None):
     layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=torch.bfloat16,
                               compress_statistics=True, quant_type="nf4")
     if sd is None:
@@ -110,8 +109,8 @@ def _bnb_layer(k, n, bias=True, sd=None):
 
 
 @pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
-def test_bitsandbytes_state_dict_loads_into_ours(k, n):
-    theirs = _bnb_layer(k, n)
+def test_bitsandbytes_state_dict_loads_into_ours(bnb, k, n):
+    theirs = _bnb_layer(bnb, k, n)
     sd = {key: v.clone() for key, v in theirs.state_dict().items()}  # before bnb's CPU repacking
     ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n), compute_dtype=torch.bfloat16)
     assert ours.load_state_dict(sd) is not None
@@ -128,12 +127,12 @@ def test_bitsandbytes_state_dict_loads_into_ours(k, n):
 
 
 @pytest.mark.parametrize("k,n", [(70, 45), (128, 64)])
-def test_our_state_dict_loads_into_bitsandbytes(k, n):
+def test_our_state_dict_loads_into_bitsandbytes(bnb, k, n):
     ours = qt.Linear4bit.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16), compute_dtype=torch.bfloat16)
     sd = ours.state_dict()
     assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
                        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
-    theirs = _bnb_layer(k, n, sd=sd)
+    theirs = _bnb_layer(bnb, k, n, sd=sd)
     for key, v in theirs.state_dict().items():
         assert torch.equal(v.reshape(-1), sd[key].reshape(-1)), key
     x = torch.randn(3, k, dtype=torch.bfloat16)
@@ -141,21 +140,21 @@ def test_our_state_dict_loads_into_bitsandbytes(k, n):
         assert rel_err(ours(x), theirs(x)) <= TOL[torch.bfloat16]
 
 
-def test_state_dict_round_trip_and_format_change():
-    src = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30), blocksize=128, double_quant=False)
-    dst = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))  # blocksize 64, nested
+def test_state_dict_round_trip_and_format_change(device):
+    src = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30, device=device), blocksize=128, double_quant=False)
+    dst = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30, device=device))  # blocksize 64, nested
     dst.load_state_dict(src.state_dict())
     assert dst.quant_weight.absmax.dtype == torch.float32 and dst.weight_absmax2 is None
     assert dst.quant_weight.blocksize == 128
-    x = torch.randn(4, 50)
+    x = torch.randn(4, 50, device=device)
     assert torch.equal(dst(x), src(x))
 
 
-def test_dense_state_dict_is_quantized_on_load():
-    linear = torch.nn.Linear(50, 30)
-    layer = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30))
+def test_dense_state_dict_is_quantized_on_load(device):
+    linear = torch.nn.Linear(50, 30, device=device)
+    layer = qt.Linear4bit.from_linear(torch.nn.Linear(50, 30, device=device))
     layer.load_state_dict(linear.state_dict())
-    x = torch.randn(4, 50)
+    x = torch.randn(4, 50, device=device)
     assert torch.equal(layer(x), qt.Linear4bit.from_linear(linear)(x))
 
 
@@ -175,8 +174,8 @@ def test_load_errors_are_clear():
             layer.load_state_dict({**layer.state_dict(), extra: torch.zeros(1)})
 
 
-def test_lora_state_dict_and_peft_prefix():
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4)
+def test_lora_state_dict_and_peft_prefix(device):
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24, device=device), r=4)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     sd = layer.state_dict()
@@ -184,11 +183,11 @@ def test_lora_state_dict_and_peft_prefix():
     # PEFT's layout of the same layer: base_layer.* and per-adapter names.
     peft_sd = {("base_layer." + k if not k.startswith("lora_") else k.replace(".weight", ".default.weight")): v
                for k, v in sd.items()}
-    fresh = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4)
+    fresh = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24, device=device), r=4)
     fresh.load_state_dict(peft_sd)
-    x = torch.randn(3, 40)
+    x = torch.randn(3, 40, device=device)
     assert torch.equal(fresh(x), layer(x))
-    model = torch.nn.Sequential(qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24), r=4))
+    model = torch.nn.Sequential(qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24, device=device), r=4))
     model.load_state_dict({"0." + k: v for k, v in peft_sd.items()})
     assert torch.equal(model(x), layer(x))
 

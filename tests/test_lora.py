@@ -19,9 +19,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err
 
 
-def make_layer(k, n, r=5, bias=True, dropout=0.0, rslora=False, alpha=16, dtype=torch.float32):
+def make_layer(k, n, r=5, bias=True, dropout=0.0, rslora=False, alpha=16, dtype=torch.float32,
+               device=None):
     """A LoRALinear4bit with a random (non-zero) lora_B so the LoRA path counts."""
-    linear = torch.nn.Linear(k, n, bias=bias, dtype=dtype)
+    linear = torch.nn.Linear(k, n, bias=bias, dtype=dtype, device=device)
     layer = qt.LoRALinear4bit.from_linear(linear, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                           use_rslora=rslora)
     with torch.no_grad():
@@ -54,12 +55,12 @@ CASES = [  # (leading dims, K, N, r)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead,k,n,r", CASES)
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_forward_and_grads_match_reference(backend, dtype, lead, k, n, r, dropout):
-    layer = make_layer(k, n, r=r, dropout=dropout)
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=pytest.mark.gpu)])
+def test_forward_and_grads_match_reference(backend, device, dtype, lead, k, n, r, dropout):
+    layer = make_layer(k, n, r=r, dropout=dropout, device=device)
     layer.bias.requires_grad_(True)  # trainable bias: its grad is checked too
-    x = torch.randn(*lead, k).to(dtype).requires_grad_()
-    g = torch.randn(*lead, n).to(dtype)
+    x = torch.randn(*lead, k, device=device).to(dtype).requires_grad_()
+    g = torch.randn(*lead, n, device=device).to(dtype)
 
     seed = torch.seed()
     y = layer(x)
@@ -83,9 +84,9 @@ def test_forward_and_grads_match_reference(backend, dtype, lead, k, n, r, dropou
     assert layer.lora_A.weight.grad.dtype == torch.float32  # master adapters stay fp32
 
 
-def test_base_weight_never_gets_a_grad():
-    layer = make_layer(40, 24)
-    x = torch.randn(5, 40, requires_grad=True)
+def test_base_weight_never_gets_a_grad(device):
+    layer = make_layer(40, 24, device=device)
+    x = torch.randn(5, 40, requires_grad=True, device=device)
     layer(x).square().sum().backward()
     assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
     assert layer.bias.grad is None and not layer.bias.requires_grad  # frozen by default
@@ -107,10 +108,10 @@ def test_fresh_layer_equals_its_base_and_init():
 
 @pytest.mark.parametrize("requires_grad", [(True, True, True), (False, True, True), (True, False, False),
                                            (False, False, True), (False, True, False)])
-def test_only_needed_grads_are_computed(requires_grad):
-    layer = make_layer(33, 20, dropout=0.2)
+def test_only_needed_grads_are_computed(device, requires_grad):
+    layer = make_layer(33, 20, dropout=0.2, device=device)
     need_x, need_a, need_b = requires_grad
-    x = torch.randn(4, 33, requires_grad=need_x)
+    x = torch.randn(4, 33, requires_grad=need_x, device=device)
     layer.lora_A.weight.requires_grad_(need_a)
     layer.lora_B.weight.requires_grad_(need_b)
     layer(x).sum().backward()
@@ -119,10 +120,10 @@ def test_only_needed_grads_are_computed(requires_grad):
     assert (layer.lora_B.weight.grad is not None) == need_b
 
 
-def test_no_dense_weight_is_saved_for_backward():
+def test_no_dense_weight_is_saved_for_backward(device):
     k, n = 512, 384
-    layer = make_layer(k, n, r=8, dropout=0.1)
-    x = torch.randn(4, k, requires_grad=True)
+    layer = make_layer(k, n, r=8, dropout=0.1, device=device)
+    x = torch.randn(4, k, requires_grad=True, device=device)
     saved = []
 
     def pack(t):
@@ -140,9 +141,9 @@ def test_no_dense_weight_is_saved_for_backward():
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
-def test_inference_saves_nothing(mode):
-    layer = make_layer(48, 40).eval()
-    x = torch.randn(3, 48)
+def test_inference_saves_nothing(device, mode):
+    layer = make_layer(48, 40, device=device).eval()
+    x = torch.randn(3, 48, device=device)
     with torch.no_grad():
         want = layer(x)
     saved = []
@@ -160,9 +161,9 @@ def test_inference_saves_nothing(mode):
     assert torch.equal(y, want)
 
 
-def test_dropout_is_seeded_and_off_in_eval():
-    layer = make_layer(64, 32, dropout=0.5)
-    x = torch.randn(6, 64)
+def test_dropout_is_seeded_and_off_in_eval(device):
+    layer = make_layer(64, 32, dropout=0.5, device=device)
+    x = torch.randn(6, 64, device=device)
     torch.manual_seed(1)
     y1 = layer(x)
     torch.manual_seed(1)
@@ -176,9 +177,9 @@ def test_dropout_is_seeded_and_off_in_eval():
     assert torch.equal(layer(x), layer.eval()(x))
 
 
-def test_checkpoint_recomputes_the_same_mask():
-    layer = make_layer(50, 30, dropout=0.4)
-    x = torch.randn(2, 7, 50, requires_grad=True)
+def test_checkpoint_recomputes_the_same_mask(device):
+    layer = make_layer(50, 30, dropout=0.4, device=device)
+    x = torch.randn(2, 7, 50, requires_grad=True, device=device)
 
     def grads(use_checkpoint):
         torch.manual_seed(3)
@@ -195,10 +196,10 @@ def test_checkpoint_recomputes_the_same_mask():
         assert torch.equal(plain, ckpt)
 
 
-def test_autocast_computes_in_the_autocast_dtype():
-    layer = make_layer(72, 40, r=4)
-    x = torch.randn(5, 72, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_computes_in_the_autocast_dtype(device):
+    layer = make_layer(72, 40, r=4, device=device)
+    x = torch.randn(5, 72, requires_grad=True, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -211,20 +212,20 @@ def test_autocast_computes_in_the_autocast_dtype():
     assert rel_err(layer.lora_B.weight.grad, b.grad) <= TOL[torch.bfloat16]
 
 
-def test_compute_dtype_casts_in_and_back():
-    linear = torch.nn.Linear(66, 20)
+def test_compute_dtype_casts_in_and_back(device):
+    linear = torch.nn.Linear(66, 20, device=device)
     layer = qt.LoRALinear4bit.from_linear(linear, r=2, compute_dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(4, 66)
+    x = torch.randn(4, 66, device=device)
     y = layer(x)
     assert y.dtype == torch.float32
     assert rel_err(y, reference(layer, x)[0]) <= TOL[torch.bfloat16]
 
 
-def test_empty_input():
-    layer = make_layer(40, 24)
-    x = torch.randn(0, 40, requires_grad=True)
+def test_empty_input(device):
+    layer = make_layer(40, 24, device=device)
+    x = torch.randn(0, 40, requires_grad=True, device=device)
     y = layer(x)
     assert y.shape == (0, 24)
     y.sum().backward()
@@ -232,9 +233,9 @@ def test_empty_input():
     assert torch.equal(layer.lora_B.weight.grad, torch.zeros_like(layer.lora_B.weight))
 
 
-def test_non_contiguous_input_matches_contiguous():
-    layer = make_layer(40, 24)
-    x = torch.randn(40, 6).t()
+def test_non_contiguous_input_matches_contiguous(device):
+    layer = make_layer(40, 24, device=device)
+    x = torch.randn(40, 6, device=device).t()
     assert torch.equal(layer(x), layer(x.contiguous()))
 
 
@@ -276,12 +277,12 @@ def test_from_linear_rejects_non_linear():
         qt.LoRALinear4bit.from_linear(torch.nn.Conv1d(4, 4, 1))
 
 
-def test_bad_input_is_named():
-    layer = make_layer(16, 8)
+def test_bad_input_is_named(device):
+    layer = make_layer(16, 8, device=device)
     with pytest.raises(ValueError, match="x must have shape"):
-        layer(torch.randn(3, 15))
+        layer(torch.randn(3, 15, device=device))
     with pytest.raises(TypeError, match="x must be"):
-        layer(torch.ones(3, 16, dtype=torch.int64))
+        layer(torch.ones(3, 16, dtype=torch.int64, device=device))
 
 
 def test_torch_compile_with_dropout_and_autocast():

@@ -40,6 +40,10 @@ CASES = [
 ]
 
 
+# The GPU subset: M = 0 (no launch, an empty result) in every dtype.
+CASES = [pytest.param(c, marks=pytest.mark.gpu) if c[0] == 0 else c for c in CASES]
+
+
 def _case_id(case):
     M, dtype, (N, K, bs), dq, bias, layout = case
     return f"M{M}-{str(dtype)[6:]}-{N}x{K}-bs{bs}-{'dq' if dq else 'fp32absmax'}-{'bias' if bias else 'nobias'}-{layout}"
@@ -174,6 +178,8 @@ def test_weight_is_frozen():
 GEMV_SHAPES = [(45, 96, 32), (130, 320, 64), (77, 256, 128), (40, 200, 64)]
 GEMV_CASES = [(M, dtype, GEMV_SHAPES[(M + i) % 4], (M + i) % 2 == 0, LAYOUTS[(M + 2 * i) % 4])
               for M in (1, 2, 3, 4, 5, 16) for i, dtype in enumerate(DTYPES)]
+# The GPU subset: the FMA GEMV (M = 1) and the largest tensor-core one (M = 16).
+GEMV_CASES = [pytest.param(c, marks=pytest.mark.gpu) if c[0] in (1, 16) else c for c in GEMV_CASES]
 
 
 @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: f"M{c[0]}-{str(c[1])[6:]}-{c[2][0]}x{c[2][1]}-bs{c[2][2]}-{'bias' if c[3] else 'nobias'}-{c[4]}")

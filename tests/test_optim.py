@@ -31,8 +31,8 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 EIGHT_BIT_UPDATE_RTOL = 0.03
 
 
-def _grads(shape, dtype, steps=STEPS):
-    return [torch.randn(shape, dtype=dtype) for _ in range(steps)]
+def _grads(shape, dtype, steps=STEPS, device=None):
+    return [torch.randn(shape, dtype=dtype, device=device) for _ in range(steps)]
 
 
 def _run(opt_cls, p0, grads, **kw):
@@ -50,10 +50,11 @@ def _skip_large_8bit_on_cpu(shape):
                     "the small shapes and the kernel == reference test cover the CPU")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_torch_adamw_fp32(backend, shape):
-    p0 = torch.randn(shape)
-    grads = _grads(shape, torch.float32)
+def test_matches_torch_adamw_fp32(backend, device, shape):
+    p0 = torch.randn(shape, device=device)
+    grads = _grads(shape, torch.float32, device=device)
     ref, _ = _run(torch.optim.AdamW, p0, grads)
     out, opt = _run(qt.PagedAdamW, p0, grads)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
@@ -61,16 +62,17 @@ def test_matches_torch_adamw_fp32(backend, shape):
     assert state["step"].item() == STEPS and state["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1024, 32), (5, 4097), (1024, 1)], ids=str)
-def test_matches_torch_adamw_bf16(backend, shape):
+def test_matches_torch_adamw_bf16(backend, device, shape):
     """bf16 parameters: the update runs in fp32 with fp32 moments and rounds the
     parameter once, so the exact oracle is torch.optim.AdamW stepping an fp32
     copy of the parameter that is rounded to bf16 after every step. torch's own
     bf16 AdamW keeps bf16 moments and rounds twice per step (it drifts from the
     fp32 trajectory by ~0.5% at lr=1e-3); it is checked in norm, with
     docs/testing.md's bf16 tolerance."""
-    p0 = torch.randn(shape, dtype=torch.bfloat16)
-    grads = _grads(shape, torch.bfloat16)
+    p0 = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    grads = _grads(shape, torch.bfloat16, device=device)
     out, _ = _run(qt.PagedAdamW, p0, grads, lr=1e-3)
 
     shadow = p0.float().requires_grad_()
@@ -87,11 +89,12 @@ def test_matches_torch_adamw_bf16(backend, shape):
     assert err <= 1e-2, err
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_8bit_tracks_fp32_adamw(backend, shape):
+def test_8bit_tracks_fp32_adamw(backend, device, shape):
     _skip_large_8bit_on_cpu(shape)
-    p0 = torch.randn(shape)
-    grads = _grads(shape, torch.float32)
+    p0 = torch.randn(shape, device=device)
+    grads = _grads(shape, torch.float32, device=device)
     ref, _ = _run(torch.optim.AdamW, p0, grads)
     out, opt = _run(qt.PagedAdamW8bit, p0, grads, min_8bit_size=0)  # 1024x1 too
     assert torch.isfinite(out).all()
@@ -102,18 +105,18 @@ def test_8bit_tracks_fp32_adamw(backend, shape):
     assert state["exp_avg_absmax"].shape == (-(-shape[0] * shape[1] // 256),)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1024, 32), (3, 333)], ids=str)
-def test_8bit_kernel_matches_reference(shape, dtype):
+def test_8bit_kernel_matches_reference(device, shape, dtype):
     """The fused 8-bit kernel and the torch reference agree step by step; a
     requantized code may differ by one where the fp32 moment lands within an
     ulp of a codebook midpoint (fma contraction), so codes are compared
     through their values."""
     if not (_backend.INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs the Triton backend (CUDA, or TRITON_INTERPRET=1)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p0 = torch.randn(shape, dtype=dtype, device=device)
-    grads = [g.to(device) for g in _grads(shape, dtype, steps=8)]
+    grads = _grads(shape, dtype, steps=8, device=device)
     runs = {}
     for backend in ("triton", "torch"):
         with qt.force_backend(backend):
@@ -135,10 +138,10 @@ def test_8bit_kernel_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("opt_cls", [qt.PagedAdamW, qt.PagedAdamW8bit], ids=lambda c: c.__name__)
-def test_state_dict_roundtrip_continues_identically(backend, opt_cls):
+def test_state_dict_roundtrip_continues_identically(backend, device, opt_cls):
     shape = (257, 33)
-    p0 = torch.randn(shape)
-    grads = _grads(shape, torch.float32, steps=12)
+    p0 = torch.randn(shape, device=device)
+    grads = _grads(shape, torch.float32, steps=12, device=device)
     ref, _ = _run(opt_cls, p0, grads)
 
     p = p0.clone().requires_grad_()
@@ -155,9 +158,9 @@ def test_state_dict_roundtrip_continues_identically(backend, opt_cls):
     assert torch.equal(p.detach(), ref)
 
 
-def test_state_dict_is_torch_adamw_layout(backend):
-    p0 = torch.randn(64, 65)
-    grads = _grads(p0.shape, torch.float32, steps=6)
+def test_state_dict_is_torch_adamw_layout(backend, device):
+    p0 = torch.randn(64, 65, device=device)
+    grads = _grads(p0.shape, torch.float32, steps=6, device=device)
     # PagedAdamW -> torch.optim.AdamW and back continue like torch alone.
     ref, _ = _run(torch.optim.AdamW, p0, grads)
     p = p0.clone().requires_grad_()
@@ -195,13 +198,13 @@ def test_state_dict_is_torch_adamw_layout(backend):
     assert ((exp_avg - sd["state"][0]["exp_avg"]).abs() <= 0.02 * scale).all()
 
 
-def test_8bit_keeps_fp32_moments_under_min_8bit_size(backend):
+def test_8bit_keeps_fp32_moments_under_min_8bit_size(backend, device):
     # bitsandbytes' rule: tensors under min_8bit_size elements (default 4096) keep
     # 32-bit state. In one model: the small ones step exactly as PagedAdamW,
     # the large one has 8-bit codes; the state dict round trip continues identically.
     shapes = [(64, 64), (64, 63), (7,)]  # 4096 (8-bit), 4032 and 7 (fp32)
-    p0 = [torch.randn(s) for s in shapes]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+    p0 = [torch.randn(s, device=device) for s in shapes]
+    grads = [[torch.randn(s, device=device) for s in shapes] for _ in range(6)]
 
     def run(cls, reload_at=None):
         ps = [p.clone().requires_grad_() for p in p0]
@@ -317,13 +320,13 @@ def test_cpu_states_are_not_device_resident():
     opt.prefetch()
 
 
-def test_noncontiguous_param_and_grad(backend):
-    base = torch.randn(40, 30)
-    p = torch.empty(30, 40).t().requires_grad_()  # non-contiguous view
+def test_noncontiguous_param_and_grad(backend, device):
+    base = torch.randn(40, 30, device=device)
+    p = torch.empty(30, 40, device=device).t().requires_grad_()  # non-contiguous view
     with torch.no_grad():
         p.copy_(base)
     assert not p.is_contiguous()
-    g = torch.randn(30, 40).t()
+    g = torch.randn(30, 40, device=device).t()
     p.grad = g
     qt.PagedAdamW([p], **HYPER).step()
     ref = base.clone().requires_grad_()
@@ -333,10 +336,9 @@ def test_noncontiguous_param_and_grad(backend):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_8bit_state_maps_match_bitsandbytes(signed):
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+def test_8bit_state_maps_match_bitsandbytes(bnb, signed):
     ours = qt.dynamic_map(signed=signed)
-    assert torch.equal(ours, bnb_functional.create_dynamic_map(signed=signed))
+    assert torch.equal(ours, bnb.functional.create_dynamic_map(signed=signed))
     assert ours.numel() == 256 and (ours.diff() > 0).all() and ours[-1] == 1.0
     assert (ours.min() == 0.0) if not signed else (ours.min() < 0)
 

@@ -80,21 +80,21 @@ def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
         return t
     flat = t.reshape(-1)
     if how == "strided":
-        big = torch.zeros(flat.numel() * 2, dtype=t.dtype)
+        big = torch.zeros(flat.numel() * 2, dtype=t.dtype, device=t.device)
         big[::2] = flat
         return big[::2].reshape(t.shape)
-    big = torch.zeros(flat.numel() + 3, dtype=t.dtype)
+    big = torch.zeros(flat.numel() + 3, dtype=t.dtype, device=t.device)
     big[3:] = flat
     return big[3:].reshape(t.shape)
 
 
-def _matrix(rows, cols, dtype, how):
+def _matrix(rows, cols, dtype, how, device):
     """A random [rows, cols] input laid out ``how``: row-major, transposed or a column slice."""
     if how == "transposed":
-        return torch.randn(cols, rows).to(dtype).t()
+        return torch.randn(cols, rows, device=device).to(dtype).t()
     if how == "sliced":
-        return torch.randn(rows, cols + 5).to(dtype)[:, 2:2 + cols]
-    return torch.randn(rows, cols).to(dtype)
+        return torch.randn(rows, cols + 5, device=device).to(dtype)[:, 2:2 + cols]
+    return torch.randn(rows, cols, device=device).to(dtype)
 
 
 LAYOUTS = st.sampled_from(["contiguous", "strided", "offset"])
@@ -113,76 +113,76 @@ case = st.fixed_dictionaries(dict(
 def _rel(out: torch.Tensor, ref: np.ndarray) -> float:
     ref_t = torch.from_numpy(ref)
     denom = float(ref_t.norm())
-    err = float((out.double() - ref_t).norm())
+    err = float((out.double().cpu() - ref_t).norm())
     assert err == err, "NaN in the output"
     return err / denom if denom else err
 
 
 @SETTINGS
 @given(c=case)
-def test_ops_match_an_independent_model(backend, c):
+def test_ops_match_an_independent_model(backend, device, c):
     torch.manual_seed(c["seed"])
     dtype = DTYPES[c["dtype"]]
     n, k, m, bs = c["n"], c["k"], c["m"], c["blocksize"]
-    w = _matrix(n, k, dtype, c["w_layout"]) * (torch.rand(n, 1) * 3 + 0.01).to(dtype)
+    w = _matrix(n, k, dtype, c["w_layout"], device) * (torch.rand(n, 1, device=device) * 3 + 0.01).to(dtype)
     qw = qt.quantize_nf4(w, blocksize=bs, double_quant=c["double_quant"])
-    code = qt.nf4_codebook().numpy()
+    code = qt.nf4_codebook().cpu().numpy()
 
     # quantize: codes byte-identical to the model; plain absmax identical, nested
     # ones the nearest 8-bit code of (absmax - offset) / absmax2.
-    packed, absmax = np_quantize(w.float().contiguous().reshape(-1).numpy(), code, bs)
-    assert np.array_equal(qw.packed.numpy(), packed)
+    packed, absmax = np_quantize(w.float().contiguous().reshape(-1).cpu().numpy(), code, bs)
+    assert np.array_equal(qw.packed.cpu().numpy(), packed)
     if c["double_quant"]:
         assert np.isclose(float(qw.offset), absmax.astype(np.float64).mean(), rtol=1e-5)
-        dyn = qw.code2.double().numpy()
+        dyn = qw.code2.double().cpu().numpy()
         normed = (absmax.astype(np.float64) - float(qw.offset)) / np.maximum(
-            qw.absmax2.double().numpy()[np.arange(absmax.size) // 256], 1e-38)
+            qw.absmax2.double().cpu().numpy()[np.arange(absmax.size) // 256], 1e-38)
         dist = np.abs(normed[:, None] - dyn[None, :])
-        chosen = dist[np.arange(absmax.size), qw.absmax.long().numpy()]
+        chosen = dist[np.arange(absmax.size), qw.absmax.long().cpu().numpy()]
         assert (chosen <= dist.min(axis=1) + 1e-6).all()
     else:
-        assert np.array_equal(qw.absmax.numpy(), absmax)
+        assert np.array_equal(qw.absmax.cpu().numpy(), absmax)
 
     # Every stored field in any layout; the ops must read it as its values.
     fields = {f: _layout(t, c["field_layouts"][f]) for f, t in qw.tensors().items()}
     odd = dataclasses.replace(qw, **fields)
     nested = {} if not qw.double_quant else dict(
-        absmax2=qw.absmax2.numpy(), code2=qw.code2.numpy(), offset=qw.offset.numpy())
-    dense = np_decode(qw.packed.numpy(), qw.absmax.numpy(), qw.code.numpy(), n * k, bs, **nested)
+        absmax2=qw.absmax2.cpu().numpy(), code2=qw.code2.cpu().numpy(), offset=qw.offset.cpu().numpy())
+    dense = np_decode(qw.packed.cpu().numpy(), qw.absmax.cpu().numpy(), qw.code.cpu().numpy(), n * k, bs, **nested)
 
     # dequantize: exact (fp32 decode, then one rounding to the dtype).
     out = qt.dequantize_nf4(odd)
     assert out.shape == (n, k) and out.dtype == dtype
-    assert torch.equal(out, torch.from_numpy(dense.reshape(n, k)).to(dtype))
+    assert torch.equal(out.cpu(), torch.from_numpy(dense.reshape(n, k)).to(dtype))
 
     W = dense.reshape(n, k).astype(np.float64)
-    x = _matrix(m, k, dtype, c["x_layout"])
-    bias = _layout(torch.randn(n).to(dtype), c["bias_layout"]) if c["bias"] else None
+    x = _matrix(m, k, dtype, c["x_layout"], device)
+    bias = _layout(torch.randn(n, device=device).to(dtype), c["bias_layout"]) if c["bias"] else None
     y = qt.nf4_matmul(x, odd, bias)
     assert y.shape == (m, n) and y.dtype == dtype
-    ref = x.double().numpy() @ W.T + (0 if bias is None else bias.double().numpy())
+    ref = x.double().cpu().numpy() @ W.T + (0 if bias is None else bias.double().cpu().numpy())
     if m:
         assert _rel(y, ref) <= RTOL[dtype]
 
-    gy = _matrix(m, n, dtype, c["x_layout"])
+    gy = _matrix(m, n, dtype, c["x_layout"], device)
     gx = qt.nf4_matmul_grad_input(gy, odd)
     assert gx.shape == (m, k) and gx.dtype == dtype
     if m:
-        assert _rel(gx, gy.double().numpy() @ W) <= RTOL[dtype]
+        assert _rel(gx, gy.double().cpu().numpy() @ W) <= RTOL[dtype]
 
 
 @pytest.mark.parametrize("shape", [(300, 400), (128, 96)], ids=str)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_we_decode_bnb_state_exactly_where_its_cpu_dequantize_is_wrong(backend, shape, double_quant):
+def test_we_decode_bnb_state_exactly_where_its_cpu_dequantize_is_wrong(backend, device, bnb, shape, double_quant):
     # bitsandbytes 0.50.2's CPU dequantize_4bit (its AVX512 kernel, where the
     # CPU has it) indexes absmax per row when blocksize < 2048, cols % 16 == 0,
     # cols % blocksize != 0, rows >= 2 and rows * cols > blocksize: for these
     # shapes the oracle is the model above, never that function.
-    bnbF = pytest.importorskip("bitsandbytes.functional")
-    w = torch.randn(shape)
+    bnbF = bnb.functional
+    w = torch.randn(shape)  # bitsandbytes quantizes on the CPU; we decode on the device
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     nested = {} if not double_quant else dict(
         absmax2=state.state2.absmax.numpy(), code2=state.state2.code.numpy(), offset=np.float32(state.offset))
     dense = np_decode(packed.reshape(-1).numpy(), state.absmax.numpy(), state.code.numpy(), w.numel(), 64, **nested)
-    ours = qt.dequantize_nf4(qt.NF4Weight.from_bnb(packed, state))
-    assert torch.equal(ours, torch.from_numpy(dense).reshape(shape))
+    ours = qt.dequantize_nf4(qt.NF4Weight.from_bnb(packed, state).to(device))
+    assert torch.equal(ours.cpu(), torch.from_numpy(dense).reshape(shape))

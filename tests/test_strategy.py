@@ -37,6 +37,9 @@ SHAPES = [  # (N, K, blocksize): N and K never multiples of a tile
 # Every (strategy, M, dtype); shape, double quant and bias cycle at other rates.
 CASES = [(s, M, dtype, SHAPES[i % 3], i % 2 == 0, (i // 3) % 2 == 0)
          for i, (s, M, dtype) in enumerate(itertools.product(STRATEGIES, MS, TOL))]
+# A third of them in the GPU subset: each (strategy, M) once, every dtype.
+CASES = [pytest.param(c, marks=pytest.mark.gpu) if (MS.index(c[1]) + list(TOL).index(c[2])) % 3 == 0 else c
+         for c in CASES]
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or _backend.INTERPRET),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
@@ -95,13 +98,13 @@ def test_forward_and_grad_input_match_reference(backend, device, case):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("M, dropout", [(3, 0.0), (70, 0.0), (17, 0.25)])
-def test_lora_forward_and_grads_match_reference(backend, strategy, dtype, M, dropout):
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(131, 75), r=5, lora_dropout=dropout,
+def test_lora_forward_and_grads_match_reference(backend, device, strategy, dtype, M, dropout):
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(131, 75, device=device), r=5, lora_dropout=dropout,
                                           blocksize=32)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.2)
-    x = torch.randn(M, 131).to(dtype).requires_grad_()
-    g = torch.randn(M, 75).to(dtype)
+    x = torch.randn(M, 131, device=device).to(dtype).requires_grad_()
+    g = torch.randn(M, 75, device=device).to(dtype)
     seed = torch.seed()
     with qt.force_strategy(strategy):
         y = layer(x)
@@ -109,7 +112,7 @@ def test_lora_forward_and_grads_match_reference(backend, strategy, dtype, M, dro
     mask = None
     if dropout:
         torch.manual_seed(seed)  # the same draw the layer made
-        mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - dropout).double() / (1 - dropout)
+        mask = torch.empty(x.shape, dtype=torch.bool, device=device).bernoulli_(1 - dropout).double() / (1 - dropout)
     w = reference.nf4_dequantize(layer.quant_weight, torch.float32).double()
     x64 = x.detach().double().requires_grad_()
     a = layer.lora_A.weight.detach().double().requires_grad_()
@@ -185,6 +188,7 @@ def test_scratch_is_never_saved_for_backward(device, module):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="side streams need CUDA")
 def test_dequant_on_side_streams_matches_default_stream():
     layers = [_weight(900, 1600, device="cuda"), _weight(400, 960, device="cuda")]
@@ -206,11 +210,11 @@ def test_dequant_on_side_streams_matches_default_stream():
 # -- the LoRA fold ---------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_lora_folds_the_rank_r_term_into_the_base_products(strategy):
+def test_lora_folds_the_rank_r_term_into_the_base_products(device, strategy):
     """Forward: beside the base product, x @ A.T and one addmm_ into its output;
     grad_x: one addmm_ into the base grad-input (no [M, N] or [M, K] temporary)."""
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96), r=8)
-    x = torch.randn(40, 128, requires_grad=True)
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96, device=device), r=8)
+    x = torch.randn(40, 128, requires_grad=True, device=device)
     with qt.force_backend("triton"), qt.force_strategy(strategy):
         with torch.no_grad():
             with count_launches() as lora:
@@ -226,13 +230,13 @@ def test_lora_folds_the_rank_r_term_into_the_base_products(strategy):
 
 # -- torch.compile ------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_compiled_lora_forward_and_backward_have_no_graph_break(backend, strategy):
+def test_compiled_lora_forward_and_backward_have_no_graph_break(backend, device, strategy):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(96, 40), r=4)
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(96, 40, device=device), r=4)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(20, 96)
+    x = torch.randn(20, 96, device=device)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     results = []
     with qt.force_strategy(strategy):

@@ -17,8 +17,8 @@ def _qw(double_quant=True, shape=(45, 77), dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_state_dict_matches_bitsandbytes_keys_and_values(double_quant):
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+def test_state_dict_matches_bitsandbytes_keys_and_values(bnb, double_quant):
+    bnbF = bnb.functional
     qw = _qw(double_quant)
     ours = qw.state_dict("weight")
     packed, state = qw.to_bnb()
@@ -130,8 +130,8 @@ def test_nan_blocks_are_named(double_quant):
         qt.NF4Weight.from_state_dict(sd)
 
 
-def test_fp4_is_refused():
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+def test_fp4_is_refused(bnb):
+    bnbF = bnb.functional
     packed, state = bnbF.quantize_4bit(torch.randn(64, 64), quant_type="fp4")
     with pytest.raises(ValueError, match="quant_type must be 'nf4'"):
         qt.NF4Weight.from_bnb(packed, state)
