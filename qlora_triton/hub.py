@@ -90,3 +90,87 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
             concrete = mapping[type(config)] if mapping is not None else model_class
             return concrete.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
         return model_class.from_pretrained(folder, config=config, **kwargs)
+
+
+def merge_and_quantize(model: Any, folder: str | os.PathLike, double_quant: bool = True) -> None:
+    """Write ``model`` with its LoRA adapters merged and requantized to NF4 as a
+    transformers + bitsandbytes 4-bit folder: ``config.json`` carries
+    bitsandbytes' own ``quantization_config`` (``load_in_4bit``, NF4), the
+    weights bitsandbytes' keys and bytes. It loads unchanged with
+    ``AutoModelForCausalLM.from_pretrained(folder)`` where bitsandbytes is
+    installed, and with ``qlora_triton.from_pretrained(folder)`` without it.
+
+    ``model`` (a transformers model with ``LoRALinear4bit`` layers) is not
+    changed. Each merged weight ``W + s * B @ A`` is computed in float32 and
+    quantized once (blocksize 64 as bitsandbytes, ``double_quant`` as asked),
+    so it differs from the unmerged model by NF4's rounding of the merged
+    weight (docs/recipes.md gives measured figures). Layers without an adapter
+    keep their NF4 bytes; dense linear layers stay dense (named in
+    ``llm_int8_skip_modules``). The folder is replaced atomically."""
+    from .convert import linear_modules, merged_nf4
+    from .hf_quantizer import NF4Config
+    from .linear import Linear4bit, LoRALinear4bit
+
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+    if not lora:
+        raise ValueError("model has no LoRALinear4bit layers (convert it with qlora_triton.replace_linear "
+                         "and train it first): nothing to merge")
+    state_dict = model.state_dict()
+    for name, layer in lora.items():
+        for key in [k for k in state_dict if k.startswith(name + ".")]:
+            del state_dict[key]
+        merged = merged_nf4(layer, double_quant=double_quant)
+        state_dict.update({f"{name}.{k}": v for k, v in merged.state_dict().items()})
+    dense = sorted(n for n, (_, kind) in linear_modules(model).items() if kind in ("linear", "conv1d"))
+    nf4 = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    compute = next((m.compute_dtype for m in nf4 if m.compute_dtype is not None), None) or nf4[0]._qdtype
+    quant = NF4Config(double_quant=double_quant, compute_dtype=compute, skip_modules=dense or None).to_bnb()
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        config_path = os.path.join(tmp, "config.json")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["quantization_config"] = quant
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    write_folder(os.fspath(folder), write)
+
+
+def write_folder(path: str, write) -> None:
+    """``write(tmp)`` fills a fresh hidden sibling of ``path``, whose files are
+    fsynced and which then replaces ``path`` whole in one atomic exchange (two
+    renames where the OS has none): a reader or a kill sees the old folder or
+    the new one, never a mix."""
+    import shutil
+    import uuid
+
+    from .adapter import _exchange, _fsync
+
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"folder: {path!r} exists and is not a directory")
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.qlora-write-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        for entry in os.scandir(tmp):
+            if entry.is_file():
+                _fsync(entry.path)
+        _fsync(tmp)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
+            old = tmp + "-old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            tmp = old
+        _fsync(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
