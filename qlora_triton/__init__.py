@@ -39,6 +39,9 @@ def __getattr__(name):
 
         if name in _LAZY_MODULES:
             return importlib.import_module(f".{name}", __name__)
+        from .extras import require
+
+        require("transformers", f"qlora_triton.{name}")
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -375,6 +375,7 @@ def record_quantization_config(model: nn.Module, blocksize: int, double_quant: b
                        quant.get("quant_method"))
         return
     new.lora = lora_settings(model)
+    new.track(model)
     config.quantization_config = new
 
 

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -99,7 +100,21 @@ class NF4Config(QuantizationConfigMixin):
         own = self.lora.get("layers", {}).get(name)
         return own if own is not None else {k: v for k, v in self.lora.items() if k != "layers"}
 
+    def track(self, model: torch.nn.Module) -> None:
+        """Record ``model``'s LoRA settings whenever this config is written
+        (``to_dict``), so that a layer's settings changed after ``replace_linear``
+        (``load_adapter``, a second ``replace_linear``) are saved as they are."""
+        self._model = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_model"}
+
     def to_dict(self) -> dict[str, Any]:
+        model = getattr(self, "_model", lambda: None)()
+        if model is not None:
+            from .convert import lora_settings
+
+            self.lora = lora_settings(model)
         return {
             "quant_method": self.quant_method,
             "blocksize": self.blocksize,

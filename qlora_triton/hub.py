@@ -60,7 +60,10 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
     quantized is held dense); ``"mmap"`` (default) is transformers' own read."""
     if read not in ("mmap", "pread"):
         raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .extras import require
+
+    transformers = require("transformers", "qlora_triton.from_pretrained")
+    AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
 
     from .hf_quantizer import NF4Config
 
