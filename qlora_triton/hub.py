@@ -47,12 +47,25 @@ def _pread_state_dict(folder: str | os.PathLike, stack: contextlib.ExitStack) ->
     return state_dict
 
 
+def _stores_nf4(folder: str | os.PathLike) -> bool:
+    """Whether a local folder's safetensors hold bitsandbytes NF4 tensors (headers only)."""
+    from .hf_quantizer import _checkpoint_nf4_layers
+
+    path = Path(folder)
+    if not path.is_dir():
+        return False
+    stored = _checkpoint_nf4_layers([str(path / f) for f in safetensors_files(path)])
+    return bool(stored and stored[0])
+
+
 def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: str = "mmap", **kwargs: Any):
     """Load ``folder`` with ``model_class.from_pretrained`` (default
     ``transformers.AutoModelForCausalLM``; pass e.g. ``AutoModelForSequenceClassification``
     for another head); ``kwargs`` go to it unchanged (``dtype``, ``device_map``,
     ``quantization_config``, ...). A bitsandbytes 4-bit folder must be NF4
-    (FP4 and 8-bit are refused with a ``ValueError``).
+    (FP4 and 8-bit are refused with a ``ValueError``). A folder of NF4 tensors
+    without a ``quantization_config`` (saved by an older ``qlora_triton``)
+    loads as ours; if it also holds adapters, a ``ValueError`` says how to load them.
 
     ``read="pread"`` reads each tensor of a local safetensors folder into its own
     buffer instead of transformers' memory map, so the checkpoint's pages never
@@ -82,6 +95,10 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
                 raise ValueError(f"folder: {os.fspath(folder)!r} holds a bitsandbytes 8-bit model; "
                                  "only 4-bit NF4 folders are supported")
             config.quantization_config = NF4Config.from_bnb(quant).to_dict()
+    elif "quantization_config" not in kwargs and _stores_nf4(folder):
+        # NF4 tensors but no quantization_config (a model converted by
+        # replace_linear and saved before it recorded one): ours, as stored.
+        config.quantization_config = NF4Config().to_dict()
     with contextlib.ExitStack() as stack:
         if read == "pread":
             if "state_dict" in kwargs:

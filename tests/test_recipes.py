@@ -333,3 +333,15 @@ def test_missing_transformers_names_the_extra(tmp_path, monkeypatch, capsys):
     assert main(["finetune", "--steps", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qlora-triton finetune: error:") and lines[0].endswith(extra)
+
+
+def test_a_folder_saved_without_quantization_config_loads_through_qt(tmp_path):
+    converted = dense_model("qwen2")  # layers swapped by hand: NF4 tensors, no quantization_config
+    for name, module in list(converted.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(converted.get_submodule(parent), child, qt.Linear4bit.from_linear(module))
+    converted.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    again = qt.from_pretrained(tmp_path)
+    assert_same_state(converted, again)
