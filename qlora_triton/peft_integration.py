@@ -182,7 +182,7 @@ def register() -> None:
 
     def _maybe_include_all_linear_layers(peft_config, model):
         all_linear = isinstance(getattr(peft_config, "target_modules", None), str) and \
-            peft_config.target_modules.lower() == tuners_utils.INCLUDE_LINEAR_LAYERS_SHORTHAND
+            peft_config.target_modules.lower() == "all-linear"
         peft_config = original(peft_config, model)
         ours = _our_layers(model)
         if not ours:

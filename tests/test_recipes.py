@@ -227,6 +227,13 @@ def test_bf16_nested_bitsandbytes_folder_through_every_loading_path(tmp_path):
         return bnb_functional.dequantize_4bit(sd[name + ".weight"], quant_state)
 
     expected = {name: bnb_weight(name) for name in names}
+    # NF4Weight.from_bnb on bitsandbytes' own QuantState of it (state2 in bf16)
+    name = names[-1]
+    state = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".weight.")}
+    quant_state = bnb_functional.QuantState.from_dict(state, torch.device("cpu"))
+    assert quant_state.state2.dtype == torch.bfloat16
+    assert torch.equal(qt.dequantize_nf4(qt.NF4Weight.from_bnb(sd[name + ".weight"], quant_state)),
+                       expected[name])
     # NF4Weight.from_state_dict, also under PEFT's base_layer. prefix
     for name in names:
         assert torch.equal(qt.dequantize_nf4(qt.NF4Weight.from_state_dict(sd, f"{name}.weight")), expected[name])
@@ -248,6 +255,18 @@ def test_bf16_nested_bitsandbytes_folder_through_every_loading_path(tmp_path):
     x = tokens()
     base = qt.from_pretrained(folder)
     assert rel_err(logits(base, x).float(), logits(transformers_bnb, x).float()) <= 1e-2  # bf16 compute
+
+
+def test_plain_absmax_in_bf16_and_in_the_repacked_layout():
+    w = torch.randn(48, 128)  # rows > 1, cols a multiple of the blocksize
+    qw = qt.quantize_nf4(w, blocksize=64, double_quant=False)
+    scales = qw.absmax.to(torch.bfloat16)  # as a bf16 model's plain absmax is stored
+    reference = qt.dequantize_nf4(qt.NF4Weight(packed=qw.packed, absmax=scales.float(), shape=qw.shape,
+                                               dtype=qw.dtype, blocksize=64, code=qw.code))
+    sd = qw.state_dict()
+    for stored in (scales, scales.reshape(48, 2).t().contiguous()):  # flat; [cols / 64, rows]
+        sd["weight.absmax"] = stored
+        assert torch.equal(qt.dequantize_nf4(qt.NF4Weight.from_state_dict(sd)), reference)
 
 
 # -- 4. prepare_model_for_kbit_training after replace_linear ----------------------------
