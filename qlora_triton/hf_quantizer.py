@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import re
 import weakref
 from typing import Any
 
@@ -326,6 +327,21 @@ def _fill(module: Linear4bit, qw: NF4Weight, name: str, missing_keys: set | None
     return module.weight
 
 
+# transformers before 5.25 (5.17) has no get_load_operations, builds no
+# deserializing converter from serialized_names, and casts each checkpoint
+# tensor to the dtype of the parameter it fills (our skeleton's uint8 weight).
+_OLD_LOADER = not hasattr(HfQuantizer, "get_load_operations")
+
+
+def _keep_dense_dtypes(model, targets: dict) -> None:
+    """On the older loader: the dense weights of the targets reach NF4Quantize in
+    the dtype the layer had (through the model's dtype plan, which that loader
+    consults before casting to the skeleton's uint8), as on 5.25."""
+    plan = {re.escape(name) + r"\.weight$": module.weight.dtype for name, (module, _) in targets.items()}
+    original = model._get_dtype_plan
+    model._get_dtype_plan = lambda dtype: {**original(dtype), **plan}
+
+
 class NF4HfQuantizer(HfQuantizer):
     """The quantizer transformers runs for an ``NF4Config`` (see the module docstring)."""
 
@@ -384,6 +400,8 @@ class NF4HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.lora = {}
         targets = self._targets(model, checkpoint_files)
+        if _OLD_LOADER and not self.pre_quantized:
+            _keep_dense_dtypes(model, targets)
         if not targets:
             raise ValueError(f"quantization_config: target_modules={self.quantization_config.target_modules!r} "
                              "matched no linear layer of the model")
@@ -415,6 +433,20 @@ class NF4HfQuantizer(HfQuantizer):
 
     def get_load_operations(self):
         return {"deserialize": NF4Deserialize}
+
+    def get_weight_conversions(self):
+        # What transformers 5.25's base class builds from serialized_names and
+        # get_load_operations; older ones (5.17) build nothing (a pre-quantized
+        # folder would then go to NF4Quantize), so it is spelled out for them.
+        from transformers.core_model_loading import WeightConverter
+
+        if not _OLD_LOADER:
+            return super().get_weight_conversions()
+        if not self.pre_quantized:
+            return []
+        # (that loader takes the first source pattern a key matches: "weight" last)
+        return [WeightConverter(sorted(names, key=len, reverse=True), param, [NF4Deserialize(self)])
+                for param, names in self.serialized_names.items()]
 
     def is_serializable(self) -> bool:
         return True
