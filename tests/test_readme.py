@@ -29,7 +29,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def tested_blocks(page: Path) -> list[str]:
+def marked_blocks(page: Path) -> list[str]:
     """The blocks of ``page`` that the marker selects (see the module docstring)."""
     text = page.read_text()
     head, *sections = re.split(r"(?m)^(?=## )", text)
@@ -38,7 +38,7 @@ def tested_blocks(page: Path) -> list[str]:
     return [block for section in sections if MARKER in section for block in python_blocks(section)]
 
 
-TESTED = {page.relative_to(ROOT).as_posix(): blocks for page in PAGES if (blocks := tested_blocks(page))}
+TESTED = {page.relative_to(ROOT).as_posix(): blocks for page in PAGES if (blocks := marked_blocks(page))}
 
 
 def test_the_recipes_page_and_the_fine_tuning_section_are_tested():
@@ -51,9 +51,9 @@ def test_the_recipes_page_and_the_fine_tuning_section_are_tested():
 def test_the_marker_selects_sections_only(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("# T\n\n## A\n\n```python\nA\n```\n\n## B\n" + MARKER + " -->\n\n```python\nB\n```\n")
-    assert tested_blocks(page) == ["B\n"]
+    assert marked_blocks(page) == ["B\n"]
     page.write_text("# T\n" + MARKER + " -->\n\n## A\n\n```python\nA\n```\n\n## B\n\n```python\nB\n```\n")
-    assert tested_blocks(page) == ["A\n", "B\n"]
+    assert marked_blocks(page) == ["A\n", "B\n"]
 
 
 @pytest.mark.parametrize("page", sorted(TESTED))
