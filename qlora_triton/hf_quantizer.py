@@ -7,8 +7,11 @@ it from the checkpoint (one tensor at a time: the dense model is never in
 memory). ``save_pretrained`` writes the config with this ``quantization_config``
 and the layers under bitsandbytes' keys; ``from_pretrained`` on that folder (or on
 a transformers + bitsandbytes NF4 folder, through ``qlora_triton.from_pretrained``)
-loads the stored bytes as they are. Registered through transformers' own plugin
-API (``register_quantization_config`` / ``register_quantizer``).
+loads the stored bytes as they are. A folder saved from a model converted by
+``replace_linear`` (whose config then holds an ``NF4Config`` with the adapters'
+``lora`` settings) reloads its layers as ``LoRALinear4bit`` with their adapters.
+Registered through transformers' own plugin API (``register_quantization_config``
+/ ``register_quantizer``).
 """
 
 from __future__ import annotations
