@@ -39,6 +39,20 @@ ARCHS = {
 }
 
 
+@pytest.fixture
+def bnb(monkeypatch):
+    """bitsandbytes on its portable CPU path (skipped alone when not installed):
+    an AVX512-BF16 CPU repacks an eval-mode layer at its first forward, and no
+    outcome here may depend on the CPU CI gets. (main's tests/conftest.py has the
+    same fixture; this one goes at the merge.)"""
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional  # noqa: F401
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    return bitsandbytes
+
+
 @pytest.fixture(autouse=True)
 def _torch_backend():
     with qt.force_backend("torch"):
@@ -204,8 +218,8 @@ def bf16_nested(sd, name):
                                                                       dtype=torch.uint8)
 
 
-def test_bf16_nested_bitsandbytes_folder_through_every_loading_path(tmp_path):
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+def test_bf16_nested_bitsandbytes_folder_through_every_loading_path(tmp_path, bnb):
+    bnb_functional = bnb.functional
     model = dense_model("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "dense")
     q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=qt.NF4Config())
@@ -310,8 +324,7 @@ def test_merge_adapter_dense_fp32_keeps_outputs_and_nf4_merge_rounds():
         qt.merge_adapter(dense)
 
 
-def test_merge_and_quantize_loads_in_transformers_with_bitsandbytes(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_merge_and_quantize_loads_in_transformers_with_bitsandbytes(tmp_path, bnb):
     import copy
 
     model = trained(dense_model("llama"))
