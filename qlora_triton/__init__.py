@@ -4,7 +4,7 @@ fused 4-bit matmuls, LoRA layers, paged optimizers)."""
 from .adapter import load_adapter, save_adapter
 from .backend import force_backend
 from .codebooks import dynamic_map, nf4_codebook
-from .convert import merge_and_unload, replace_linear
+from .convert import merge_adapter, merge_and_unload, replace_linear
 from .ddp import wrap_ddp
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
@@ -25,6 +25,7 @@ _install_plugins()  # transformers' quantizer "qlora_triton" and PEFT's LoRA lay
 _LAZY = {
     "NF4Config": "hf_quantizer",
     "from_pretrained": "hub",
+    "merge_and_quantize": "hub",
 }
 
 
@@ -38,6 +39,9 @@ def __getattr__(name):
 
         if name in _LAZY_MODULES:
             return importlib.import_module(f".{name}", __name__)
+        from .extras import require
+
+        require("transformers", f"qlora_triton.{name}")
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -56,6 +60,8 @@ __all__ = [
     "force_strategy",
     "from_pretrained",
     "load_adapter",
+    "merge_adapter",
+    "merge_and_quantize",
     "merge_and_unload",
     "nf4_codebook",
     "nf4_matmul",

@@ -242,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MemoryError) as err:
         print(f"qlora-triton {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # an optional package: name the extra that installs it
+        from .extras import EXTRA_OF, missing_extra_message
+
+        if (err.name or "").split(".")[0] not in EXTRA_OF:
+            raise
+        print(f"qlora-triton {args.command}: error: "
+              f"{missing_extra_message(err.name, f'qlora-triton {args.command}')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

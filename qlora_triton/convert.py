@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import Counter
 from typing import Iterable
 
 import torch
@@ -318,6 +319,7 @@ def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None 
         del new
 
     freeze_all_but_lora(model)
+    record_quantization_config(model, blocksize, double_quant, compute_dtype)
     trainable, total = count_parameters(model)
     report = ConversionReport(replaced=[n for n in chosen if n not in already and n not in tied],
                               trainable_params=trainable, total_params=total,
@@ -327,6 +329,54 @@ def replace_linear(model: nn.Module, target_modules: str | Iterable[str] | None 
                        "(their adapters are kept)", len(already))
     logger.info("%s", report)
     return report
+
+
+def lora_settings(model: nn.Module) -> dict | None:
+    """The LoRA settings of ``model``'s ``LoRALinear4bit`` layers as ``NF4Config``
+    records them: the most common ``{r, lora_alpha, lora_dropout, use_rslora}``,
+    and those of the layers that differ under ``"layers"``; ``None`` without any."""
+    keys = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+    layers = {n: (m.r, m.lora_alpha, m.lora_dropout, m.use_rslora)
+              for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+    if not layers:
+        return None
+    common = Counter(layers.values()).most_common(1)[0][0]
+    out: dict = dict(zip(keys, common))
+    others = {n: dict(zip(keys, v)) for n, v in layers.items() if v != common}
+    if others:
+        out["layers"] = others
+    return out
+
+
+def record_quantization_config(model: nn.Module, blocksize: int, double_quant: bool,
+                               compute_dtype: torch.dtype | None) -> None:
+    """Give a transformers model converted by ``replace_linear`` the
+    ``quantization_config`` (an ``NF4Config`` with its LoRA settings) that
+    makes ``save_pretrained`` / ``Trainer.save_model`` write a folder that
+    ``from_pretrained`` loads back (layers and adapters). Other models (no
+    transformers config) are left alone; transformers is never imported here."""
+    config = getattr(model, "config", None)
+    if config is None or not type(config).__module__.startswith("transformers"):
+        return
+    from .hf_quantizer import QUANT_METHOD, NF4Config
+
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant is None:
+        new = NF4Config(blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+    elif quant.get("quant_method") == QUANT_METHOD:
+        new = NF4Config(**{k: v for k, v in quant.items() if k != "lora"})
+    elif quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit"):
+        new = NF4Config.from_bnb(quant)  # its layers are ours now, the bytes still bitsandbytes'
+    else:
+        logger.warning("replace_linear: the model's quantization_config (%s) is not one qlora_triton "
+                       "writes; save_pretrained may write a folder that does not reload",
+                       quant.get("quant_method"))
+        return
+    new.lora = lora_settings(model)
+    new.track(model)
+    config.quantization_config = new
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -344,15 +394,81 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, _dense(getattr(parent, child)))
+    _refresh_lora_config(model)
     return model
 
 
-def _dense(layer: Linear4bit) -> nn.Linear:
+def merge_adapter(model: nn.Module, dense: bool = True, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Merge each ``LoRALinear4bit``'s adapter into its weight, in place; returns ``model``.
+
+    ``W + s * B @ A`` is computed in float32 from the dequantized NF4 base, then:
+
+    - ``dense=True``: the layer becomes an ``nn.Linear`` holding it in ``dtype``
+      (default float32: the merged model computes what the adapter model
+      computes, to float32 rounding; ``None``: the dtype the base was quantized
+      from, which rounds the merged weight once more, e.g. to bf16).
+    - ``dense=False``: the layer becomes a ``Linear4bit`` holding it requantized
+      to NF4 (the base's blocksize and double quantization): the memory of the
+      base, but the merged weight moves by NF4's rounding (as PEFT's merge of a
+      4-bit layer); ``dtype`` must be ``None`` or float32 here.
+
+    To keep outputs exactly, keep the adapter unmerged (``save_adapter``), or
+    merge densely. docs/recipes.md gives the measured errors. Plain
+    ``Linear4bit`` layers (no adapter) are left as they are. Frozen like the base.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool, got {type(dense).__name__}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be None, float32, float16 or bfloat16, got {dtype!r}")
+    if not dense and dtype not in (None, torch.float32):
+        raise ValueError(f"dtype: with dense=False the merged weight is NF4; dtype must be None, got {dtype}")
+    if isinstance(model, LoRALinear4bit):
+        return _dense(model, dtype) if dense else merged_nf4(model)
+    names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear4bit)]
+    if not names:
+        raise ValueError("model has no LoRALinear4bit layers: nothing to merge")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        setattr(parent, child, _dense(layer, dtype) if dense else merged_nf4(layer))
+    _refresh_lora_config(model)
+    return model
+
+
+def merged_nf4(layer: LoRALinear4bit, double_quant: bool | None = None) -> Linear4bit:
+    """A frozen ``Linear4bit`` holding ``layer``'s merged weight requantized to
+    NF4 (quantized from float32; ``dtype`` stays the base's)."""
+    qw = layer.quant_weight
+    with torch.no_grad():
+        merged = layer.merged_weight(torch.float32)
+        new = quantize_nf4(merged, blocksize=qw.blocksize,
+                           double_quant=qw.double_quant if double_quant is None else double_quant)
+    new = dataclasses.replace(new, dtype=qw.dtype)
+    bias = None if layer.bias is None else layer.bias.detach()
+    return Linear4bit(new, bias, compute_dtype=layer.compute_dtype)
+
+
+def _refresh_lora_config(model: nn.Module) -> None:
+    """After a merge: the LoRA settings a transformers model's ``NF4Config`` records."""
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    if quant is None or not hasattr(quant, "lora"):
+        return
+    if not any(isinstance(m, Linear4bit) for m in model.modules()):
+        del config.quantization_config  # every layer is dense again: a plain model
+    else:
+        quant.lora = lora_settings(model)
+
+
+def _dense(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
     with torch.no_grad():
         if isinstance(layer, LoRALinear4bit):
-            weight = layer.merged_weight()
+            weight = layer.merged_weight(dtype)
         else:
-            weight = layer.dequantized_weight()
+            weight = layer.dequantized_weight(dtype)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           device="meta")
         dense.weight = nn.Parameter(weight, requires_grad=False)

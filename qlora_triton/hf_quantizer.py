@@ -7,8 +7,11 @@ it from the checkpoint (one tensor at a time: the dense model is never in
 memory). ``save_pretrained`` writes the config with this ``quantization_config``
 and the layers under bitsandbytes' keys; ``from_pretrained`` on that folder (or on
 a transformers + bitsandbytes NF4 folder, through ``qlora_triton.from_pretrained``)
-loads the stored bytes as they are. Registered through transformers' own plugin
-API (``register_quantization_config`` / ``register_quantizer``).
+loads the stored bytes as they are. A folder saved from a model converted by
+``replace_linear`` (whose config then holds an ``NF4Config`` with the adapters'
+``lora`` settings) reloads its layers as ``LoRALinear4bit`` with their adapters.
+Registered through transformers' own plugin API (``register_quantization_config``
+/ ``register_quantizer``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import re
+import weakref
 from typing import Any
 
 import torch
@@ -30,8 +35,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .codebooks import dynamic_map
-from .convert import _check_targets, select_linears
-from .linear import _BNB_WEIGHT_KEYS, Linear4bit, _check_compute_dtype
+from .convert import _check_targets, freeze_all_but_lora, select_linears
+from .linear import _BNB_WEIGHT_KEYS, Linear4bit, LoRALinear4bit, _check_compute_dtype, check_lora_args
 from .quantization import quantize_blockwise_8bit, quantize_nf4
 from .weight import NESTED_BLOCKSIZE, NF4Weight, check_blocksize
 
@@ -61,12 +66,18 @@ class NF4Config(QuantizationConfigMixin):
         skip_modules: layers left dense, in transformers' rule (a name prefix,
             regex or suffix); the output head, tied weights and the model's
             ``_keep_in_fp32_modules`` are always left dense.
+        lora: the LoRA settings of a model converted by ``replace_linear``
+            (``{"r", "lora_alpha", "lora_dropout", "use_rslora"}``, and under
+            ``"layers"`` those of the layers that differ), written by
+            ``replace_linear``: a folder saved from such a model reloads its
+            layers as ``LoRALinear4bit`` with their adapters. Not for users to set.
     """
 
     def __init__(self, blocksize: int = 64, double_quant: bool = True,
                  compute_dtype: torch.dtype | str | None = None,
                  target_modules: str | list[str] | None = None,
-                 skip_modules: list[str] | None = None, **kwargs: Any) -> None:
+                 skip_modules: list[str] | None = None, lora: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {method!r}")
@@ -84,8 +95,30 @@ class NF4Config(QuantizationConfigMixin):
                 isinstance(s, str) and s for s in skip_modules)):
             raise TypeError("skip_modules must be None or a list of module names")
         self.skip_modules = None if skip_modules is None else list(skip_modules)
+        self.lora = None if lora is None else _check_lora_settings(lora)
+
+    def lora_settings(self, name: str) -> dict[str, Any] | None:
+        """The LoRA settings recorded for layer ``name`` (``None``: none recorded)."""
+        if self.lora is None:
+            return None
+        own = self.lora.get("layers", {}).get(name)
+        return own if own is not None else {k: v for k, v in self.lora.items() if k != "layers"}
+
+    def track(self, model: torch.nn.Module) -> None:
+        """Record ``model``'s LoRA settings whenever this config is written
+        (``to_dict``), so that a layer's settings changed after ``replace_linear``
+        (``load_adapter``, a second ``replace_linear``) are saved as they are."""
+        self._model = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_model"}
 
     def to_dict(self) -> dict[str, Any]:
+        model = getattr(self, "_model", lambda: None)()
+        if model is not None:
+            from .convert import lora_settings
+
+            self.lora = lora_settings(model)
         return {
             "quant_method": self.quant_method,
             "blocksize": self.blocksize,
@@ -93,6 +126,7 @@ class NF4Config(QuantizationConfigMixin):
             "compute_dtype": None if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch."),
             "target_modules": self.target_modules,
             "skip_modules": self.skip_modules,
+            **({} if self.lora is None else {"lora": self.lora}),
         }
 
     @classmethod
@@ -122,27 +156,61 @@ class NF4Config(QuantizationConfigMixin):
         }
 
 
+_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+
+
+def _check_lora_settings(lora: Any) -> dict[str, Any]:
+    """``lora`` as NF4Config keeps it: the four settings, checked as the layers
+    check them, and optional per-layer ones under ``"layers"``."""
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be a dict of LoRA settings, got {type(lora).__name__}")
+
+    def one(where: str, d: Any) -> dict[str, Any]:
+        if not isinstance(d, dict) or set(d) != set(_LORA_KEYS):
+            raise ValueError(f"lora{where} must have exactly the keys {list(_LORA_KEYS)}, got {d!r}")
+        try:
+            check_lora_args(d["r"], d["lora_alpha"], d["lora_dropout"], d["use_rslora"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"lora{where}: {e}") from None
+        return {k: d[k] for k in _LORA_KEYS}
+
+    out = one("", {k: v for k, v in lora.items() if k != "layers"})
+    layers = lora.get("layers")
+    if layers:
+        if not isinstance(layers, dict):
+            raise TypeError(f"lora['layers'] must be a dict of layer name -> settings, got {type(layers).__name__}")
+        out["layers"] = {n: one(f"['layers'][{n!r}]", d) for n, d in layers.items()}
+    return out
+
+
 def _skeleton(out_features: int, in_features: int, bias: torch.nn.Parameter | None,
-              dtype: torch.dtype, config: NF4Config) -> Linear4bit:
-    """A ``Linear4bit`` on the meta device with the shapes of the real one; the
-    loader fills it (its non-nested scales are placeholders until then)."""
+              dtype: torch.dtype, config: NF4Config, lora: dict[str, Any] | None = None) -> Linear4bit:
+    """A ``Linear4bit`` (a ``LoRALinear4bit`` with ``lora`` settings) on the
+    meta device with the shapes of the real one; the loader fills it (its
+    non-nested scales are placeholders until then)."""
     n = out_features * in_features
     with torch.device("meta"):
         qw = NF4Weight(packed=torch.empty((n + 1) // 2, dtype=torch.uint8),
                        absmax=torch.empty(math.ceil(n / config.blocksize), dtype=torch.float32),
                        shape=(out_features, in_features), dtype=dtype, blocksize=config.blocksize,
                        code=torch.empty(16, dtype=torch.float32))
+        if lora is not None:
+            return LoRALinear4bit(qw, bias, compute_dtype=config.compute_dtype, **lora)
         return Linear4bit(qw, bias, compute_dtype=config.compute_dtype)
 
 
-def _checkpoint_nf4_layers(checkpoint_files: list[str] | None) -> set[str] | None:
-    """Names of the layers a checkpoint stores in NF4 (from the safetensors
-    headers only), or ``None`` when it cannot tell (no safetensors files)."""
+_LORA_A = ".lora_A.weight"
+
+
+def _checkpoint_nf4_layers(checkpoint_files: list[str] | None) -> tuple[set[str], dict[str, int]] | None:
+    """``(names of the layers a checkpoint stores in NF4, {layer: LoRA rank} of
+    those it stores adapters for)``, from the safetensors headers only, or
+    ``None`` when it cannot tell (no safetensors files)."""
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return None
     from safetensors import safe_open
 
-    names = set()
+    names, ranks = set(), {}
     for path in checkpoint_files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
@@ -150,7 +218,9 @@ def _checkpoint_nf4_layers(checkpoint_files: list[str] | None) -> set[str] | Non
                     raise ValueError(f"{path}: {key} is an FP4 weight; only NF4 is supported")
                 if key.endswith(_NF4_STATE):
                     names.add(key[: -len(_NF4_STATE)])
-    return names
+                elif key.endswith(_LORA_A):
+                    ranks[key[: -len(_LORA_A)]] = int(f.get_slice(key).get_shape()[0])
+    return names, ranks
 
 
 def _stored_as(name: str, stored: set[str], prefix: str) -> bool:
@@ -260,6 +330,21 @@ def _fill(module: Linear4bit, qw: NF4Weight, name: str, missing_keys: set | None
     return module.weight
 
 
+# transformers before 5.25 (5.17) has no get_load_operations, builds no
+# deserializing converter from serialized_names, and casts each checkpoint
+# tensor to the dtype of the parameter it fills (our skeleton's uint8 weight).
+_OLD_LOADER = not hasattr(HfQuantizer, "get_load_operations")
+
+
+def _keep_dense_dtypes(model, targets: dict) -> None:
+    """On the older loader: the dense weights of the targets reach NF4Quantize in
+    the dtype the layer had (through the model's dtype plan, which that loader
+    consults before casting to the skeleton's uint8), as on 5.25."""
+    plan = {re.escape(name) + r"\.weight$": module.weight.dtype for name, (module, _) in targets.items()}
+    original = model._get_dtype_plan
+    model._get_dtype_plan = lambda dtype: {**original(dtype), **plan}
+
+
 class NF4HfQuantizer(HfQuantizer):
     """The quantizer transformers runs for an ``NF4Config`` (see the module docstring)."""
 
@@ -286,14 +371,40 @@ class NF4HfQuantizer(HfQuantizer):
         if self.pre_quantized:
             stored = _checkpoint_nf4_layers(checkpoint_files)
             if stored is not None:  # the checkpoint says which layers it holds in NF4
+                stored, ranks = stored
                 prefix = model.base_model_prefix
-                return {n: v for n, v in chosen.items() if _stored_as(n, stored, prefix)}
+                chosen = {n: v for n, v in chosen.items() if _stored_as(n, stored, prefix)}
+                self.lora = self._lora_layers(chosen, ranks, prefix)
+                return chosen
         skip = self.get_modules_to_not_convert(model, config.skip_modules, model._keep_in_fp32_modules,
                                                add_default_skips=True)
         return {n: v for n, v in chosen.items() if should_convert_module(n, skip)}
 
+    def _lora_layers(self, chosen: dict, ranks: dict[str, int], prefix: str) -> dict[str, dict[str, Any]]:
+        """``{layer: LoRA settings}`` of the targets the checkpoint stores
+        adapters for, from the config's ``lora`` (written by ``replace_linear``)."""
+        config = self.quantization_config
+        found = {}
+        for name in chosen:
+            key = next((k for k in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if k in ranks), None)
+            if key is None:
+                continue
+            settings = config.lora_settings(name)
+            if settings is None:
+                raise ValueError(f"the checkpoint holds LoRA adapters ({key}.lora_A/lora_B) but its "
+                                 "quantization_config records no LoRA settings (lora_alpha...): load the base "
+                                 "and its adapter separately (qlora_triton.save_adapter / load_adapter, or PEFT)")
+            if settings["r"] != ranks[key]:
+                raise ValueError(f"{key}.lora_A.weight has rank {ranks[key]}, the quantization_config's "
+                                 f"lora settings say r={settings['r']}")
+            found[name] = settings
+        return found
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self.lora = {}
         targets = self._targets(model, checkpoint_files)
+        if _OLD_LOADER and not self.pre_quantized:
+            _keep_dense_dtypes(model, targets)
         if not targets:
             raise ValueError(f"quantization_config: target_modules={self.quantization_config.target_modules!r} "
                              "matched no linear layer of the model")
@@ -304,7 +415,8 @@ class NF4HfQuantizer(HfQuantizer):
                 self.transposed.add(name)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
-                    _skeleton(out_f, in_f, module.bias, module.weight.dtype, self.quantization_config))
+                    _skeleton(out_f, in_f, module.bias, module.weight.dtype, self.quantization_config,
+                              self.lora.get(name)))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -315,6 +427,8 @@ class NF4HfQuantizer(HfQuantizer):
         for m in model.modules():
             if isinstance(m, Linear4bit) and m.bias is not None:
                 m.bias.requires_grad_(False)  # frozen, as Linear4bit.from_linear makes it
+        if getattr(self, "lora", None):  # as replace_linear left it: only the adapters train
+            freeze_all_but_lora(model)
         return model
 
     def get_quantize_ops(self):
@@ -322,6 +436,20 @@ class NF4HfQuantizer(HfQuantizer):
 
     def get_load_operations(self):
         return {"deserialize": NF4Deserialize}
+
+    def get_weight_conversions(self):
+        # What transformers 5.25's base class builds from serialized_names and
+        # get_load_operations; older ones (5.17) build nothing (a pre-quantized
+        # folder would then go to NF4Quantize), so it is spelled out for them.
+        from transformers.core_model_loading import WeightConverter
+
+        if not _OLD_LOADER:
+            return super().get_weight_conversions()
+        if not self.pre_quantized:
+            return []
+        # (that loader takes the first source pattern a key matches: "weight" last)
+        return [WeightConverter(sorted(names, key=len, reverse=True), param, [NF4Deserialize(self)])
+                for param, names in self.serialized_names.items()]
 
     def is_serializable(self) -> bool:
         return True

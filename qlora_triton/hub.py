@@ -47,12 +47,25 @@ def _pread_state_dict(folder: str | os.PathLike, stack: contextlib.ExitStack) ->
     return state_dict
 
 
+def _stores_nf4(folder: str | os.PathLike) -> bool:
+    """Whether a local folder's safetensors hold bitsandbytes NF4 tensors (headers only)."""
+    from .hf_quantizer import _checkpoint_nf4_layers
+
+    path = Path(folder)
+    if not path.is_dir():
+        return False
+    stored = _checkpoint_nf4_layers([str(path / f) for f in safetensors_files(path)])
+    return bool(stored and stored[0])
+
+
 def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: str = "mmap", **kwargs: Any):
     """Load ``folder`` with ``model_class.from_pretrained`` (default
     ``transformers.AutoModelForCausalLM``; pass e.g. ``AutoModelForSequenceClassification``
     for another head); ``kwargs`` go to it unchanged (``dtype``, ``device_map``,
     ``quantization_config``, ...). A bitsandbytes 4-bit folder must be NF4
-    (FP4 and 8-bit are refused with a ``ValueError``).
+    (FP4 and 8-bit are refused with a ``ValueError``). A folder of NF4 tensors
+    without a ``quantization_config`` (saved by an older ``qlora_triton``)
+    loads as ours; if it also holds adapters, a ``ValueError`` says how to load them.
 
     ``read="pread"`` reads each tensor of a local safetensors folder into its own
     buffer instead of transformers' memory map, so the checkpoint's pages never
@@ -60,7 +73,10 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
     quantized is held dense); ``"mmap"`` (default) is transformers' own read."""
     if read not in ("mmap", "pread"):
         raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .extras import require
+
+    transformers = require("transformers", "qlora_triton.from_pretrained")
+    AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
 
     from .hf_quantizer import NF4Config
 
@@ -79,6 +95,10 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
                 raise ValueError(f"folder: {os.fspath(folder)!r} holds a bitsandbytes 8-bit model; "
                                  "only 4-bit NF4 folders are supported")
             config.quantization_config = NF4Config.from_bnb(quant).to_dict()
+    elif "quantization_config" not in kwargs and _stores_nf4(folder):
+        # NF4 tensors but no quantization_config (a model converted by
+        # replace_linear and saved before it recorded one): ours, as stored.
+        config.quantization_config = NF4Config().to_dict()
     with contextlib.ExitStack() as stack:
         if read == "pread":
             if "state_dict" in kwargs:
@@ -90,3 +110,87 @@ def from_pretrained(folder: str | os.PathLike, model_class: Any = None, read: st
             concrete = mapping[type(config)] if mapping is not None else model_class
             return concrete.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
         return model_class.from_pretrained(folder, config=config, **kwargs)
+
+
+def merge_and_quantize(model: Any, folder: str | os.PathLike, double_quant: bool = True) -> None:
+    """Write ``model`` with its LoRA adapters merged and requantized to NF4 as a
+    transformers + bitsandbytes 4-bit folder: ``config.json`` carries
+    bitsandbytes' own ``quantization_config`` (``load_in_4bit``, NF4), the
+    weights bitsandbytes' keys and bytes. It loads unchanged with
+    ``AutoModelForCausalLM.from_pretrained(folder)`` where bitsandbytes is
+    installed, and with ``qlora_triton.from_pretrained(folder)`` without it.
+
+    ``model`` (a transformers model with ``LoRALinear4bit`` layers) is not
+    changed. Each merged weight ``W + s * B @ A`` is computed in float32 and
+    quantized once (blocksize 64 as bitsandbytes, ``double_quant`` as asked),
+    so it differs from the unmerged model by NF4's rounding of the merged
+    weight (docs/recipes.md gives measured figures). Layers without an adapter
+    keep their NF4 bytes; dense linear layers stay dense (named in
+    ``llm_int8_skip_modules``). The folder is replaced atomically."""
+    from .convert import linear_modules, merged_nf4
+    from .hf_quantizer import NF4Config
+    from .linear import Linear4bit, LoRALinear4bit
+
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+    if not lora:
+        raise ValueError("model has no LoRALinear4bit layers (convert it with qlora_triton.replace_linear "
+                         "and train it first): nothing to merge")
+    state_dict = model.state_dict()
+    for name, layer in lora.items():
+        for key in [k for k in state_dict if k.startswith(name + ".")]:
+            del state_dict[key]
+        merged = merged_nf4(layer, double_quant=double_quant)
+        state_dict.update({f"{name}.{k}": v for k, v in merged.state_dict().items()})
+    dense = sorted(n for n, (_, kind) in linear_modules(model).items() if kind in ("linear", "conv1d"))
+    nf4 = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    compute = next((m.compute_dtype for m in nf4 if m.compute_dtype is not None), None) or nf4[0]._qdtype
+    quant = NF4Config(double_quant=double_quant, compute_dtype=compute, skip_modules=dense or None).to_bnb()
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        config_path = os.path.join(tmp, "config.json")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["quantization_config"] = quant
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    write_folder(os.fspath(folder), write)
+
+
+def write_folder(path: str, write) -> None:
+    """``write(tmp)`` fills a fresh hidden sibling of ``path``, whose files are
+    fsynced and which then replaces ``path`` whole in one atomic exchange (two
+    renames where the OS has none): a reader or a kill sees the old folder or
+    the new one, never a mix."""
+    import shutil
+    import uuid
+
+    from .adapter import _exchange, _fsync
+
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"folder: {path!r} exists and is not a directory")
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.qlora-write-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        for entry in os.scandir(tmp):
+            if entry.is_file():
+                _fsync(entry.path)
+        _fsync(tmp)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
+            old = tmp + "-old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            tmp = old
+        _fsync(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

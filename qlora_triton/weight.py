@@ -231,8 +231,20 @@ class NF4Weight:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4Weight":
-        """Build from bitsandbytes' ``Linear4bit`` state-dict keys under ``prefix``.
-        A missing key or a malformed ``quant_state`` is a ``ValueError`` naming it."""
+        """Build from bitsandbytes' ``Linear4bit`` state-dict keys under ``prefix``
+        (or PEFT's form of them, ``base_layer.`` before the last part of it).
+
+        The one reader of bitsandbytes' 4-bit state dicts: what bitsandbytes
+        writes is accepted, nested or plain, with any float ``dtype`` and
+        ``nested_dtype``, and a plain ``absmax`` in a 16-bit dtype or in the
+        transposed ``[cols // blocksize, rows]`` layout of its CPU repacking.
+        Nested scales stored with a ``nested_dtype`` other than float32 (written
+        after bitsandbytes' AVX512-BF16 CPU repacking) are unpacked as
+        bitsandbytes unpacks them (rounded to that dtype, then the offset added
+        in it) into plain float32 scales, so the weight dequantizes bit for bit
+        as in bitsandbytes. A missing key or a malformed ``quant_state`` is a
+        ``ValueError`` naming it."""
+        prefix = _resolve_prefix(state_dict, prefix)
         key = f"{prefix}.quant_state.bitsandbytes__nf4"
         if key not in state_dict:
             fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
@@ -250,32 +262,34 @@ class NF4Weight:
 
         meta = parse_quant_state(key, tensor(key))
         packed = tensor(prefix)
-        kwargs: dict[str, Any] = {}
+        if packed.dtype != torch.uint8 and packed.element_size() != 1:
+            raise TypeError(f"state_dict[{prefix!r}] must hold packed bytes (uint8), got {packed.dtype}")
+        dtype = _dtype_field(key, meta, "dtype")
+        shape = _field(key, meta, "shape", list)
+        blocksize = _field(key, meta, "blocksize", int)
+        absmax = tensor(f"{prefix}.absmax")
+        nested: dict[str, Any] = {}
         if "nested_blocksize" in meta or f"{prefix}.nested_absmax" in state_dict:
-            kwargs = dict(
+            nested = dict(
                 absmax2=tensor(f"{prefix}.nested_absmax"),
                 code2=tensor(f"{prefix}.nested_quant_map"),
                 offset=torch.tensor(_field(key, meta, "nested_offset", float), device=packed.device),
                 blocksize2=_field(key, meta, "nested_blocksize", int),
             )
-            if meta.get("nested_dtype", "float32") != "float32":
-                raise ValueError(f"{key}: nested_dtype must be 'float32', got {meta['nested_dtype']!r}")
-        if packed.dtype != torch.uint8 and packed.element_size() != 1:
-            raise TypeError(f"state_dict[{prefix!r}] must hold packed bytes (uint8), got {packed.dtype}")
-        dtype_name = _field(key, meta, "dtype", str)
-        dtype = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}.get(dtype_name)
-        if dtype is None:
-            raise ValueError(f"{key}: dtype must be 'float32', 'float16' or 'bfloat16', got {dtype_name!r}")
-        shape = _field(key, meta, "shape", list)
+            nested_dtype = _dtype_field(key, meta, "nested_dtype") if "nested_dtype" in meta else torch.float32
         try:
+            if nested and nested_dtype != torch.float32:
+                absmax, nested = unpack_nested_scales(absmax, nested_dtype=nested_dtype, **nested), {}
+            elif not nested:
+                absmax = _plain_absmax(absmax, shape, blocksize)
             return cls(
                 packed=packed.view(torch.uint8).reshape(-1),
-                absmax=tensor(f"{prefix}.absmax"),
+                absmax=absmax,
                 shape=shape,
                 dtype=dtype,
-                blocksize=_field(key, meta, "blocksize", int),
+                blocksize=blocksize,
                 code=tensor(f"{prefix}.quant_map"),
-                **kwargs,
+                **nested,
             ).check_finite()
         except (TypeError, ValueError) as e:
             raise type(e)(f"state_dict under {prefix!r}: {e}") from e
@@ -302,24 +316,74 @@ class NF4Weight:
         if getattr(quant_state, "quant_type", None) != "nf4":
             raise ValueError(
                 f"quant_state: quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("quant_state: this bitsandbytes layer was repacked for its AVX512-BF16 CPU kernel "
+                             "(at a CPU forward); read its state_dict() instead, which bitsandbytes writes "
+                             "in the standard layout")
+        absmax = quant_state.absmax
         kwargs: dict[str, Any] = {}
         if quant_state.nested:
-            offset = quant_state.offset
-            kwargs = dict(
-                absmax2=quant_state.state2.absmax,
-                code2=quant_state.state2.code,
-                offset=torch.as_tensor(offset, dtype=torch.float32, device=packed.device),
-                blocksize2=quant_state.state2.blocksize,
-            )
+            state2 = quant_state.state2
+            kwargs = dict(absmax2=state2.absmax, code2=state2.code,
+                          offset=torch.as_tensor(quant_state.offset, device=packed.device),
+                          blocksize2=state2.blocksize)
+            if state2.dtype != torch.float32:  # (see from_state_dict)
+                absmax, kwargs = unpack_nested_scales(absmax, nested_dtype=state2.dtype, **kwargs), {}
+            else:
+                kwargs["offset"] = kwargs["offset"].to(torch.float32)
+        else:
+            absmax = _plain_absmax(absmax, list(quant_state.shape), quant_state.blocksize)
         return cls(
             packed=packed.view(torch.uint8).reshape(-1),
-            absmax=quant_state.absmax,
+            absmax=absmax,
             shape=torch.Size(quant_state.shape),
             dtype=quant_state.dtype,
             blocksize=quant_state.blocksize,
             code=quant_state.code,
             **kwargs,
         ).check_finite()
+
+
+def _resolve_prefix(state_dict: Mapping[str, Any], prefix: str) -> str:
+    """``prefix``, or PEFT's name for it (``a.base_layer.weight`` for ``a.weight``)
+    when only that one is in ``state_dict``."""
+    if f"{prefix}.quant_state.bitsandbytes__nf4" in state_dict or prefix in state_dict:
+        return prefix
+    head, _, last = prefix.rpartition(".")
+    peft = f"{head}.base_layer.{last}" if head else f"base_layer.{last}"
+    return peft if f"{peft}.quant_state.bitsandbytes__nf4" in state_dict else prefix
+
+
+def unpack_nested_scales(absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
+                         offset: torch.Tensor, blocksize2: int, nested_dtype: torch.dtype) -> torch.Tensor:
+    """Plain float32 scales from double-quantized ones whose second level is
+    stored in ``nested_dtype``, computed as bitsandbytes' ``dequantize_4bit``
+    does: ``code2[q] * absmax2`` in float32 rounded to ``nested_dtype``, the
+    offset added in place (torch's rule: in ``nested_dtype``), then float32."""
+    _check_tensor("absmax", absmax, torch.uint8)
+    if nested_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"nested_dtype must be float32, float16 or bfloat16, got {nested_dtype}")
+    check_blocksize(blocksize2, "blocksize2")
+    q = absmax.reshape(-1).long()
+    blocks = torch.arange(q.numel(), device=q.device) // blocksize2
+    absmax2 = absmax2.reshape(-1).to(torch.float32)
+    if absmax2.numel() != math.ceil(q.numel() / blocksize2):
+        raise ValueError(f"absmax2 has {absmax2.numel()} elements, expected {math.ceil(q.numel() / blocksize2)}")
+    scales = (code2.to(torch.float32)[q] * absmax2[blocks]).to(nested_dtype)
+    scales += offset
+    return scales.to(torch.float32)
+
+
+def _plain_absmax(absmax: Any, shape: list, blocksize: int) -> Any:
+    """A plain (not nested) ``absmax`` as float32 ``[nblocks]``: a 16-bit one
+    upcast (exact), bitsandbytes' CPU-repacked ``[cols // blocksize, rows]``
+    layout transposed back to row-major blocks."""
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype not in FLOAT_DTYPES:
+        return absmax  # (the constructor names what is wrong)
+    if (absmax.dim() == 2 and len(shape) == 2 and shape[1] % blocksize == 0
+            and tuple(absmax.shape) == (shape[1] // blocksize, shape[0]) and shape[0] > 1):
+        absmax = absmax.t()
+    return absmax.reshape(-1).to(torch.float32)
 
 
 def quant_state_blob(shape: torch.Size, dtype: torch.dtype, blocksize: int,
@@ -351,6 +415,15 @@ def parse_quant_state(key: str, blob: torch.Tensor) -> dict[str, Any]:
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"{key}: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
     return meta
+
+
+def _dtype_field(key: str, meta: dict[str, Any], name: str) -> torch.dtype:
+    """``meta[name]`` as one of the float dtypes (``"bfloat16"``, ``"torch.float16"``)."""
+    value = _field(key, meta, name, str)
+    dtype = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}.get(value.removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(f"{key}: {name} must be 'float32', 'float16' or 'bfloat16', got {value!r}")
+    return dtype
 
 
 def _field(key: str, meta: dict[str, Any], name: str, kind: type) -> Any:

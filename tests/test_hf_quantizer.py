@@ -245,10 +245,11 @@ def test_importing_qlora_triton_registers_without_importing_transformers(order):
         import {second}
         from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
         import peft
-        from peft.tuners.lora.model import LoraModel
+        from peft.tuners import tuners_utils
         assert AUTO_QUANTIZATION_CONFIG_MAPPING["qlora_triton"] is qlora_triton.NF4Config
         assert AUTO_QUANTIZER_MAPPING["qlora_triton"].__module__ == "qlora_triton.hf_quantizer"
-        assert LoraModel._create_new_module.qlora_triton
+        assert tuners_utils._maybe_include_all_linear_layers.qlora_triton
+        assert peft.prepare_model_for_kbit_training.qlora_triton
         print("ok")
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

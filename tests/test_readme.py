@@ -1,6 +1,13 @@
-"""The documented recipes run as written on the CPU: the README's quick start
-(on a tiny model it first writes to "my-model") and every python block of
-docs/finetune.md, each page in one fresh process in a temporary folder."""
+"""The documented examples run as written on the CPU: the python blocks of
+README.md and of every docs/*.md page that the marker ``<!-- readme-snippets``
+selects, each page in one fresh process in a temporary folder (README.md's
+after a tiny model written to "my-model", the folder its quick start names).
+
+The marker before a page's first ``## `` heading selects all of its blocks;
+inside a ``## `` section, that section's blocks. A page with python blocks and
+no marker must be listed in ``ILLUSTRATIONS`` (fragments that need a GPU or a
+model in scope), so that no page drops out of the test unnoticed.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,11 @@ import pytest
 for name in ("transformers", "peft", "trl", "datasets"):
     pytest.importorskip(name)
 ROOT = Path(__file__).resolve().parent.parent
+MARKER = "<!-- readme-snippets"
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+# pages whose python blocks are fragments, not run
+ILLUSTRATIONS = {"docs/decode.md", "docs/distributed.md", "docs/matmul.md", "docs/optimizers.md",
+                 "docs/training-memory.md"}
 
 # A tiny random Llama and a word-level tokenizer, written where the README's
 # quick start expects "any local Hugging Face causal-LM folder".
@@ -32,11 +44,44 @@ transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>"
 '''
 
 
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def run_script(tmp_path: Path, source: str) -> None:
+def marked_blocks(page: Path) -> list[str]:
+    """The blocks of ``page`` that the marker selects (see the module docstring)."""
+    text = page.read_text()
+    head, *sections = re.split(r"(?m)^(?=## )", text)
+    if MARKER in head:
+        return python_blocks(text)
+    return [block for section in sections if MARKER in section for block in python_blocks(section)]
+
+
+def name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+RUN = {name(page): blocks for page in PAGES if (blocks := marked_blocks(page))}
+
+
+def test_every_page_with_python_is_run_or_an_illustration():
+    unmarked = {name(p) for p in PAGES if python_blocks(p.read_text()) and name(p) not in RUN}
+    assert unmarked <= ILLUSTRATIONS, f"mark these pages ({MARKER} -->) or list them in ILLUSTRATIONS: " \
+                                      f"{sorted(unmarked - ILLUSTRATIONS)}"
+    assert "README.md" in RUN and len(RUN.get("docs/recipes.md", [])) >= 5
+
+
+def test_the_marker_selects_pages_and_sections(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# T\n\n## A\n\n```python\nA\n```\n\n## B\n" + MARKER + " -->\n\n```python\nB\n```\n")
+    assert marked_blocks(page) == ["B\n"]
+    page.write_text("# T\n" + MARKER + " -->\n\n## A\n\n```python\nA\n```\n\n## B\n\n```python\nB\n```\n")
+    assert marked_blocks(page) == ["A\n", "B\n"]
+
+
+@pytest.mark.parametrize("page", sorted(RUN))
+def test_page_runs_on_the_cpu(page, tmp_path):
+    source = (TINY_MODEL if page == "README.md" else "") + "\n".join(RUN[page])
     script = tmp_path / "doc.py"
     script.write_text(source + "\nprint('DOC OK')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path), "CUDA_VISIBLE_DEVICES": ""}
@@ -45,17 +90,3 @@ def run_script(tmp_path: Path, source: str) -> None:
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("DOC OK")
-
-
-def test_readme_quick_start_runs_on_the_cpu(tmp_path):
-    blocks = python_blocks(ROOT / "README.md")
-    assert len(blocks) == 1, "the README carries one python block, the quick start"
-    check = ("import pathlib\nassert pathlib.Path('adapter/adapter_model.safetensors').exists()\n"
-             "assert isinstance(model, peft.PeftModel)\n")
-    run_script(tmp_path, TINY_MODEL + blocks[0] + check)
-
-
-def test_finetune_page_runs_on_the_cpu(tmp_path):
-    blocks = python_blocks(ROOT / "docs" / "finetune.md")
-    assert len(blocks) >= 5
-    run_script(tmp_path, "\n".join(blocks))

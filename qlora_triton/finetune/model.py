@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..extras import require
+
+FEATURE = "qlora-triton finetune"
+
 # The linear layers of a LLaMA block: LoRA goes on all of them (the QLoRA
 # paper's choice), never on the output head.
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,7 +39,7 @@ class ModelShape:
 
 
 def llama_config(shape: ModelShape):
-    from transformers import LlamaConfig
+    LlamaConfig = require("transformers", FEATURE).LlamaConfig
 
     fields = asdict(shape)
     fields["num_key_value_heads"] = shape.num_key_value_heads or shape.num_attention_heads
@@ -46,7 +50,7 @@ def llama_config(shape: ModelShape):
 
 def build_llama(shape: ModelShape, seed: int, device: torch.device | str = "cpu"):
     """A randomly initialised ``LlamaForCausalLM`` in fp32 (seeded)."""
-    from transformers import LlamaForCausalLM
+    LlamaForCausalLM = require("transformers", FEATURE).LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(shape)).to(device)
@@ -54,7 +58,7 @@ def build_llama(shape: ModelShape, seed: int, device: torch.device | str = "cpu"
 
 def load_model(folder: str, dtype: torch.dtype, device: torch.device | str):
     """A local Hugging Face causal-LM folder (``config.json`` + weights)."""
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = require("transformers", FEATURE).AutoModelForCausalLM
 
     if not (Path(folder) / "config.json").is_file():
         raise ValueError(f"model: {folder!r} is not a Hugging Face model folder (no config.json)")
