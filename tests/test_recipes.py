@@ -39,20 +39,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture
-def bnb(monkeypatch):
-    """bitsandbytes on its portable CPU path (skipped alone when not installed):
-    an AVX512-BF16 CPU repacks an eval-mode layer at its first forward, and no
-    outcome here may depend on the CPU CI gets. (main's tests/conftest.py has the
-    same fixture; this one goes at the merge.)"""
-    bitsandbytes = pytest.importorskip("bitsandbytes")
-    import bitsandbytes.functional  # noqa: F401
-    import bitsandbytes.nn.modules as bnb_modules
-
-    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
-    return bitsandbytes
-
-
 @pytest.fixture(autouse=True)
 def _torch_backend():
     with qt.force_backend("torch"):
