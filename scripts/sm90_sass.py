@@ -26,14 +26,26 @@ Method:
   trip in a toy kernel); each row carries ``loop_global_load_bytes`` beside
   ``packed_bytes_per_trip`` to show that the profiled GEMV loops are not
   unrolled (the CI test asserts it for its case).
-* Bounds over the HBM floor (packed bytes + scale bytes at 4.3 TB/s): issue
-  (132 SMs x 4 schedulers x 1.98 GHz warp-instructions/s), load/store unit (one
-  warp-instruction per clock per SM: global, shared, shuffle, atomic), shared
-  memory (128 B per clock per SM, one wavefront at least per instruction, no
-  bank conflicts assumed: random-index table lookups may conflict, which a
-  static count cannot see). ``bound_over_floor`` is the largest of the three.
-  ``grid_factor`` (busiest SM's programs over the mean) is reported beside it:
-  a grid of fewer programs than SMs leaves bandwidth unused.
+* The bound model (:func:`bound_model`, the same for every decode and
+  dequantize row): from the compiled kernel's registers, shared memory and
+  warps per program and the launch grid, the programs resident per SM
+  (registers allocated 8 per thread at a time of 64 K, 228 KB shared memory
+  with 1 KB reserved per block, 64 warps, 32 blocks) and the waves; then the
+  busiest SM's time under each bound, over the HBM floor (packed bytes +
+  scale bytes at 4.3 TB/s; the dequantize also writes x's dtype): issue over
+  all 4 schedulers (1.98 GHz, one warp-instruction per clock each); issue per
+  scheduler (the busiest SM's warp-programs dealt to the schedulers that hold
+  warps: a warp alone on its scheduler issues its stream back to back);
+  memory latency (Little's law: bytes in flight per SM = resident programs x
+  the main loop's global loads per trip x the pipeline depth, against 4.3 TB/s
+  x 700 ns / 132 SMs = 23 KB; a trip costs latency / depth); the load/store
+  unit (one instruction per clock per SM: global, shared, shuffle, atomic);
+  shared memory (one 128-byte wavefront per clock per SM, no bank conflicts
+  assumed). ``bound_over_floor`` is the largest, ``binding`` names it. The
+  pipeline depth is 1 + the trips a kernel prefetches in registers (declared
+  by its module, ``PREFETCH_TRIPS``) + ``num_stages - 1`` when the loop has
+  asynchronous copies (LDGSTS). Not counted: the code outside the main loop
+  (the split epilogue's partial sums among it) and L2 effects.
 
 Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
 28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
@@ -338,9 +350,11 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
     * occupancy: ``resident`` programs per SM (:func:`programs_per_sm`, at most
       the busiest SM's share of the grid), ``waves`` = that share / resident;
     * ``issue``: all four schedulers busy, one warp-instruction per clock each;
-    * ``issue_per_scheduler``: the resident warps dealt to the 4 schedulers;
-      a scheduler issues at most one instruction per clock of the warps it
-      holds, so one warp alone on a scheduler issues its stream back to back;
+    * ``issue_per_scheduler``: the busiest SM's warp-programs dealt to the
+      schedulers that hold warps (all 4, or fewer when fewer warps are
+      resident); a scheduler issues at most one instruction per clock of the
+      warps it holds, so one warp alone on a scheduler issues its stream back
+      to back;
     * ``latency`` (Little's law): each SM keeps resident x loop_load_bytes x
       pipeline_depth bytes in flight, so a trip costs latency / depth and a
       program trips x latency / depth, per wave; against the floor, which
@@ -360,12 +374,16 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
     waves = -(-busiest // resident)
     warps_per_sm = resident * launch.warps
     warps_per_scheduler = -(-warps_per_sm // SCHEDULERS)
+    # Schedulers that hold warps at all, and each one's share of the busiest
+    # SM's warp-programs (dealt evenly as programs finish and new ones start).
+    busy_schedulers = min(SCHEDULERS, warps_per_sm)
+    programs_per_scheduler = -(-busiest * launch.warps // busy_schedulers)
     per_warp = launch.trips * launch.loop_instructions  # one warp's stream, one program
     work = busiest * launch.warps * launch.trips        # warp-trips on the busiest SM
     in_flight = resident * launch.loop_load_bytes * launch.pipeline_depth
     times = {
         "issue": work * launch.loop_instructions / (SCHEDULERS * CLOCK_HZ),
-        "issue_per_scheduler": waves * warps_per_scheduler * per_warp / CLOCK_HZ,
+        "issue_per_scheduler": programs_per_scheduler * per_warp / CLOCK_HZ,
         "latency": waves * launch.trips * latency_s / launch.pipeline_depth,
         "lsu": work * launch.loop_lsu / CLOCK_HZ,
         "smem": work * launch.loop_smem_wavefronts / CLOCK_HZ,
@@ -375,6 +393,7 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
     return {"programs": launch.programs, "programs_per_sm_max": occupancy,
             "programs_per_sm": resident, "waves": waves, "warps_per_sm": warps_per_sm,
             "warps_per_scheduler": warps_per_scheduler,
+            "warp_programs_per_scheduler": programs_per_scheduler,
             "bytes_in_flight_per_sm": in_flight,
             "bytes_needed_in_flight_per_sm": round(HBM_BYTES_PER_S * latency_s / SMS),
             "latency_ns": round(latency_s * 1e9),
@@ -510,9 +529,12 @@ def trips(cfg, case: Case) -> int:
 
 
 def _dequantize_pairs() -> int:
+    """Packed bytes one dequantize program decodes (element pairs)."""
     from qlora_triton.ops import dequantize as dq_mod
 
-    return dq_mod._PAIRS
+    if hasattr(dq_mod, "_PAIRS"):  # before issue 22
+        return dq_mod._PAIRS
+    return dq_mod._ROWS * 64 // 2  # ROWS rows of 64 elements (blocksize >= 64)
 
 
 def _prefetch(v: "sc.Variant") -> int:
@@ -558,7 +580,7 @@ def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: s
            "config": prof["label"].split(f" {case.dtype} ")[0], "kernel_fn": kernel}
     out["config"] = out["config"].split(" rows=")[0].split(f" {case.dtype}")[0]
     if deq:
-        out["config"] = f"w{prof.get('num_warps')} pairs={_dequantize_pairs()}"
+        out["config"] = f"w{prof.get('num_warps')} {2 * _dequantize_pairs()} weights/program"
     if "error" in prof:
         return {**out, "error": prof["error"]}
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant)
@@ -664,7 +686,7 @@ def chosen_strategy(case: TrainCase, kind: str = "sm_90") -> str:
         raise RuntimeError(f"{strategy.ENV_VAR} is set: the profile reports the table's choice")
     with strategy.assume_gpu_kind(kind):
         return strategy.select_strategy(case.M, case.N, case.K, getattr(torch, _TORCH_DTYPES[case.dtype]),
-                                        torch.device("cpu"))
+                                        torch.device("cpu"), op=case.op)
 
 
 def fused_kernel(case: TrainCase) -> tuple[str, str]:
@@ -680,7 +702,6 @@ def fused_kernel(case: TrainCase) -> tuple[str, str]:
 def fused_configs(case: TrainCase) -> tuple:
     """(the config the launcher runs on sm_90, every autotune candidate of
     QLORA_TRITON_AUTOTUNE=1 its pruner keeps)."""
-    from qlora_triton.ops import matmul as mm
     from qlora_triton.ops import tuned_sm90
 
     family, _ = fused_kernel(case)
@@ -690,10 +711,8 @@ def fused_configs(case: TrainCase) -> tuple:
                 if tuned_sm90.gemm_allowed(c, case.blocksize, fp32)]
         return (tuned_sm90.gemm_config(case.op, case.M, case.N, case.K, case.blocksize, fp32),
                 [c for c in kept if c.kwargs["BLOCK_K"] == min(64, case.blocksize)])
-    prune = mm._prune_forward if case.op == "forward" else mm._prune_grad_input
-    kept = prune(mm._tile_configs(interpret=False), {}, m_bucket=mm._m_bucket(case.M),
-                 BLOCKSIZE=case.blocksize, ALIGNED=False)
-    return mm.general_config(case.op), kept
+    return (tuned_sm90.general_config(case.op, case.N, case.K),
+            tuned_sm90.general_configs(case.op))
 
 
 def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
@@ -707,17 +726,8 @@ def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
     return v
 
 
-def dequantize_variant(case: TrainCase) -> "sc.Variant":
-    from qlora_triton.ops import dequantize as dq_mod
-
-    ce = dict(BLOCKSIZE=case.blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=case.double_quant,
-              PAIRS=dq_mod._PAIRS)
-    fn = dq_mod._nf4_dequantize_kernel
-    types = dict(sc._scale_types(case.double_quant), out_ptr=sc.DTYPES[case.dtype], n="i32")
-    return sc.Variant("nf4_dequantize", f"{case.dtype} blocksize={case.blocksize} "
-                      f"dq={int(case.double_quant)} pairs={dq_mod._PAIRS}", dq_mod.__name__,
-                      "_nf4_dequantize_kernel", sc._sig(fn, types, ce), ce,
-                      sc._MATMUL_POINTERS + ["out_ptr", "n"])
+def dequantize_variant(case) -> "sc.Variant":
+    return sc.dequantize_variant(case.dtype, case.blocksize, case.double_quant)
 
 
 def mma_flops(body: list[Instr], warps: int) -> int:
@@ -838,16 +848,15 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
     """The dequant strategy's time: the dequantize kernel (its HBM floor times
     its bound over that floor, at least 1) plus cuBLAS at the tensor peak (or
     its own bytes, when more)."""
-    from qlora_triton.ops import dequantize as dq_mod
 
     elem = _DTYPE_BYTES[case.dtype]
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant) + elem
     weights = case.N * case.K
     deq_floor_s = weights * fb / HBM_BYTES_PER_S
-    b = bounds(prof["loop"], prof["num_warps"], 2 * dq_mod._PAIRS, fb)
+    b = bounds(prof["loop"], prof["num_warps"], 2 * _dequantize_pairs(), fb)
     b.update(bound_model(Launch(
         registers=prof["registers"], shared=prof["shared"], warps=prof["num_warps"],
-        programs=math.ceil(math.ceil(weights / 2) / dq_mod._PAIRS), trips=1,
+        programs=math.ceil(math.ceil(weights / 2) / _dequantize_pairs()), trips=1,
         loop_instructions=prof["loop"]["instructions"], loop_lsu=prof["loop"]["lsu"],
         loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
         loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=1, floor_s=deq_floor_s)))
