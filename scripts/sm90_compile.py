@@ -187,7 +187,8 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
         # Only what the launcher and the autotune pruner can run.
         for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32")]:
             for dq in dq_opts:
-                for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if lora_opt else []):
+                with_lora = lora_opt and tuned_sm90.lora_allowed(kernel, kw["BLOCK_N"])
+                for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if with_lora else []):
                     for rows in (rows_opts if kernel == "fma" else (16,)):
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
                                   HAS_BIAS=bias, HAS_LORA=lora, stride_xk=1, stride_b=1)
@@ -421,7 +422,8 @@ PROFILE_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (819
 
 def shipped_variants() -> list[Variant]:
     """What the launchers ship for the profiled decode shapes: each word GEMV's
-    config (every dtype, double quant, with a bias and with the LoRA fold),
+    config (every dtype, double quant, with a bias, and with the LoRA fold where
+    the launcher folds it: the config it picks then),
     and the dequantize kernel (every dtype, blocksize 64, double quant on/off)."""
     from qlora_triton.ops import tuned_sm90
 
@@ -430,13 +432,14 @@ def shipped_variants() -> list[Variant]:
         seen = []
         for n, k in PROFILE_SHAPES:
             for fp32 in (False, True):
-                cfg = tuned_sm90.gemv_config(kernel, n, k, 64, fp32)
-                key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, fp32)
-                if key in seen:
-                    continue
-                seen.append(key)
-                dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
-                out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True)
+                for lora in (False, True):
+                    cfg = tuned_sm90.gemv_config(kernel, n, k, 64, fp32, lora=lora)
+                    key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, fp32)
+                    if key in seen:
+                        continue
+                    seen.append(key)
+                    dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
+                    out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True)
     out += [dequantize_variant(dt, 64, dq) for dt in DTYPES for dq in (True, False)]
     return out
 

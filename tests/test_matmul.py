@@ -291,8 +291,9 @@ def test_word_aligned_weights_never_reach_the_per_element_kernels(monkeypatch, d
     qw = _weight(40, K, bs, True, device)
     with qt.force_backend("triton"):
         for rows in (1, 3, 20):
-            ops_matmul.nf4_matmul(torch.randn(rows, K, device=device), qw)
-            ops_matmul.nf4_matmul_grad_input(torch.randn(rows, 40, device=device), qw)
+            # bf16: fp32 through per-element weights may run "dequant" instead.
+            ops_matmul.nf4_matmul(torch.randn(rows, K, device=device).bfloat16(), qw)
+            ops_matmul.nf4_matmul_grad_input(torch.randn(rows, 40, device=device).bfloat16(), qw)
     words = K % bs == 0
     assert all(name.endswith("_words") == words for name in ran), ran
     assert sorted(set(ran)) == sorted(f"{f}_{'words' if words else 'general'}"

@@ -130,12 +130,20 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
     return max(issue, latency, lsu, (N * K / 2 + scale_bytes + partial) / _HBM_BYTES_PER_S)
 
 
+def lora_allowed(kernel: str, block_n: int) -> bool:
+    """Whether a GEMV tile may carry the folded LoRA epilogue: the 256-row
+    tensor-core tile spills with it (fp16 x, bias: 255 registers, 8 B;
+    sm90_compile, Triton 3.6)."""
+    return not (kernel == "dot" and block_n > 128)
+
+
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments, asked on every call
 def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
-                interpret: bool = False) -> triton.Config:
+                interpret: bool = False, lora: bool = False) -> triton.Config:
     """GEMV ``kernel``'s config for an [N, K] weight: the tile and K split
     (BLOCK_K = min(64, blocksize); at least one K tile per split) that
-    :func:`gemv_estimate_s` puts fastest, the first such in tile order.
+    :func:`gemv_estimate_s` puts fastest, the first such in tile order
+    (``lora``: among the tiles :func:`lora_allowed`).
     Compile-time estimates (sm90_sass), to be calibrated on the GPU."""
     block_k = min(_BLOCK_K[kernel], blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
@@ -144,7 +152,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
     best = None
     for block_n, warps, stages, instr, regs, lsu in _TILES[kernel]:
         cfg0 = _config(block_n, block_k, 1, warps, stages)
-        if not allowed(cfg0, blocksize, x_fp32):
+        if not allowed(cfg0, blocksize, x_fp32) or (lora and not lora_allowed(kernel, block_n)):
             continue
         for split in _SPLITS:
             if split > _max_split(kernel, block_n):
