@@ -35,6 +35,8 @@ _WEIGHT_SCHEMA = ("Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, T
 _SIZES_SCHEMA = "int n, int k, int blocksize, int blocksize2"
 _lib.define(f"nf4_matmul(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias, {_SIZES_SCHEMA}) -> Tensor")
 _lib.define(f"nf4_matmul_grad_input(Tensor grad_y, {_WEIGHT_SCHEMA}, {_SIZES_SCHEMA}) -> Tensor")
+_lib.define(f"nf4_lora_matmul(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias, Tensor h, Tensor lora_b, "
+            f"float scaling, {_SIZES_SCHEMA}) -> Tensor")
 
 # The NF4Weight each live weight_args() tuple came from, by id of its packed
 # tensor: an op called with those very tensors reuses it instead of building
@@ -107,12 +109,43 @@ def _run_grad_input(triton: bool, grad_y, packed, absmax, code, absmax2, code2, 
     return gx if grad_y.dim() == 2 else gx.reshape(*grad_y.shape[:-1], k)
 
 
+def _nf4_lora_matmul(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Tensor | None,
+                     code2: Tensor | None, offset: Tensor | None, bias: Tensor | None, h: Tensor,
+                     lora_b: Tensor, scaling: float, n: int, k: int, blocksize: int,
+                     blocksize2: int) -> Tensor:
+    """``x @ W.T (+ bias) + scaling * h @ lora_b.T``: x [..., k], h [..., r] ->
+    [..., n] in x's dtype (the LoRA forward after ``h = x_d @ lora_A.T``)."""
+    return _run_lora_matmul(use_triton(x.device), x, packed, absmax, code, absmax2, code2, offset,
+                            bias, h, lora_b, scaling, n, k, blocksize, blocksize2)
+
+
+def _run_lora_matmul(triton: bool, x, packed, absmax, code, absmax2, code2, offset, bias, h,
+                     lora_b, scaling, n, k, blocksize, blocksize2) -> Tensor:
+    qw = _weight(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    h2 = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+    if triton:
+        from .ops.matmul import nf4_lora_matmul as launch
+        y = launch(x2, qw, bias, h2, lora_b, scaling)
+    else:
+        y = reference.nf4_matmul(x2, qw, bias)
+        y.addmm_(h2, lora_b.t(), alpha=scaling)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
 _lib.impl("nf4_matmul", _nf4_matmul, "CompositeExplicitAutograd")
+_lib.impl("nf4_lora_matmul", _nf4_lora_matmul, "CompositeExplicitAutograd")
 _lib.impl("nf4_matmul_grad_input", _nf4_matmul_grad_input, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("qlora_triton::nf4_matmul", lib=_lib)
 def _(x, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("qlora_triton::nf4_lora_matmul", lib=_lib)
+def _(x, packed, absmax, code, absmax2, code2, offset, bias, h, lora_b, scaling, n, k, blocksize,
+      blocksize2):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -141,3 +174,4 @@ def _on_meta(run):
 
 _lib.impl("nf4_matmul", _on_meta(_run_matmul), "Meta", allow_override=True)
 _lib.impl("nf4_matmul_grad_input", _on_meta(_run_grad_input), "Meta", allow_override=True)
+_lib.impl("nf4_lora_matmul", _on_meta(_run_lora_matmul), "Meta", allow_override=True)

@@ -6,7 +6,7 @@ optional bias ``b [N]``, ``A [r, K]``, ``B [N, r]`` and scaling ``s``::
     m   = bernoulli(1 - p) / (1 - p)         # dropout mask (1 everywhere when p == 0)
     x_d = x * m                              # [..., K]
     h   = x_d @ A.T                          # [..., r]  tiny: r << K
-    y   = x @ W.T + b + s * h @ B.T          # [..., N]  (one addmm into the base output)
+    y   = x @ W.T + b + s * h @ B.T          # [..., N]  (one op: folded into the GEMV at M <= 16)
 
 Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
 plain matmul; nothing forms the ``[N, K]`` update ``B @ A``, and ``W`` is dense only
@@ -46,8 +46,10 @@ from __future__ import annotations
 import torch
 
 from .library import weight_args
-from .matmul import nf4_matmul_args, nf4_matmul_grad_input_args
+from .matmul import nf4_matmul_grad_input_args
 from .weight import NF4Weight
+
+_lora_matmul_op = torch.ops.qlora_triton.nf4_lora_matmul.default
 
 
 def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
@@ -69,12 +71,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _lora_forward(x, lora_A, lora_B, bias, wargs, scaling, mask, p):
     """``(y, h)`` of the module docstring; shared by training and inference.
-    Beside the base product (and the dropout mask), two launches: ``x_d @ A.T``
-    and one addmm of the scaled update into the fresh base output (no [M, N]
-    temporary, no separate scaling)."""
+    Beside the base product (and the dropout mask), one launch: ``x_d @ A.T``;
+    the update ``s * h @ B.T`` joins the base product in one op
+    (``nf4_lora_matmul``): at decode sizes (the GEMV) inside the GEMV's
+    epilogue, in fp32, so that a LoRA layer's eval forward at M <= 16 is two
+    kernel launches; otherwise as one addmm into the fresh base output."""
     h = torch.nn.functional.linear(_rows(_dropped(x, mask, p)), lora_A)  # [M, r]
-    y = nf4_matmul_args(x, wargs, bias)  # a fresh, contiguous output
-    _rows(y).addmm_(h, lora_B.t(), alpha=scaling)
+    y = _lora_matmul_op(x, *wargs[:6], bias, h, lora_B, float(scaling), *wargs[6:])
     return y, h
 
 

@@ -1,6 +1,8 @@
 """``nf4_matmul``: ``x @ W.T (+ bias)`` through a frozen NF4 weight, with autograd.
 
-Layers: Triton kernels and launchers in :mod:`qlora_triton.ops.matmul`, the
+Layers: Triton kernels and their launchers in :mod:`qlora_triton.ops.gemv`,
+:mod:`~qlora_triton.ops.gemm` and :mod:`~qlora_triton.ops.grad_input` (entry
+points in :mod:`qlora_triton.ops.matmul`, docs/kernels.md), the
 ``torch.library`` ops in :mod:`qlora_triton.library` (they pick the backend),
 the autograd Function and the checked public entry points here.
 """

@@ -16,7 +16,8 @@ actually ran.
 
 Precedence: :func:`force_strategy` (innermost block wins), then the
 ``QLORA_TRITON_STRATEGY`` environment variable (read once, at import), then
-the crossover table :data:`CROSSOVER` (its shipped rows, or a table measured on
+the crossover tables :data:`CROSSOVER` (forward) and
+:data:`GRAD_INPUT_CROSSOVER` (its shipped rows, or a table measured on
 the GPU by ``python -m benchmarks.crossover``: :func:`load_crossover`, or
 ``QLORA_TRITON_CROSSOVER=path`` at import).
 """
@@ -59,26 +60,46 @@ _SMALL_LAYER = 4096 * 4096
 #   ~1.2-1.4x faster at M = 256.
 # * They cross where fused's extra time (0.24x / 0.62x of the flops) equals
 #   the dequantize pass: M ~ 1400 forward, ~530 grad-input, for every shape
-#   above (both scale with N x K); 1024 in between. bitsandbytes 0.50 switches
-#   at M of about 16-64 on sm_90 with a slower fused kernel.
+#   above (both scale with N x K), so each product has its own start.
+#   bitsandbytes 0.50 switches at M of about 16-64 on sm_90 with a slower
+#   fused kernel.
 # * Small layers (below 4096x4096) were not profiled: the same start.
 # * fp32: the fused kernel's dot runs in tf32 on tensor cores, cuBLAS fp32
 #   (tf32 off by default in torch) at the ~67 TFLOP/s fp32 rate: fused wins.
-CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {
-    ("sm_90", "large", torch.bfloat16): 1024,
-    ("sm_90", "large", torch.float16): 1024,
+#   (With torch's default "highest" fp32 precision the fused kernel's dot is
+#   full fp32 too, ops/launch.dot_precision: the GPU check has to time it.)
+CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {  # the forward product
+    ("sm_90", "large", torch.bfloat16): 1400,
+    ("sm_90", "large", torch.float16): 1400,
     ("sm_90", "large", torch.float32): None,
-    ("sm_90", "small", torch.bfloat16): 1024,
-    ("sm_90", "small", torch.float16): 1024,
+    ("sm_90", "small", torch.bfloat16): 1400,
+    ("sm_90", "small", torch.float16): 1400,
     ("sm_90", "small", torch.float32): None,
 }
+GRAD_INPUT_CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {  # grad_y @ W
+    ("sm_90", "large", torch.bfloat16): 530,
+    ("sm_90", "large", torch.float16): 530,
+    ("sm_90", "large", torch.float32): None,
+    ("sm_90", "small", torch.bfloat16): 530,
+    ("sm_90", "small", torch.float16): 530,
+    ("sm_90", "small", torch.float32): None,
+}
+_TABLES = {"forward": "CROSSOVER", "grad_input": "GRAD_INPUT_CROSSOVER"}  # looked up at each call
+
+
+def _table(op: str) -> dict:
+    if op not in _TABLES:
+        raise ValueError(f"op must be 'forward' or 'grad_input', got {op!r}")
+    return globals()[_TABLES[op]]
 
 
 def load_crossover(path: str | os.PathLike) -> dict[tuple[str, str, torch.dtype], int | None]:
     """Use a crossover table measured by ``python -m benchmarks.crossover`` (the GPU
     check runs it): its rows replace :data:`CROSSOVER`'s for the GPU kind it was
-    measured on, in this process. Returns the rows it set. The environment
-    variable ``QLORA_TRITON_CROSSOVER=path`` does this at import."""
+    measured on, in this process. A row's ``op`` ("forward", the default, or
+    "grad_input") says which product's table it sets. Returns the rows it set,
+    keyed (kind, bucket, dtype), with "grad_input" appended for that table. The environment variable
+    ``QLORA_TRITON_CROSSOVER=path`` does this at import."""
     try:
         data = json.loads(open(path, encoding="utf-8").read())
         kind, rows = data["gpu_kind"], data["crossover"]
@@ -86,18 +107,23 @@ def load_crossover(path: str | os.PathLike) -> dict[tuple[str, str, torch.dtype]
         for row in rows:
             dtype = getattr(torch, row["dtype"])
             start = row["dequant_from_m"]
+            op = row.get("op", "forward")
+            if op not in _TABLES:
+                raise ValueError(f"row {row}: op must be 'forward' or 'grad_input'")
             if row["bucket"] not in ("small", "large") or dtype not in (torch.bfloat16, torch.float16,
                                                                        torch.float32):
                 raise ValueError(f"row {row}")
             if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
                 raise ValueError(f"dequant_from_m {start!r}")
-            new[(kind, row["bucket"], dtype)] = start
+            key = (kind, row["bucket"], dtype)
+            new[key if op == "forward" else (*key, op)] = start
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"crossover table {os.fspath(path)!r}: not a table of benchmarks.crossover ({err})") from None
     if not isinstance(kind, str) or not kind.startswith("sm_"):
         raise ValueError(f"crossover table {os.fspath(path)!r}: measured on {kind!r}, not a CUDA GPU; "
                          "interpreted kernels say nothing about a GPU's crossover")
-    CROSSOVER.update(new)
+    for key, start in new.items():
+        _table(key[3] if len(key) == 4 else "forward")[key[:3]] = start
     return new
 
 
@@ -174,17 +200,19 @@ def shape_bucket(N: int, K: int) -> str:
     return "small" if N * K < _SMALL_LAYER else "large"
 
 
-def select_strategy(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Strategy:
-    """The forward strategy for ``x [M, K] @ W[N, K].T`` in ``dtype`` on ``device``
-    (the grad-input product of the same layer uses the same answer, with
-    "gemv" meaning its fused kernel)."""
+def select_strategy(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                    op: str = "forward") -> Strategy:
+    """The strategy for ``x [M, K] @ W[N, K].T`` (``op`` "forward") or its
+    grad-input ``grad_y [M, N] @ W`` ("grad_input", where "gemv" means its
+    fused kernel) in ``dtype`` on ``device``; each product has its own
+    crossover table (:data:`CROSSOVER`, :data:`GRAD_INPUT_CROSSOVER`)."""
+    table = _table(op)
     strategy = _forced or env_strategy()
     if strategy is None:
         kind = _assumed_kind or gpu_kind(device)
         if kind != "cpu":
             bucket = shape_bucket(N, K)
-            start = CROSSOVER.get((kind, bucket, dtype),
-                                  CROSSOVER.get((_DEFAULT_GPU_KIND, bucket, dtype)))
+            start = table.get((kind, bucket, dtype), table.get((_DEFAULT_GPU_KIND, bucket, dtype)))
             if start is not None and M >= start:
                 return "dequant"
         strategy = "gemv"

@@ -14,7 +14,7 @@ These are compile facts, not GPU measurements.
 Usage (TRITON_INTERPRET must be unset: the autotune config lists and launch
 tile sizes the package builds depend on it)::
 
-    python -m scripts.sm90_compile [--subset] [--json PATH] [--jobs N] [--filter TEXT]
+    python -m scripts.sm90_compile [--subset | --shipped] [--json PATH] [--jobs N] [--filter TEXT]
 
 Launch specialization: Triton specializes integer arguments and pointers at
 launch (``tt.divisibility`` 16 for multiples of 16 / 16-byte aligned pointers,
@@ -107,62 +107,79 @@ def _scale_types(double_quant: bool) -> dict:
             "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32"}
 
 
+# Each kernel's module (one file per kernel family, ops/matmul.py dispatches).
+KERNEL_MODULES = {
+    "_nf4_gemv_fma_kernel": "qlora_triton.ops.gemv", "_nf4_gemv_dot_kernel": "qlora_triton.ops.gemv",
+    "_nf4_gemv_kernel": "qlora_triton.ops.gemv", "_nf4_gemm_words_kernel": "qlora_triton.ops.gemm",
+    "_nf4_gemm_kernel": "qlora_triton.ops.gemm",
+    "_nf4_grad_input_words_kernel": "qlora_triton.ops.grad_input",
+    "_nf4_grad_input_kernel": "qlora_triton.ops.grad_input",
+}
+
+
+def _kernel(name: str):
+    import importlib
+
+    return _jit_fn(getattr(importlib.import_module(KERNEL_MODULES[name]), name))
+
+
+def _precision(dt: str, per_element: bool = False) -> str:
+    """``DOT_PRECISION`` as the launcher sets it: "ieee" for fp32 x under
+    torch's default fp32 setting ("highest", ops/launch.dot_precision). The
+    per-element-decode kernels never get it (ops/matmul.py sends such calls to
+    "dequant"): for them fp32 means "tf32" (the "high"/"medium" settings)."""
+    if dt != "fp32" or per_element:
+        return "tf32"
+    return "ieee"
+
+
 def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opts, dq_opts,
                      bias_opts) -> list[Variant]:
-    from qlora_triton.ops import matmul as mm
-
-    kernel = getattr(mm, kernel_name)
-    fn = _jit_fn(kernel)
+    """The per-element-decode kernels (``family`` "gemm", "gemv", "grad_input"),
+    which run only when K % blocksize != 0: ``aligned_opts`` must be [False]."""
+    if any(aligned_opts):
+        raise ValueError("the per-element-decode kernels run only for K % blocksize != 0")
+    fn = _kernel(kernel_name)
     out = []
     for cfg in configs:
         tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         extra = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith("BLOCK_"))
         cfg_label = f"{tile} w{cfg.num_warps} s{cfg.num_stages} {extra}"
         for dt in dtypes:
-            for aligned in aligned_opts:
-                for dq in dq_opts:
-                    for bias in bias_opts:
-                        ce = dict(cfg.kwargs, BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
-                                  ALIGNED=aligned, DOT_FP32=False)
-                        types = dict(_scale_types(dq), M="i32", N="i32", K="i32", m_bucket="i32")
-                        if family == "grad_input":
-                            types.update(gy_ptr=DTYPES[dt], gx_ptr=DTYPES[dt], stride_gm="i32")
-                            ce["stride_gn"] = 1
-                            div = ["gy_ptr", "gx_ptr", "m_bucket"]
-                            row_stride = "stride_gm"
-                        else:
-                            types.update(x_ptr=DTYPES[dt], bias_ptr=DTYPES[dt], stride_xm="i32",
-                                         y_ptr="*fp32" if family == "gemv" else DTYPES[dt])
-                            ce["stride_xk"] = 1
-                            ce["HAS_BIAS"] = bias
-                            div = ["x_ptr", "bias_ptr", "y_ptr", "m_bucket"]
-                            row_stride = "stride_xm"
-                        div += _MATMUL_POINTERS
-                        # N is a multiple of 16 in both cases; K (= the row
-                        # stride of x, or N for grad_y's) only when aligned.
-                        div += ["N"]
-                        if aligned:
-                            div += ["K", row_stride]
-                        elif family == "grad_input":
-                            div += [row_stride]  # grad_y's row stride is N
-                        label = (f"{cfg_label} {dt} {'aligned' if aligned else 'general'} "
-                                 f"dq={int(dq)}" + (f" bias={int(bias)}" if family != "grad_input" else ""))
-                        out.append(Variant(family, label, "qlora_triton.ops.matmul", kernel_name,
-                                           _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages))
+            for dq in dq_opts:
+                for bias in bias_opts:
+                    ce = dict(cfg.kwargs, BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
+                              DOT_FP32=False, DOT_PRECISION=_precision(dt, per_element=True))
+                    types = dict(_scale_types(dq), M="i32", N="i32", K="i32")
+                    if family == "grad_input":
+                        types.update(gy_ptr=DTYPES[dt], gx_ptr=DTYPES[dt], stride_gm="i32")
+                        ce["stride_gn"] = 1
+                        # grad_y's row stride is N, a multiple of 16; K is not.
+                        div = ["gy_ptr", "gx_ptr", "stride_gm"]
+                    else:
+                        types.update(x_ptr=DTYPES[dt], bias_ptr=DTYPES[dt], stride_xm="i32",
+                                     y_ptr="*fp32" if family == "gemv" else DTYPES[dt])
+                        ce["stride_xk"] = 1
+                        ce["HAS_BIAS"] = bias
+                        div = ["x_ptr", "bias_ptr", "y_ptr"]
+                    div += _MATMUL_POINTERS + ["N"]
+                    label = (f"{cfg_label} {dt} general dq={int(dq)}"
+                             + (f" bias={int(bias)}" if family != "grad_input" else ""))
+                    out.append(Variant(family, label, KERNEL_MODULES[kernel_name], kernel_name,
+                                       _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages))
     return out
 
 
 def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_opts=(1,),
-                        blocksize: int = 64) -> list[Variant]:
+                        blocksize: int = 64, lora_opt: bool = False) -> list[Variant]:
     """The aligned-path GEMVs, ``kernel`` "fma" (``ROWS`` rows of x) or "dot";
-    they read the packed bytes as int32 words."""
-    from qlora_triton.ops import matmul as mm
-
-    name = f"_nf4_gemv_{kernel}_kernel"
-    fn = _jit_fn(getattr(mm, name))
-    out = []
+    they read the packed bytes as int32 words. ``lora_opt``: also each config
+    with the folded LoRA epilogue (and a bias)."""
     from qlora_triton.ops import tuned_sm90
 
+    name = f"_nf4_gemv_{kernel}_kernel"
+    fn = _kernel(name)
+    out = []
     for cfg in configs:
         kw = cfg.kwargs
         cfg_label = (f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
@@ -170,20 +187,29 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
         # Only what the launcher and the autotune pruner can run.
         for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32")]:
             for dq in dq_opts:
-                for bias in bias_opts:
+                with_lora = lora_opt and tuned_sm90.lora_allowed(kernel, kw["BLOCK_N"])
+                for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if with_lora else []):
                     for rows in (rows_opts if kernel == "fma" else (16,)):
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
-                                  HAS_BIAS=bias, stride_xk=1, stride_b=1)
-                        ce.update(ROWS=rows) if kernel == "fma" else ce.update(DOT_FP32=False)
+                                  HAS_BIAS=bias, HAS_LORA=lora, stride_xk=1, stride_b=1)
+                        if kernel == "fma":
+                            ce.update(ROWS=rows)
+                        else:
+                            ce.update(DOT_FP32=False, DOT_PRECISION=_precision(dt))
                         types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
                                      bias_ptr=DTYPES[dt], y_ptr=DTYPES[dt], partial_ptr="*fp32",
                                      count_ptr="*i32", M="i32", N="i32",
-                                     K="i32", stride_wn="i32", stride_xm="i32")
-                        div = ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "partial_ptr", "count_ptr",
-                               "N", "K", "stride_wn", "stride_xm", *_MATMUL_POINTERS[1:]]
+                                     K="i32", stride_wn="i32", stride_xm="i32",
+                                     h_ptr=DTYPES[dt], lora_b_ptr=DTYPES[dt], scaling="fp32",
+                                     R="i32", stride_hm="i32", stride_bn="i32", stride_br="i32")
+                        types = {k: v for k, v in types.items() if k in fn.arg_names}
+                        div = [d for d in ["x_ptr", "words_ptr", "bias_ptr", "y_ptr", "partial_ptr",
+                                           "count_ptr", "N", "K", "stride_wn", "stride_xm",
+                                           *_MATMUL_POINTERS[1:]] if d in fn.arg_names]
                         label = (f"{cfg_label}" + (f" rows={rows}" if kernel == "fma" else "")
-                                 + f" {dt} aligned bs={blocksize} dq={int(dq)} bias={int(bias)}")
-                        out.append(Variant(f"gemv_{kernel}", label, "qlora_triton.ops.matmul", name,
+                                 + f" {dt} aligned bs={blocksize} dq={int(dq)} bias={int(bias)}"
+                                 + (" lora=1" if lora else ""))
+                        out.append(Variant(f"gemv_{kernel}", label, KERNEL_MODULES[name], name,
                                            _sig(fn, types, ce), ce, div, cfg.num_warps,
                                            cfg.num_stages))
     return out
@@ -194,11 +220,10 @@ def words_matmul_variants(family: str, configs, dtypes, dq_opts, bias_opts=(Fals
     """The word-decoding fused GEMM (``family`` "gemm_words") and grad-input
     ("grad_input_words"), K % blocksize == 0; configs carry BLOCK_M/N/K, the
     split (SPLIT_K / SPLIT_N) and GROUP_M."""
-    from qlora_triton.ops import matmul as mm
     from qlora_triton.ops import tuned_sm90
 
     name = "_nf4_gemm_words_kernel" if family == "gemm_words" else "_nf4_grad_input_words_kernel"
-    fn = _jit_fn(getattr(mm, name))
+    fn = _kernel(name)
     forward = family == "gemm_words"
     out = []
     for cfg in configs:
@@ -209,7 +234,8 @@ def words_matmul_variants(family: str, configs, dtypes, dq_opts, bias_opts=(Fals
         for dt in [d for d in dtypes if tuned_sm90.gemm_allowed(cfg, blocksize, d == "fp32")]:
             for dq in dq_opts:
                 for bias in (bias_opts if forward else (False,)):
-                    ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq, DOT_FP32=False)
+                    ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq, DOT_FP32=False,
+                              DOT_PRECISION=_precision(dt))
                     types = dict(_scale_types(dq), words_ptr="*i32", partial_ptr="*fp32",
                                  count_ptr="*i32", M="i32", N="i32", K="i32", stride_wn="i32")
                     if forward:
@@ -225,55 +251,74 @@ def words_matmul_variants(family: str, configs, dtypes, dq_opts, bias_opts=(Fals
                             *_MATMUL_POINTERS[1:]]
                     label = (f"{tile} w{cfg.num_warps} s{cfg.num_stages} {extra} {dt} aligned "
                              f"bs={blocksize} dq={int(dq)}" + (f" bias={int(bias)}" if forward else ""))
-                    out.append(Variant(family, label, "qlora_triton.ops.matmul", name,
+                    out.append(Variant(family, label, KERNEL_MODULES[name], name,
                                        _sig(fn, types, ce), ce, div, cfg.num_warps, cfg.num_stages))
     return out
 
 
 def matmul_variants(subset: bool = False) -> list[Variant]:
-    from qlora_triton.ops import matmul as mm
-
     from qlora_triton.ops import tuned_sm90
 
-    tiles, gemv = mm._tile_configs(), mm._gemv_configs()
+    general = {op: tuned_sm90.general_configs(op) for op in ("forward", "grad_input", "gemv")}
+    half = [d for d in DTYPES if d != "fp32"]
     if not subset:
-        # Every word-GEMV autotune candidate its pruner keeps for blocksize 64
-        # (BLOCK_K 64), and for blocksize 32 (BLOCK_K 32) the dot kernel's.
-        k64 = {k: [c for c in tuned_sm90.gemv_configs(k) if c.kwargs["BLOCK_K"] == 64]
+        # Every word-GEMV tile the table has (BLOCK_K 64 for blocksize 64, 32 for
+        # blocksize 32) with splits 1 and 2 (a split changes only the epilogue:
+        # one code path for every split > 1), plus the config the launcher
+        # ships for each profiled shape, each with and without the LoRA fold.
+        shapes = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
+                  (28672, 8192), (8192, 28672)]
+
+        def unique(cfgs):
+            seen, out = set(), []
+            for c in cfgs:
+                key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(c)
+            return out
+
+        k64 = {k: unique([c for c in tuned_sm90.gemv_configs(k) if c.kwargs["BLOCK_K"] == 64
+                          and c.kwargs["SPLIT_K"] <= 2]
+                         + [tuned_sm90.gemv_config(k, n, kk) for n, kk in shapes])
                for k in ("fma", "dot")}
-        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32]
-        return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False))
-                + gemv_words_variants("dot", k64["dot"], DTYPES, (True, False), (True, False))
+        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32
+               and c.kwargs["SPLIT_K"] <= 2]
+        return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False),
+                                    lora_opt=True)
+                + gemv_words_variants("dot", k64["dot"], DTYPES, (True, False), (True, False),
+                                      lora_opt=True)
                 + gemv_words_variants("dot", k32, ["bf16"], (True, False), (True, False),
                                       blocksize=32)
-                + _matmul_variants("_nf4_gemm_kernel", "gemm", tiles, DTYPES, (True, False),
-                                 (True, False), (True, False))
-                + _matmul_variants("_nf4_gemv_kernel", "gemv", gemv, DTYPES, (True, False),
-                                   (True, False), (True, False))
-                + _matmul_variants("_nf4_grad_input_kernel", "grad_input", tiles, DTYPES,
-                                   (True, False), (True, False), (None,))
-                + words_matmul_variants("gemm_words", tuned_sm90.gemm_configs("forward"), DTYPES,
+                + sum((_matmul_variants("_nf4_gemm_kernel", "gemm", g["forward"], dts, (False,),
                                         (True, False), (True, False))
+                       + _matmul_variants("_nf4_gemv_kernel", "gemv",
+                                          [c for c in g["gemv"] if c.kwargs["SPLIT_K"] <= 2], dts,
+                                          (False,), (True, False), (True, False))
+                       + _matmul_variants("_nf4_grad_input_kernel", "grad_input", g["grad_input"],
+                                          dts, (False,), (True, False), (None,))
+                       for g, dts in ((general, DTYPES),)), [])
+                + words_matmul_variants("gemm_words", tuned_sm90.gemm_configs("forward"), half,
+                                        (True, False), (True, False))
+                + words_matmul_variants("gemm_words", tuned_sm90.gemm_configs("forward", True),
+                                        ["fp32"], (True, False), (True, False))
                 + words_matmul_variants("grad_input_words", tuned_sm90.gemm_configs("grad_input"),
-                                        DTYPES, (True, False)))
-    # Every constexpr branch once (aligned/general x double quant on/off, bf16
-    # and fp32), each with the largest tile the pruner can choose for that
-    # decode path (ops/matmul.py _compiles_well and _fits): the one most likely to spill.
-    def largest(configs, aligned, kernel):
-        red_block = {"forward": "BLOCK_K", "grad_input": "BLOCK_N"}.get(kernel)
-        ok = [c for c in configs
-              if mm._compiles_well(c, {"ALIGNED": aligned, "BLOCKSIZE": 64}, kernel)
-              and (red_block is None or mm._fits(c, red_block))]
-        return max(ok, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
-                                      c.kwargs.get("SPLIT_K", 1)))
-
+                                        half, (True, False))
+                + words_matmul_variants("grad_input_words",
+                                        tuned_sm90.gemm_configs("grad_input", True), ["fp32"],
+                                        (True, False)))
     # The word-decoding GEMVs with their widest tiles, split (the larger epilogue).
     out = []
     for kernel in ("fma", "dot"):
         widest = max(tuned_sm90.gemv_configs(kernel), key=lambda c: (c.kwargs["BLOCK_N"],
                                                                      c.kwargs["BLOCK_K"],
                                                                      c.kwargs["SPLIT_K"]))
-        out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
+        out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True],
+                                   lora_opt=True)
+    if not any(v.family == "gemv_dot" and " fp32 " in v.label for v in out):
+        # The widest dot tile takes no fp32 x (Triton 3.6): the one fp32 x gets.
+        out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 64, True)],
+                                   ["fp32"], [True, False], [True], lora_opt=True)
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
                                [True], [True], blocksize=32)
     # The word GEMMs: each op's tallest shipped tile (bf16, double quant), and
@@ -283,14 +328,16 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         split = tuned_sm90.gemm_config(op, 64, 4096, 4096, x_fp32=True)
         out += words_matmul_variants(family, [tall], ["bf16"], [True], [True])
         out += words_matmul_variants(family, [split], ["fp32"], [False], [True])
-    for dt, aligned, dq in [("bf16", True, True), ("bf16", False, False), ("fp32", True, False),
-                            ("fp32", False, True)]:
-        out += _matmul_variants("_nf4_gemm_kernel", "gemm", [largest(tiles, aligned, "forward")],
-                                [dt], [aligned], [dq], [dq])
-        out += _matmul_variants("_nf4_gemv_kernel", "gemv", [largest(gemv, aligned, "gemv")],
-                                [dt], [aligned], [dq], [dq])
-        out += _matmul_variants("_nf4_grad_input_kernel", "grad_input",
-                                [largest(tiles, aligned, "grad_input")], [dt], [aligned], [dq], [None])
+    # The per-element decode: each kernel's shipped (widest) tile, every
+    # constexpr branch once (double quant on/off, bf16 and fp32).
+    for dt, dq in [("bf16", True), ("bf16", False), ("fp32", True), ("fp32", False)]:
+        out += _matmul_variants("_nf4_gemm_kernel", "gemm", general["forward"][:1], [dt], [False],
+                                [dq], [dq])
+        out += _matmul_variants("_nf4_gemv_kernel", "gemv",
+                                [tuned_sm90.general_config("gemv", 4096, 4104)],
+                                [dt], [False], [dq], [dq])
+        out += _matmul_variants("_nf4_grad_input_kernel", "grad_input", general["grad_input"][:1],
+                                [dt], [False], [dq], [None])
     return out
 
 
@@ -320,12 +367,8 @@ def quantization_variants(subset: bool = False) -> list[Variant]:
         (bs, dq) for bs in (32, 64, 128, 256) for dq in (True, False))
     for dt in dtypes:
         for bs, dq in dq_blocks:
-            ce = dict(BLOCKSIZE=bs, BLOCKSIZE2=256, DOUBLE_QUANT=dq, PAIRS=dq_mod._PAIRS)
-            fn = dq_mod._nf4_dequantize_kernel
-            types = dict(_scale_types(dq), out_ptr=DTYPES[dt], n="i32")
-            out.append(Variant("nf4_dequantize", f"{dt} blocksize={bs} dq={int(dq)} pairs={dq_mod._PAIRS}",
-                               dq_mod.__name__, "_nf4_dequantize_kernel", _sig(fn, types, ce), ce,
-                               _MATMUL_POINTERS + ["out_ptr", "n"]))
+            ce = dict(BLOCKSIZE=bs, BLOCKSIZE2=256, DOUBLE_QUANT=dq, ROWS=dq_mod._ROWS)
+            out.append(dequantize_variant(dt, bs, dq))
         for bs in ((256,) if subset else (64, 256, 2048)):
             # blockwise_8bit_dequantize's GPU tile (a literal in the launcher).
             ce = dict(BLOCKSIZE=bs, TILE=4096)
@@ -335,6 +378,19 @@ def quantization_variants(subset: bool = False) -> list[Variant]:
                                dq_mod.__name__, "_blockwise_8bit_dequantize_kernel",
                                _sig(fn, types, ce), ce, ["q_ptr", "code_ptr", "absmax_ptr", "out_ptr", "n"]))
     return out
+
+
+def dequantize_variant(dt: str, blocksize: int, double_quant: bool) -> Variant:
+    """``_nf4_dequantize_kernel`` as ``nf4_dequantize`` launches it on the GPU."""
+    from qlora_triton.ops import dequantize as dq_mod
+
+    ce = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=double_quant, ROWS=dq_mod._ROWS)
+    fn = dq_mod._nf4_dequantize_kernel
+    types = dict(_scale_types(double_quant), out_ptr=DTYPES[dt], n="i32", nbytes="i32")
+    return Variant("nf4_dequantize", f"{dt} blocksize={blocksize} dq={int(double_quant)} "
+                   f"rows={dq_mod._ROWS}", dq_mod.__name__, "_nf4_dequantize_kernel",
+                   _sig(fn, types, ce), ce, _MATMUL_POINTERS + ["out_ptr", "n", "nbytes"],
+                   num_warps=dq_mod._NUM_WARPS)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -364,8 +420,39 @@ def optimizer_variants(subset: bool = False) -> list[Variant]:
     return out
 
 
-def all_variants(subset: bool = False) -> list[Variant]:
+# The decode shapes of the static profile (scripts/sm90_sass.py SHAPES).
+PROFILE_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
+                  (28672, 8192), (8192, 28672)]
+
+
+def shipped_variants() -> list[Variant]:
+    """What the launchers ship for the profiled decode shapes: each word GEMV's
+    config (every dtype, double quant, with a bias, and with the LoRA fold where
+    the launcher folds it: the config it picks then),
+    and the dequantize kernel (every dtype, blocksize 64, double quant on/off)."""
+    from qlora_triton.ops import tuned_sm90
+
+    out = []
+    for kernel in ("fma", "dot"):
+        seen = []
+        for n, k in PROFILE_SHAPES:
+            for fp32 in (False, True):
+                for lora in (False, True):
+                    cfg = tuned_sm90.gemv_config(kernel, n, k, 64, fp32, lora=lora)
+                    key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, fp32)
+                    if key in seen:
+                        continue
+                    seen.append(key)
+                    dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
+                    out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True)
+    out += [dequantize_variant(dt, 64, dq) for dt in DTYPES for dq in (True, False)]
+    return out
+
+
+def all_variants(subset: bool = False, shipped: bool = False) -> list[Variant]:
     _require_compiled_mode()
+    if shipped:
+        return shipped_variants()
     return matmul_variants(subset) + quantization_variants(subset) + optimizer_variants(subset)
 
 
@@ -557,6 +644,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subset", action="store_true", help="one config per constexpr branch (the CI set)")
+    p.add_argument("--shipped", action="store_true", help="the configs the launchers ship for the "
+                   "profiled decode shapes (word GEMVs with bias and LoRA fold, the dequantize)")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON here ('-': stdout)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--filter", default="", help="only variants whose family or label contains this")
@@ -569,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", nargs="+", metavar="JSONL",
                    help="partial files of a stopped run: their variants are not compiled again")
     args = p.parse_args(argv)
-    variants = [v for v in all_variants(args.subset) if args.filter in f"{v.family} {v.label}"]
+    variants = [v for v in all_variants(args.subset, args.shipped)
+                if args.filter in f"{v.family} {v.label}"]
     a, b = (int(x) if x else None for x in args.range.split(":"))
     variants = variants[a:b]
     order = {(v.family, v.label): i for i, v in enumerate(variants)}
@@ -592,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         if done:
             rows = sorted([*done.values(), *rows], key=lambda r: order[(r["family"], r["label"])])
     env = dict(environment(), wall_seconds=round(time.perf_counter() - t0, 1), subset=args.subset,
+               shipped=args.shipped,
                compile_seconds=round(sum(r["seconds"] for r in rows), 1))
     summary = summarize(rows)
     if not args.quiet:

@@ -26,14 +26,26 @@ Method:
   trip in a toy kernel); each row carries ``loop_global_load_bytes`` beside
   ``packed_bytes_per_trip`` to show that the profiled GEMV loops are not
   unrolled (the CI test asserts it for its case).
-* Bounds over the HBM floor (packed bytes + scale bytes at 4.3 TB/s): issue
-  (132 SMs x 4 schedulers x 1.98 GHz warp-instructions/s), load/store unit (one
-  warp-instruction per clock per SM: global, shared, shuffle, atomic), shared
-  memory (128 B per clock per SM, one wavefront at least per instruction, no
-  bank conflicts assumed: random-index table lookups may conflict, which a
-  static count cannot see). ``bound_over_floor`` is the largest of the three.
-  ``grid_factor`` (busiest SM's programs over the mean) is reported beside it:
-  a grid of fewer programs than SMs leaves bandwidth unused.
+* The bound model (:func:`bound_model`, the same for every decode and
+  dequantize row): from the compiled kernel's registers, shared memory and
+  warps per program and the launch grid, the programs resident per SM
+  (registers allocated 8 per thread at a time of 64 K, 228 KB shared memory
+  with 1 KB reserved per block, 64 warps, 32 blocks) and the waves; then the
+  busiest SM's time under each bound, over the HBM floor (packed bytes +
+  scale bytes at 4.3 TB/s; the dequantize also writes x's dtype): issue over
+  all 4 schedulers (1.98 GHz, one warp-instruction per clock each); issue per
+  scheduler (the busiest SM's warp-programs dealt to the schedulers that hold
+  warps: a warp alone on its scheduler issues its stream back to back);
+  memory latency (Little's law: bytes in flight per SM = resident programs x
+  the main loop's global loads per trip x the pipeline depth, against 4.3 TB/s
+  x 700 ns / 132 SMs = 23 KB; a trip costs latency / depth); the load/store
+  unit (one instruction per clock per SM: global, shared, shuffle, atomic);
+  shared memory (one 128-byte wavefront per clock per SM, no bank conflicts
+  assumed). ``bound_over_floor`` is the largest, ``binding`` names it. The
+  pipeline depth is 1 + the trips a kernel prefetches in registers (declared
+  by its module, ``PREFETCH_TRIPS``) + ``num_stages - 1`` when the loop has
+  asynchronous copies (LDGSTS). Not counted: the code outside the main loop
+  (the split epilogue's partial sums among it) and L2 effects.
 
 Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
 28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
@@ -96,8 +108,14 @@ SMEM_BYTES_PER_CLOCK = 128
 ISSUE_PER_S = SMS * SCHEDULERS * CLOCK_HZ      # warp-instructions / s
 LSU_PER_S = SMS * CLOCK_HZ                      # warp-instructions / s
 SMEM_PER_S = SMS * CLOCK_HZ * SMEM_BYTES_PER_CLOCK  # bytes / s
+SM_REGISTERS = 65536
+SM_SHARED = 228 * 1024              # per SM; a block may take 227 KB, 1 KB is reserved per block
+SM_MAX_WARPS = 64
 
-SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]
+# Llama-3-8B's projections (4096x4096, 1024x4096, 14336x4096, 4096x14336) and
+# the 70B-sized ones.
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192),
+          (8192, 28672)]
 MS = [1, 4, 16]
 # General decode path (K % blocksize != 0): one shape, K = 4096 + 8.
 GENERAL_SHAPES = [(4096, 4104)]
@@ -287,6 +305,111 @@ def bounds(counts: dict, warps: int, weights_per_trip: int, floor_bytes: float) 
             "smem_over_floor": round(smem, 3), "bound_over_floor": round(max(issue, lsu, smem), 3)}
 
 
+# --------------------------------------------------------------------------- the bound model
+MAX_PROGRAMS_PER_SM = 32            # resident thread blocks per SM (sm_90)
+LATENCY_S = 700e-9                  # DRAM round trip under load (issue 22: 600-800 ns)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What the bound model needs of one compiled kernel and its launch.
+
+    ``loop_*`` are per warp and per trip of the main loop (one iteration);
+    ``loop_load_bytes`` is the global bytes one trip of one *program* loads
+    (all its warps); ``pipeline_depth`` how many trips of loads a program has
+    in flight (1: each trip waits for its own loads)."""
+
+    registers: int          # per thread, from ptxas
+    shared: int             # bytes per program
+    warps: int              # per program
+    programs: int           # the grid
+    trips: int              # main-loop trips per program
+    loop_instructions: int  # warp-instructions per trip, per warp
+    loop_lsu: int           # load/store-unit instructions per trip, per warp
+    loop_smem_wavefronts: int  # shared-memory wavefronts per trip, per warp
+    loop_load_bytes: int    # global bytes loaded per trip, per program
+    pipeline_depth: int     # trips of loads in flight per program
+    floor_s: float          # the kernel's HBM floor (its bytes at HBM_BYTES_PER_S)
+
+
+BOUNDS = ("issue", "issue_per_scheduler", "latency", "lsu", "smem")
+
+
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Programs of one kernel resident on an SM: registers (allocated 8 per
+    thread at a time), shared memory (1 KB reserved per block), warps, and at
+    most 32 blocks."""
+    regs = -(-max(registers, 1) // 8) * 8 * warps * 32
+    return max(0, min(SM_REGISTERS // regs, SM_SHARED // (shared + 1024), SM_MAX_WARPS // warps,
+                      MAX_PROGRAMS_PER_SM))
+
+
+def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
+    """The kernel's time on its busiest SM under each bound, over its floor.
+
+    * occupancy: ``resident`` programs per SM (:func:`programs_per_sm`, at most
+      the busiest SM's share of the grid), ``waves`` = that share / resident;
+    * ``issue``: all four schedulers busy, one warp-instruction per clock each;
+    * ``issue_per_scheduler``: the busiest SM's warp-programs dealt to the
+      schedulers that hold warps (all 4, or fewer when fewer warps are
+      resident); a scheduler issues at most one instruction per clock of the
+      warps it holds, so one warp alone on a scheduler issues its stream back
+      to back;
+    * ``latency`` (Little's law): each SM keeps resident x loop_load_bytes x
+      pipeline_depth bytes in flight, so a trip costs latency / depth and a
+      program trips x latency / depth, per wave; against the floor, which
+      needs HBM_BYTES_PER_S x latency / SMS (about 23 KB at 700 ns) per SM;
+    * ``lsu``: one load/store-unit instruction per clock per SM;
+    * ``smem``: one 128-byte wavefront per clock per SM.
+    ``bound_over_floor`` is the largest and ``binding`` names it. The
+    epilogue and the code outside the main loop are not counted."""
+    if launch.programs < 1 or launch.trips < 1 or launch.floor_s <= 0:
+        raise ValueError(f"launch: programs, trips and floor_s must be positive, got {launch}")
+    occupancy = programs_per_sm(launch.registers, launch.warps, launch.shared)
+    if occupancy < 1:
+        raise ValueError(f"launch: no program fits an SM ({launch.registers} registers, "
+                         f"{launch.shared} B shared, {launch.warps} warps)")
+    busiest = -(-launch.programs // SMS)
+    resident = min(occupancy, busiest)
+    waves = -(-busiest // resident)
+    warps_per_sm = resident * launch.warps
+    warps_per_scheduler = -(-warps_per_sm // SCHEDULERS)
+    # Schedulers that hold warps at all, and each one's share of the busiest
+    # SM's warp-programs (dealt evenly as programs finish and new ones start).
+    busy_schedulers = min(SCHEDULERS, warps_per_sm)
+    programs_per_scheduler = -(-busiest * launch.warps // busy_schedulers)
+    per_warp = launch.trips * launch.loop_instructions  # one warp's stream, one program
+    work = busiest * launch.warps * launch.trips        # warp-trips on the busiest SM
+    in_flight = resident * launch.loop_load_bytes * launch.pipeline_depth
+    times = {
+        "issue": work * launch.loop_instructions / (SCHEDULERS * CLOCK_HZ),
+        "issue_per_scheduler": programs_per_scheduler * per_warp / CLOCK_HZ,
+        "latency": waves * launch.trips * latency_s / launch.pipeline_depth,
+        "lsu": work * launch.loop_lsu / CLOCK_HZ,
+        "smem": work * launch.loop_smem_wavefronts / CLOCK_HZ,
+    }
+    over = {k: round(t / launch.floor_s, 3) for k, t in times.items()}
+    binding = max(BOUNDS, key=lambda k: over[k])
+    return {"programs": launch.programs, "programs_per_sm_max": occupancy,
+            "programs_per_sm": resident, "waves": waves, "warps_per_sm": warps_per_sm,
+            "warps_per_scheduler": warps_per_scheduler,
+            "warp_programs_per_scheduler": programs_per_scheduler,
+            "bytes_in_flight_per_sm": in_flight,
+            "bytes_needed_in_flight_per_sm": round(HBM_BYTES_PER_S * latency_s / SMS),
+            "latency_ns": round(latency_s * 1e9),
+            **{f"{k}_over_floor": v for k, v in over.items()},
+            "bound_over_floor": over[binding], "binding": binding}
+
+
+def pipeline_depth(body: list[Instr], num_stages: int, prefetch: int = 0) -> int:
+    """Trips of loads a program has in flight: 1, plus ``prefetch`` trips the
+    kernel loads ahead in registers itself (declared by the kernel), plus
+    ``num_stages - 1`` when Triton's pipeliner staged the loop's loads
+    (asynchronous copies, LDGSTS, in the loop)."""
+    staged = any(instr_class(i) == "LDGSTS" for i in body)
+    return 1 + prefetch + (max(0, num_stages - 1) if staged else 0)
+
+
 def grid_factor(programs: int) -> float:
     """Busiest SM's share over the mean: 1.0 when programs spread evenly."""
     return round(math.ceil(programs / SMS) * SMS / programs, 3)
@@ -303,7 +426,9 @@ def global_load_bytes(body: list[Instr], warps: int) -> int:
 # --------------------------------------------------------------------------- what runs
 @dataclasses.dataclass
 class Case:
-    """One report row's launch: a weight shape, rows of x, x's dtype, decode path."""
+    """One report row's launch: a weight shape, rows of x, x's dtype, decode path;
+    ``kernel`` "matmul" (the GEMV the launcher picks for M) or "dequantize" (the
+    ``dequant`` strategy's first half, M unused)."""
 
     N: int
     K: int
@@ -312,44 +437,70 @@ class Case:
     aligned: bool = True
     blocksize: int = 64
     double_quant: bool = True
+    kernel: str = "matmul"
 
 
-def cases(subset: bool = False) -> list[Case]:
+def cases(subset: bool = False, dtypes: tuple = ("bf16",)) -> list[Case]:
     if subset:
         return [Case(8192, 8192, 1)]
-    out = [Case(N, K, M, dt) for dt in ("bf16", "fp16") for N, K in SHAPES for M in MS]
+    out = [Case(N, K, M, dt) for dt in dtypes for N, K in SHAPES for M in MS]
     out += [Case(N, K, M, aligned=False) for N, K in GENERAL_SHAPES for M in MS]
+    out += [Case(N, K, 0, dt, kernel="dequantize") for dt in dtypes for N, K in SHAPES]
     return out
+
+
+def _kernel_module(name: str):
+    """The ops module that defines kernel ``name`` (the matmul kernels moved
+    between modules over time; the profile finds them wherever they are)."""
+    import importlib
+
+    for mod in ("qlora_triton.ops.gemv", "qlora_triton.ops.gemm", "qlora_triton.ops.matmul",
+                "qlora_triton.ops.dequantize"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, name):
+            return m
+    raise LookupError(f"no ops module defines {name}")
 
 
 def picks(case: Case) -> tuple[str, str, list]:
     """(family, kernel attribute, configs) the package runs for ``case`` on an
-    H200: the launcher's kernel and its shipped config (the FMA GEMV), or every
-    config the autotune pruner keeps with 132 SMs (the tensor-core GEMV)."""
-    import torch
-
-    from qlora_triton.ops import matmul as mm
-    from qlora_triton.ops import tuned_sm90
+    H200: the launcher's kernel and its shipped config."""
+    if case.kernel == "dequantize":
+        return "dequantize", "_nf4_dequantize_kernel", [None]
     from qlora_triton.strategy import GEMV_MAX_M
 
     if case.M > GEMV_MAX_M:  # the table's "gemv" rows (qlora_triton.strategy)
         raise ValueError(f"M={case.M}: the profile covers the GEMVs only")
     if case.aligned:
-        name = "fma" if case.M <= mm.GEMV_FMA_MAX_M else "dot"
+        from qlora_triton.ops import tuned_sm90
+
+        name = "fma" if case.M <= getattr(tuned_sm90, "GEMV_FMA_MAX_M", 1) else "dot"
         return (f"gemv_{name}", f"_nf4_gemv_{name}_kernel",
                 [tuned_sm90.gemv_config(name, case.N, case.K, case.blocksize)])
-    saved = mm._num_sms
-    mm._num_sms = lambda device: SMS
-    try:
-        kept = mm._prune_gemv(mm._gemv_configs(interpret=False), {}, N=case.N, K=case.K,
-                              BLOCKSIZE=case.blocksize, ALIGNED=case.aligned,
-                              y_ptr=torch.empty(0))
-    finally:
-        mm._num_sms = saved
-    return "gemv", "_nf4_gemv_kernel", kept
+    import torch
+
+    mm = _kernel_module("_nf4_gemv_kernel")
+    if hasattr(mm, "_prune_gemv"):  # before issue 22: every config its pruner keeps
+        saved = mm._num_sms
+        mm._num_sms = lambda device: SMS
+        try:
+            kept = mm._prune_gemv(mm._gemv_configs(interpret=False), {}, N=case.N, K=case.K,
+                                  BLOCKSIZE=case.blocksize, ALIGNED=case.aligned,
+                                  y_ptr=torch.empty(0))
+        finally:
+            mm._num_sms = saved
+        return "gemv", "_nf4_gemv_kernel", kept
+    from qlora_triton.ops import tuned_sm90
+
+    return "gemv", "_nf4_gemv_kernel", [tuned_sm90.general_config("gemv", case.N, case.K)]
 
 
 def variant(family: str, kernel: str, cfg, case: Case) -> "sc.Variant":
+    if family == "dequantize":
+        return dequantize_variant(case)
     if family in ("gemv_fma", "gemv_dot"):
         import triton
 
@@ -363,53 +514,97 @@ def variant(family: str, kernel: str, cfg, case: Case) -> "sc.Variant":
 
 
 def programs(cfg, case: Case) -> int:
+    if cfg is None:  # the dequantize kernel: one tile of PAIRS bytes per program
+        return math.ceil(math.ceil(case.N * case.K / 2) / _dequantize_pairs())
     kw = cfg.kwargs
     return math.ceil(case.N / kw["BLOCK_N"]) * kw.get("SPLIT_K", 1)
 
 
+def trips(cfg, case: Case) -> int:
+    """Main-loop trips of one program: its split of K in BLOCK_K steps."""
+    if cfg is None:
+        return 1
+    kw = cfg.kwargs
+    return math.ceil(math.ceil(case.K / kw["BLOCK_K"]) / kw.get("SPLIT_K", 1))
+
+
+def _dequantize_pairs() -> int:
+    """Packed bytes one dequantize program decodes (element pairs)."""
+    from qlora_triton.ops import dequantize as dq_mod
+
+    if hasattr(dq_mod, "_PAIRS"):  # before issue 22
+        return dq_mod._PAIRS
+    return dq_mod._ROWS * 64 // 2  # ROWS rows of 64 elements (blocksize >= 64)
+
+
+def _prefetch(v: "sc.Variant") -> int:
+    """Trips a kernel loads ahead in registers itself, as its module declares
+    (``PREFETCH_TRIPS``; 0 when it declares nothing)."""
+    import importlib
+
+    return getattr(importlib.import_module(v.module), "PREFETCH_TRIPS", {}).get(v.kernel, 0)
+
+
 # --------------------------------------------------------------------------- profile
-def profile_variant(v: "sc.Variant") -> dict:
-    """Compile ``v``, count its main loop; per-trip facts (no shape yet)."""
+def profile_variant(v: "sc.Variant", whole: bool = False) -> dict:
+    """Compile ``v``, count its main loop (``whole``: every instruction, for a
+    loop-free kernel); per-trip facts (no shape yet)."""
     c, log = sc.compile_kernel(v)
     instrs, labels = disassemble(c.asm["cubin"])
-    body = main_loop(instrs, labels)
+    body = instrs if whole else main_loop(instrs, labels)
     usage = sc.parse_ptxas_log(log)
     lines = Counter(i.line for i in body)
-    return {"label": v.label, "num_warps": v.num_warps, "registers": usage["registers"],
+    return {"label": v.label, "num_warps": v.num_warps, "num_stages": v.num_stages,
+            "registers": usage["registers"],
             "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
             "kernel_instructions": len(instrs),
             "loops": [b - a + 1 for a, b in loops(instrs, labels)],
             "loop": count(body), "loop_global_load_bytes": global_load_bytes(body, v.num_warps),
+            "pipeline_depth": 1 if whole else pipeline_depth(body, v.num_stages, _prefetch(v)),
             "loop_source_lines": {str(k): n for k, n in lines.most_common(12)}}
 
 
-def _profile_worker(v):
+def _profile_worker(job):
+    v, whole = job
     try:
-        return profile_variant(v)
+        return profile_variant(v, whole)
     except Exception as e:  # noqa: BLE001 - a failure is a row, not a crash
         return {"label": v.label, "error": f"{type(e).__name__}: {e}"[-2000:]}
 
 
 def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: str) -> dict:
-    kw = cfg.kwargs
-    weights = kw["BLOCK_N"] * kw["BLOCK_K"]
+    deq = cfg is None
     out = {"kernel": family, "triton": triton_version, "N": case.N, "K": case.K, "M": case.M,
            "dtype": case.dtype, "path": "aligned" if case.aligned else "general",
            "blocksize": case.blocksize, "double_quant": case.double_quant,
            "config": prof["label"].split(f" {case.dtype} ")[0], "kernel_fn": kernel}
     out["config"] = out["config"].split(" rows=")[0].split(f" {case.dtype}")[0]
+    if deq:
+        out["config"] = f"w{prof.get('num_warps')} {2 * _dequantize_pairs()} weights/program"
     if "error" in prof:
         return {**out, "error": prof["error"]}
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant)
+    if deq:  # it also writes every weight in x's dtype
+        fb += _DTYPE_BYTES[case.dtype]
+    weights = 2 * _dequantize_pairs() if deq else cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"]
     p = programs(cfg, case)
-    b = bounds(prof["loop"], prof["num_warps"], weights, fb)
-    out.update(b, weights_per_trip=weights, loop_instructions=prof["loop"]["instructions"],
-               num_warps=prof["num_warps"], registers=prof["registers"],
+    floor_s = case.N * case.K * fb / HBM_BYTES_PER_S
+    per_weight = bounds(prof["loop"], prof["num_warps"], weights, fb)
+    model = bound_model(Launch(
+        registers=prof["registers"], shared=prof["shared"], warps=prof["num_warps"], programs=p,
+        trips=trips(cfg, case), loop_instructions=prof["loop"]["instructions"],
+        loop_lsu=prof["loop"]["lsu"], loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
+        loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=prof["pipeline_depth"],
+        floor_s=floor_s))
+    out.update({k: per_weight[k] for k in ("thread_instr_per_weight", "lsu_instr_per_weight",
+                                           "smem_bytes_per_weight")})
+    out.update(model, weights_per_trip=weights, trips=trips(cfg, case),
+               loop_instructions=prof["loop"]["instructions"],
+               num_warps=prof["num_warps"], num_stages=prof.get("num_stages"),
+               pipeline_depth=prof["pipeline_depth"], registers=prof["registers"],
                spill_stores=prof["spill_stores"], shared=prof["shared"],
-               floor_bytes_per_weight=round(fb, 5),
-               floor_us=round(case.N * case.K * fb / HBM_BYTES_PER_S * 1e6, 3),
-               programs=p, grid_factor=grid_factor(p),
-               bound_with_grid=round(b["bound_over_floor"] * grid_factor(p), 3),
+               floor_bytes_per_weight=round(fb, 5), floor_us=round(floor_s * 1e6, 3),
+               grid_factor=grid_factor(p),
                packed_bytes_per_trip=weights // 2,
                loop_global_load_bytes=prof["loop_global_load_bytes"],
                classes=prof["loop"]["classes"], widths=prof["loop"]["widths"],
@@ -425,13 +620,13 @@ def profile(selected: list[Case], jobs: int = 1) -> list[dict]:
 
     sc._require_compiled_mode()
     plans = []
-    todo: dict[str, sc.Variant] = {}
+    todo: dict[str, tuple] = {}
     for case in selected:
         family, kernel, configs = picks(case)
         vs = [(cfg, variant(family, kernel, cfg, case)) for cfg in configs]
         plans.append((case, family, kernel, vs))
         for _, v in vs:
-            todo.setdefault(v.label, v)
+            todo.setdefault(v.label, (v, family == "dequantize"))
     labels = list(todo)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
@@ -442,8 +637,8 @@ def profile(selected: list[Case], jobs: int = 1) -> list[dict]:
     for case, family, kernel, vs in plans:
         kept = [row(case, family, kernel, cfg, profs[v.label], triton.__version__) for cfg, v in vs]
         good = [r for r in kept if "error" not in r]
-        best = min(good, key=lambda r: (r["bound_over_floor"], r["grid_factor"])) if good else kept[0]
-        summary = ["config", "thread_instr_per_weight", "bound_over_floor", "grid_factor"]
+        best = min(good, key=lambda r: r["bound_over_floor"]) if good else kept[0]
+        summary = ["config", "thread_instr_per_weight", "bound_over_floor", "binding"]
         rows.append({**best, "kept_configs": len(kept),
                      "kept": [{k: r.get(k) for k in summary} for r in kept]})
     return rows
@@ -452,9 +647,6 @@ def profile(selected: list[Case], jobs: int = 1) -> list[dict]:
 # --------------------------------------------------------------------------- training shapes
 TENSOR_FLOPS = 790e12               # bf16 dense, measured on the H200 (issue 12's assumption)
 SM_FLOPS = TENSOR_FLOPS / SMS
-SM_REGISTERS = 65536
-SM_SHARED = 228 * 1024              # per SM; a block may take 227 KB, 1 KB is reserved per block
-SM_MAX_WARPS = 64
 TRAIN_SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192)]
 TRAIN_MS = [64, 256, 4096, 8192]
 TRAIN_OPS = ("forward", "grad_input")
@@ -494,7 +686,7 @@ def chosen_strategy(case: TrainCase, kind: str = "sm_90") -> str:
         raise RuntimeError(f"{strategy.ENV_VAR} is set: the profile reports the table's choice")
     with strategy.assume_gpu_kind(kind):
         return strategy.select_strategy(case.M, case.N, case.K, getattr(torch, _TORCH_DTYPES[case.dtype]),
-                                        torch.device("cpu"))
+                                        torch.device("cpu"), op=case.op)
 
 
 def fused_kernel(case: TrainCase) -> tuple[str, str]:
@@ -510,7 +702,6 @@ def fused_kernel(case: TrainCase) -> tuple[str, str]:
 def fused_configs(case: TrainCase) -> tuple:
     """(the config the launcher runs on sm_90, every autotune candidate of
     QLORA_TRITON_AUTOTUNE=1 its pruner keeps)."""
-    from qlora_triton.ops import matmul as mm
     from qlora_triton.ops import tuned_sm90
 
     family, _ = fused_kernel(case)
@@ -520,10 +711,8 @@ def fused_configs(case: TrainCase) -> tuple:
                 if tuned_sm90.gemm_allowed(c, case.blocksize, fp32)]
         return (tuned_sm90.gemm_config(case.op, case.M, case.N, case.K, case.blocksize, fp32),
                 [c for c in kept if c.kwargs["BLOCK_K"] == min(64, case.blocksize)])
-    prune = mm._prune_forward if case.op == "forward" else mm._prune_grad_input
-    kept = prune(mm._tile_configs(interpret=False), {}, m_bucket=mm._m_bucket(case.M),
-                 BLOCKSIZE=case.blocksize, ALIGNED=False)
-    return mm.general_config(case.op), kept
+    return (tuned_sm90.general_config(case.op, case.N, case.K),
+            tuned_sm90.general_configs(case.op))
 
 
 def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
@@ -537,17 +726,8 @@ def fused_variant(case: TrainCase, cfg) -> "sc.Variant":
     return v
 
 
-def dequantize_variant(case: TrainCase) -> "sc.Variant":
-    from qlora_triton.ops import dequantize as dq_mod
-
-    ce = dict(BLOCKSIZE=case.blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=case.double_quant,
-              PAIRS=dq_mod._PAIRS)
-    fn = dq_mod._nf4_dequantize_kernel
-    types = dict(sc._scale_types(case.double_quant), out_ptr=sc.DTYPES[case.dtype], n="i32")
-    return sc.Variant("nf4_dequantize", f"{case.dtype} blocksize={case.blocksize} "
-                      f"dq={int(case.double_quant)} pairs={dq_mod._PAIRS}", dq_mod.__name__,
-                      "_nf4_dequantize_kernel", sc._sig(fn, types, ce), ce,
-                      sc._MATMUL_POINTERS + ["out_ptr", "n"])
+def dequantize_variant(case) -> "sc.Variant":
+    return sc.dequantize_variant(case.dtype, case.blocksize, case.double_quant)
 
 
 def mma_flops(body: list[Instr], warps: int) -> int:
@@ -575,13 +755,6 @@ def wgmma_wait(body: list[Instr]) -> int | None:
     return min(waits) if waits else None
 
 
-def programs_per_sm(registers: int, warps: int, shared: int) -> int:
-    """Programs of one kernel resident on an SM: registers (allocated 8 per
-    thread at a time), shared memory, warps."""
-    regs = -(-registers // 8) * 8 * warps * 32
-    return max(0, min(SM_REGISTERS // regs, SM_SHARED // (shared + 1024), SM_MAX_WARPS // warps))
-
-
 def profile_loop_kernel(v: "sc.Variant") -> dict:
     """``profile_variant`` plus the tensor-core facts of the main loop."""
     c, log = sc.compile_kernel(v)
@@ -601,12 +774,7 @@ def profile_loop_kernel(v: "sc.Variant") -> dict:
 def profile_whole_kernel(v: "sc.Variant") -> dict:
     """A loop-free kernel (the dequantize: one tile per program): every
     instruction of the kernel counts once per program."""
-    c, log = sc.compile_kernel(v)
-    instrs, _ = disassemble(c.asm["cubin"])
-    usage = sc.parse_ptxas_log(log)
-    return {"label": v.label, "num_warps": v.num_warps, "registers": usage["registers"],
-            "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
-            "loop": count(instrs)}
+    return profile_variant(v, whole=True)
 
 
 def _train_worker(job):
@@ -680,13 +848,18 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
     """The dequant strategy's time: the dequantize kernel (its HBM floor times
     its bound over that floor, at least 1) plus cuBLAS at the tensor peak (or
     its own bytes, when more)."""
-    from qlora_triton.ops import dequantize as dq_mod
 
     elem = _DTYPE_BYTES[case.dtype]
     fb = floor_bytes_per_weight(case.blocksize, case.double_quant) + elem
-    b = bounds(prof["loop"], prof["num_warps"], 2 * dq_mod._PAIRS, fb)
     weights = case.N * case.K
     deq_floor_s = weights * fb / HBM_BYTES_PER_S
+    b = bounds(prof["loop"], prof["num_warps"], 2 * _dequantize_pairs(), fb)
+    b.update(bound_model(Launch(
+        registers=prof["registers"], shared=prof["shared"], warps=prof["num_warps"],
+        programs=math.ceil(math.ceil(weights / 2) / _dequantize_pairs()), trips=1,
+        loop_instructions=prof["loop"]["instructions"], loop_lsu=prof["loop"]["lsu"],
+        loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
+        loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=1, floor_s=deq_floor_s)))
     deq_s = deq_floor_s * max(1.0, b["bound_over_floor"])
     flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
     cublas_s = max(flops_s, (weights + case.M * (case.N + case.K)) * elem / HBM_BYTES_PER_S)
@@ -779,19 +952,23 @@ def environment(commands: list[str]) -> dict:
 
 _COLUMNS = [("kernel", "kernel"), ("triton", "triton"), ("N", "N"), ("K", "K"), ("M", "M"),
             ("dtype", "dtype"), ("path", "path"), ("config", "config"),
-            ("thread_instr_per_weight", "instr/wt"), ("lsu_instr_per_weight", "LSU/wt"),
-            ("smem_bytes_per_weight", "smem B/wt"), ("issue_over_floor", "issue"),
-            ("lsu_over_floor", "LSU"), ("smem_over_floor", "smem"),
-            ("bound_over_floor", "bound"), ("grid_factor", "grid"), ("registers", "regs"),
-            ("kept_configs", "kept")]
+            ("thread_instr_per_weight", "instr/wt"), ("registers", "regs"),
+            ("programs", "programs"), ("programs_per_sm", "prog/SM"), ("waves", "waves"),
+            ("warps_per_scheduler", "warps/sched"), ("bytes_in_flight_per_sm", "B in flight/SM"),
+            ("issue_over_floor", "issue"), ("issue_per_scheduler_over_floor", "issue/sched"),
+            ("latency_over_floor", "latency"), ("lsu_over_floor", "LSU"),
+            ("smem_over_floor", "smem"), ("bound_over_floor", "bound"), ("binding", "binds")]
 
 
 def markdown(report: dict) -> str:
     out = [f"# sm_90 SASS profile of the decode matmul ({report['title']})", "",
            f"**{_NOTE[0].upper() + _NOTE[1:]}.** Method: `scripts/sm90_sass.py` (module docstring). "
-           "Bounds are over the HBM floor (packed + scale bytes at 4.3 TB/s); `bound` is the "
-           "largest of issue / LSU / smem; `grid` is the busiest SM's share of programs over "
-           "the mean (not in `bound`).", ""]
+           "Each bound is the busiest SM's time under it over the HBM floor (packed + scale bytes "
+           "at 4.3 TB/s; the dequantize also writes x's dtype): issue over all 4 schedulers, "
+           "issue per scheduler (the resident warps dealt to 4 schedulers), memory latency "
+           "(Little's law, 700 ns, bytes in flight per SM = resident programs x the loop's "
+           "loads x pipeline depth), LSU, shared memory; `bound` is the largest and `binds` "
+           "names it (`bound_model`).", ""]
     for env in report["environments"]:
         out.append(f"- Triton {env['triton']}, commit {env['git_commit']}, {env['date']}, "
                    f"{env['machine']}: `" + "`; `".join(env["commands"]) + "`")
@@ -892,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", action="store_true", help="one case (the CI set); with --train "
                    "only the launcher's config, no autotune candidates")
     p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    p.add_argument("--dtypes", default="bf16", help="comma-separated x dtypes of the decode rows")
     p.add_argument("--train", action="store_true", help="training shapes: the fused GEMM / "
                    "grad-input against dequantize + cuBLAS, and the strategy the table picks")
     args = p.parse_args(argv)
@@ -899,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.train:
         return _train_main(args, argv)
-    rows = profile(cases(args.subset), args.jobs)
+    rows = profile(cases(args.subset, tuple(args.dtypes.split(","))), args.jobs)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     cmd = "python scripts/sm90_sass.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -908,8 +1086,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(folder, args.title)
     for r in rows:
         print(f"{r['kernel']} {r['N']}x{r['K']} M={r['M']} {r['dtype']} {r['path']} {r['config']}: "
-              f"{r.get('thread_instr_per_weight')} instr/wt, bound {r.get('bound_over_floor')}, "
-              f"grid {r.get('grid_factor')}" + (f" ERROR {r['error'][:200]}" if "error" in r else ""))
+              f"{r.get('thread_instr_per_weight')} instr/wt, bound {r.get('bound_over_floor')} "
+              f"({r.get('binding')})" + (f" ERROR {r['error'][:200]}" if "error" in r else ""))
     return 0 if all("error" not in r for r in rows) else 1
 
 

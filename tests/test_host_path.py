@@ -285,10 +285,10 @@ def _eval_counts(layer, x):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_lora_eval_forward_adds_two_launches_to_the_base(device, dtype):
-    """Beside the base product: x @ A.T and the scaled update added in place into
-    the base output (no casts of the fp32 adapters or bias, no scaling multiply,
-    no [M, N] temporary)."""
+def test_lora_eval_forward_adds_one_launch_to_the_base(device, dtype):
+    """Beside the base product: x @ A.T only; at M = 1 the scaled update is folded
+    into the GEMV's epilogue (issue 22; no casts of the fp32 adapters or bias,
+    no scaling multiply, no [M, N] temporary)."""
     layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96, device=device), r=8).eval()  # fp32 adapters
     x = torch.randn(1, 128, dtype=dtype, device=device)
     with qt.force_backend("triton"):
@@ -297,7 +297,7 @@ def test_lora_eval_forward_adds_two_launches_to_the_base(device, dtype):
             qt.nf4_matmul(x, layer.quant_weight, layer.bias.to(dtype))
             with count_launches() as base:
                 qt.nf4_matmul(x, layer.quant_weight, layer.bias.to(dtype))
-    assert lora - base == {"aten.mm": 1, "aten.addmm_": 1}, (lora, base)
+    assert lora - base == {"aten.mm": 1}, (lora, base)
     assert sum(base.values()) >= 1 and any(k.startswith("triton.") for k in base)
 
 

@@ -73,6 +73,74 @@ def test_bounds_follow_the_model():
     assert ss.grid_factor(132) == 1.0 and ss.grid_factor(133) == pytest.approx(264 / 133, abs=1e-3)
 
 
+def _launch(**kw):
+    base = dict(registers=64, shared=0, warps=4, programs=4 * ss.SMS, trips=10,
+                loop_instructions=500, loop_lsu=50, loop_smem_wavefronts=0,
+                loop_load_bytes=8192, pipeline_depth=1, floor_s=1e-5)
+    return ss.Launch(**{**base, **kw})
+
+
+def test_bound_model_counts_the_warps_each_scheduler_holds():
+    # Issue 22's case: 256 one-warp programs, 2 warps per SM, so two of the four
+    # schedulers idle: the per-scheduler bound is twice the all-scheduler one.
+    m = ss.bound_model(_launch(warps=1, programs=256, registers=72, trips=32,
+                               loop_instructions=1260, loop_load_bytes=4096, floor_s=8e-6))
+    assert (m["programs_per_sm"], m["waves"], m["warps_per_sm"], m["warps_per_scheduler"]) == (2, 1, 2, 1)
+    assert m["issue_per_scheduler_over_floor"] == pytest.approx(32 * 1260 / ss.CLOCK_HZ / 8e-6, abs=1e-3)
+    assert m["issue_per_scheduler_over_floor"] == pytest.approx(2 * m["issue_over_floor"], abs=2e-3)
+    names = ("issue", "issue_per_scheduler", "latency", "lsu", "smem")
+    assert m["bound_over_floor"] == max(m[f"{k}_over_floor"] for k in names)
+    assert m["bound_over_floor"] == m[f"{m['binding']}_over_floor"]
+    # Four warps per scheduler: the two issue bounds agree.
+    m = ss.bound_model(_launch(warps=4, programs=4 * ss.SMS))
+    assert m["warps_per_scheduler"] == 4
+    assert m["issue_per_scheduler_over_floor"] == pytest.approx(m["issue_over_floor"], abs=1e-3)
+
+
+def test_bound_model_occupancy_and_waves():
+    # Registers: 255 -> 256 per thread x 8 warps x 32 = 65536: one program per SM.
+    assert ss.programs_per_sm(255, 8, 0) == 1
+    assert ss.programs_per_sm(64, 4, 100 * 1024) == 2       # shared memory
+    assert ss.programs_per_sm(32, 16, 0) == 4               # 64 warps per SM
+    assert ss.programs_per_sm(16, 1, 0) == ss.MAX_PROGRAMS_PER_SM
+    m = ss.bound_model(_launch(registers=255, warps=8, programs=3 * ss.SMS + 1))
+    assert (m["programs_per_sm"], m["waves"]) == (1, 4)
+    # A fourth wave for one program: every bound on the busiest SM grows by 4/3.
+    even = ss.bound_model(_launch(registers=255, warps=8, programs=3 * ss.SMS))
+    assert m["lsu_over_floor"] == pytest.approx(even["lsu_over_floor"] * 4 / 3, rel=1e-3)
+    assert m["latency_over_floor"] == pytest.approx(even["latency_over_floor"] * 4 / 3, rel=1e-3)
+    with pytest.raises(ValueError, match="no program fits"):
+        ss.bound_model(_launch(shared=300 * 1024))
+    with pytest.raises(ValueError, match="programs, trips and floor_s must be positive"):
+        ss.bound_model(_launch(programs=0))
+
+
+def test_bound_model_latency_is_littles_law():
+    # Floor = the loads' bytes at HBM bandwidth; then latency over floor is the
+    # bytes needed in flight per SM over the bytes actually in flight.
+    programs, trips, load = 4 * ss.SMS, 16, 4096
+    floor = programs * trips * load / ss.HBM_BYTES_PER_S
+    for depth in (1, 2, 3):
+        m = ss.bound_model(_launch(programs=programs, trips=trips, loop_load_bytes=load,
+                                   pipeline_depth=depth, floor_s=floor), latency_s=700e-9)
+        assert m["bytes_in_flight_per_sm"] == 4 * load * depth
+        needed = ss.HBM_BYTES_PER_S * 700e-9 / ss.SMS
+        assert m["latency_over_floor"] == pytest.approx(needed / (4 * load * depth), rel=1e-3)
+    slow = ss.bound_model(_launch(floor_s=floor, programs=programs, trips=trips), latency_s=1400e-9)
+    fast = ss.bound_model(_launch(floor_s=floor, programs=programs, trips=trips), latency_s=700e-9)
+    assert slow["latency_over_floor"] == pytest.approx(2 * fast["latency_over_floor"], rel=1e-3)
+    assert slow["latency_ns"] == 1400
+
+
+def test_pipeline_depth_counts_staged_loads_and_declared_prefetch():
+    instrs, labels = ss.parse_sass(LISTING)
+    body = ss.main_loop(instrs, labels)
+    assert ss.pipeline_depth(body, num_stages=3) == 1            # no LDGSTS: not staged
+    assert ss.pipeline_depth(body, num_stages=1, prefetch=1) == 2
+    staged = body + [ss.Instr(0x100, "", "LDGSTS.E.BYPASS.128", "[R1], desc[UR4][R2.64]", None)]
+    assert ss.pipeline_depth(staged, num_stages=3) == 3
+
+
 # A kernel whose loop is known: 4 fp32 per thread per iteration (BLOCK 128, 1
 # warp), one 128-bit load and FFMAS dependent FFMAs per element.
 KNOWN = textwrap.dedent("""
@@ -152,8 +220,9 @@ def test_ci_subset_report(nvdisasm, tmp_path):
                 "issue_over_floor", "lsu_over_floor", "smem_over_floor", "bound_over_floor"):
         assert key in row, key
     assert (row["kernel"], row["N"], row["K"], row["M"], row["dtype"]) == ("gemv_fma", 8192, 8192, 1, "bf16")
-    assert row["bound_over_floor"] == max(row["issue_over_floor"], row["lsu_over_floor"],
-                                          row["smem_over_floor"])
+    names = ("issue", "issue_per_scheduler", "latency", "lsu", "smem")
+    assert row["bound_over_floor"] == max(row[f"{k}_over_floor"] for k in names)
+    assert row["bound_over_floor"] == row[f"{row['binding']}_over_floor"]
     # One trip decodes one tile: its global loads are its packed bytes plus x
     # and the scales, far less than twice the packed bytes.
     assert row["packed_bytes_per_trip"] <= row["loop_global_load_bytes"] < 2 * row["packed_bytes_per_trip"]

@@ -6,6 +6,7 @@ rank-r term under each strategy; torch.compile; how a strategy is chosen."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
 import subprocess
@@ -60,10 +61,15 @@ def _rel_err(out, ref):
     return float((out - ref).norm() / ref.norm())
 
 
-def _ran(backend, strategy, M):
-    """The strategies a forward + grad-input call ran (the reference runs none)."""
+def _ran(backend, strategy, M, dtype=None, K=None, bs=None):
+    """The strategies a forward + grad-input call ran (the reference runs none).
+    fp32 through a weight whose blocks cross rows (K % bs != 0) under torch's
+    default "highest" fp32 precision runs "dequant" whatever the strategy
+    (ops/matmul._full_fp32)."""
     if backend == "torch":
         return {}
+    if (dtype == torch.float32 and K % bs and torch.get_float32_matmul_precision() == "highest"):
+        strategy = "dequant"
     forward = "fused" if strategy == "gemv" and M > strategy_mod.GEMV_MAX_M else strategy
     return {("forward", forward): 1, ("grad_input", "dequant" if strategy == "dequant" else "fused"): 1}
 
@@ -87,7 +93,7 @@ def test_forward_and_grad_input_match_reference(backend, device, case):
     with qt.force_strategy(strategy):
         y = qt.nf4_matmul(x, qw, bias)
         gx = qt.nf4_matmul_grad_input(g, qw)
-    assert strategy_mod.strategies - before == _ran(backend, strategy, M)
+    assert strategy_mod.strategies - before == _ran(backend, strategy, M, dtype, K, bs)
     y_ref = x.cpu().double() @ dense.t() + (bias.cpu().double() if has_bias else 0)
     assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
     assert gx.dtype == dtype and gx.shape == (M, K) and gx.is_contiguous()
@@ -246,7 +252,7 @@ def test_compiled_lora_forward_and_backward_have_no_graph_break(backend, device,
             y = fn(xi)
             y.square().sum().backward()
             # the compiled graph runs the forced strategy too (read inside the op)
-            assert strategy_mod.strategies - before == _ran(backend, strategy, 20)
+            assert strategy_mod.strategies - before == _ran(backend, strategy, 20, torch.float32, 96, 64)
             results.append((y.detach(), xi.grad, layer.lora_A.weight.grad.clone()))
             layer.zero_grad()
     assert torch._dynamo.utils.counters["graph_break"] == {}
@@ -277,15 +283,43 @@ def test_sm90_table_crossover(monkeypatch):
     monkeypatch.setattr(strategy_mod, "gpu_kind", lambda device: "sm_90")
     gpu = torch.device("cuda")  # never touched: gpu_kind is patched
 
-    def pick(M, N=4096, K=4096, dtype=torch.bfloat16):
-        return strategy_mod.select_strategy(M, N, K, dtype, gpu)
+    def pick(M, N=4096, K=4096, dtype=torch.bfloat16, op="forward"):
+        return strategy_mod.select_strategy(M, N, K, dtype, gpu, op=op)
 
-    assert [pick(m) for m in (1, 16, 17, 1023, 1024, 4096)] == ["gemv", "gemv", "fused", "fused",
-                                                               "dequant", "dequant"]
+    fwd = strategy_mod.CROSSOVER["sm_90", "large", torch.bfloat16]
+    gin = strategy_mod.GRAD_INPUT_CROSSOVER["sm_90", "large", torch.bfloat16]
+    assert gin < fwd  # the grad-input's fused kernel is the slower one (its own crossover)
+    assert [pick(m) for m in (1, 16, 17, fwd - 1, fwd, 4096)] == ["gemv", "gemv", "fused", "fused",
+                                                                   "dequant", "dequant"]
+    assert [pick(m, op="grad_input") for m in (16, gin - 1, gin, fwd - 1)] == [
+        "gemv", "fused", "dequant", "dequant"]
     assert pick(4096, dtype=torch.float16) == "dequant" and pick(4096, dtype=torch.float32) == "fused"
-    assert pick(1023, 1000, 1000) == "fused" and pick(1024, 1000, 1000) == "dequant"  # a small layer
+    assert pick(fwd - 1, 1000, 1000) == "fused" and pick(fwd, 1000, 1000) == "dequant"  # small layer
     monkeypatch.setattr(strategy_mod, "gpu_kind", lambda device: "sm_80")  # no rows: sm_90's
-    assert pick(1024) == "dequant" and pick(256) == "fused"
+    assert pick(fwd) == "dequant" and pick(256) == "fused"
+    with pytest.raises(ValueError, match="op must be 'forward' or 'grad_input', got 'backward'"):
+        pick(1, op="backward")
+
+
+def test_crossover_file_sets_each_products_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(strategy_mod, "CROSSOVER", dict(strategy_mod.CROSSOVER))
+    monkeypatch.setattr(strategy_mod, "GRAD_INPUT_CROSSOVER", dict(strategy_mod.GRAD_INPUT_CROSSOVER))
+    path = tmp_path / "crossover.json"
+    path.write_text(json.dumps({"gpu_kind": "sm_90", "crossover": [
+        {"bucket": "large", "dtype": "bfloat16", "dequant_from_m": 300},
+        {"bucket": "large", "dtype": "bfloat16", "dequant_from_m": 200, "op": "grad_input"}]}))
+    assert strategy_mod.load_crossover(path) == {("sm_90", "large", torch.bfloat16): 300,
+                                                 ("sm_90", "large", torch.bfloat16, "grad_input"): 200}
+    with strategy_mod.assume_gpu_kind("sm_90"):
+        cpu = torch.device("cpu")
+        assert strategy_mod.select_strategy(300, 4096, 4096, torch.bfloat16, cpu) == "dequant"
+        assert strategy_mod.select_strategy(299, 4096, 4096, torch.bfloat16, cpu) == "fused"
+        assert strategy_mod.select_strategy(200, 4096, 4096, torch.bfloat16, cpu, op="grad_input") == "dequant"
+        assert strategy_mod.select_strategy(199, 4096, 4096, torch.bfloat16, cpu, op="grad_input") == "fused"
+    path.write_text(json.dumps({"gpu_kind": "sm_90", "crossover": [
+        {"bucket": "large", "dtype": "bfloat16", "dequant_from_m": 300, "op": "backward"}]}))
+    with pytest.raises(ValueError, match="not a table of benchmarks.crossover"):
+        strategy_mod.load_crossover(path)
 
 
 def test_environment_variable_chooses_and_is_checked(monkeypatch):

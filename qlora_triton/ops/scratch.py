@@ -65,7 +65,10 @@ def scratch_buffers() -> dict:
 
 
 def dequant_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T (+ bias)``, contiguous [M, N] in x's dtype (a fresh tensor)."""
+    """``x @ W.T (+ bias)``, contiguous [M, N] in x's dtype (a fresh tensor).
+    A strided ``x`` is copied first: BLAS may round differently on a strided
+    operand, and the result must equal that of ``x.contiguous()``."""
+    x = x if x.is_contiguous() else x.contiguous()
     w = scratch_weight(qw, x.dtype)
     if bias is None:
         return torch.mm(x, w.t())
@@ -73,5 +76,7 @@ def dequant_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None) ->
 
 
 def dequant_grad_input(grad_y: torch.Tensor, qw: NF4Weight) -> torch.Tensor:
-    """``grad_y @ W``, contiguous [M, K] in grad_y's dtype (a fresh tensor)."""
+    """``grad_y @ W``, contiguous [M, K] in grad_y's dtype (a fresh tensor); a
+    strided ``grad_y`` is copied first (see :func:`dequant_matmul`)."""
+    grad_y = grad_y if grad_y.is_contiguous() else grad_y.contiguous()
     return torch.mm(grad_y, scratch_weight(qw, grad_y.dtype))

@@ -1,5 +1,9 @@
-"""Shipped launch configs for sm_90 (H100/H200), keyed by shape bucket, so that
-a first call compiles one config instead of timing a dozen.
+"""The launch-config table of the matmul kernels for sm_90 (H100/H200), the only
+one: every GEMV, GEMM and grad-input launcher (:mod:`.gemv`, :mod:`.gemm`,
+:mod:`.grad_input`) asks it for its config (other CUDA GPUs use it too until
+they get a table of their own), and its candidate lists are what
+``QLORA_TRITON_AUTOTUNE=1`` times. Keyed by shape, so that a first call
+compiles one config instead of timing a dozen.
 
 The figures behind them are **compile-time estimates** (static SASS counts,
 ``scripts/sm90_sass.py``; benchmarks/results/sm90-sass-*), not GPU timings: a
@@ -29,42 +33,68 @@ def _config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -
 
 
 SMS = 132  # H100 SXM / H200
-_MIN_PROGRAMS = 256  # about 2 per SM
 
-# (BLOCK_N, warps, stages) per kernel, best first (Triton 3.6, bf16, blocksize
-# 64, double quant; thread-instructions per weight, bound over the HBM floor):
+# Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
+# per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
+# at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
+# costs 5.1 at any M <= 16, so it takes M >= 2.
+GEMV_FMA_MAX_M = 1
+_MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
+
+# The word GEMVs' tiles per kernel: (BLOCK_N, warps, stages, thread-instructions
+# per weight, registers, load/store-unit thread-instructions per weight), from
+# the static profile (Triton 3.6, bf16, blocksize
+# 64, double quant; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
+# The FMA kernel loads the next trip's words and stored scales in registers
+# itself (ops/gemv.PREFETCH_TRIPS, num_stages 1); the dot kernel leaves that to
+# Triton's pipeliner (num_stages >= 2: asynchronous copies of the words).
 # * "fma" (M = 1): one warp per program, because the codebook lookup is a
 #   shuffle within the warp that holds the rows (more warps made Triton move
 #   the nibbles through shared memory to reach the gather's layout); a lane
-#   holds BLOCK_N / 32 rows, which share x's conversion to fp32: 128 rows 4.9
-#   (1.23x), 64 rows 5.4 (1.35x), 32 rows 6.5 (1.6x).
-# * "dot" (2 <= M <= 16): 256 rows w4 s2 5.0 (1.48x, load/store unit and shared
-#   memory: the words come through cp.async, x^T is the wgmma B operand in
-#   shared memory); 256 rows w8 5.5 (1.51x: each warp restages x^T); 128 rows
-#   w4 5.7 (1.51x); s3 at 256 rows needs 255 registers.
-#
+#   holds BLOCK_N / 32 rows, which share x's conversion to fp32.
+# * "dot" (2 <= M <= 16): W tile decoded in registers as the wgmma's A
+#   operand, x^T (16 columns) the B operand in shared memory.
 # Triton 3.9 lowers the same code differently: its gather layout gives a lane
 # as many table entries as it holds rows, so a lookup becomes 2+ shuffles and
-# selects, and the 128-row FMA tile (255 registers, 484-544 B spilled) and the
-# 256-row dot tile (12 B spilled) spill. Other versions than 3.6 (the GPU
-# machine's) get the tiles that neither spill nor multiply the shuffles there.
-_TILES_36 = {"fma": [(128, 1, 1), (64, 1, 1), (32, 1, 1)],
-             "dot": [(256, 4, 2), (128, 4, 3), (64, 4, 3)]}
-_TILES_OTHER = {"fma": [(32, 1, 1)], "dot": [(64, 4, 3)]}
+# selects, and the wide tiles spill there. Other versions than 3.6 (the GPU
+# machine's) get the tiles that neither spill nor multiply the shuffles.
+_TILES_36 = {"fma": [(128, 1, 1, 5.06, 254, 1.13), (64, 1, 1, 5.6, 160, 1.2),
+                     (32, 1, 1, 6.6, 96, 1.3)],
+             "dot": [(256, 4, 2, 5.0, 200, 1.49), (128, 4, 3, 5.7, 136, 1.52),
+                     (64, 4, 3, 7.6, 96, 1.6)]}
+_TILES_OTHER = {"fma": [(32, 1, 1, 6.4, 64, 1.3)], "dot": [(64, 4, 3, 12.9, 96, 2.7)]}
+# K columns per trip (at most; min(this, blocksize)).
+_BLOCK_K = {"fma": 64, "dot": 64}
 _TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
+# Any split of K up to 32 (not only powers of two): the one that deals the
+# grid's warps most evenly to the 528 schedulers.
+_SPLITS = range(1, 33)
+
+
+def _max_split(kernel: str, block_n: int) -> int:
+    """The split epilogue adds the partial sums in an unrolled loop: the 256-row
+    tensor-core tile with a bias spills past 8 (sm90_compile, Triton 3.6:
+    255 registers, 8 B at SPLIT_K=16)."""
+    return 8 if kernel == "dot" and block_n >= 256 else 32
+
+# The bound model of scripts/sm90_sass.py (H200), used here to pick a split.
+_CLOCK_HZ = 1.98e9
+_HBM_BYTES_PER_S = 4.3e12
+_LATENCY_S = 700e-9
+_DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (prefetch, or 2 stages)
 
 
 def gemv_configs(kernel: str) -> list[triton.Config]:
     """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
     (:func:`prune_gemv` drops K tiles wider than the weight's blocksize)."""
-    return [_config(n, k, s, w, st) for n, w, st in _TILES[kernel] for k in (32, 64)
-            for s in (1, 2, 4, 8)]
+    return [_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel] for k in (32, 64)
+            if k <= _BLOCK_K[kernel] for s in (1, 2, 4, 8, 16) if s <= _max_split(kernel, t[0])]
 
 
 def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
     """Whether a GEMV config may run: BLOCK_K <= blocksize (one block per row
-    segment of a K tile), and no 256-row tile for fp32 x (its dot spills 32 B
-    at 255 registers on Triton 3.6, sm90_compile)."""
+    segment of a K tile), and no 256-row tile for fp32 x (its dot spills at
+    255 registers, sm90_compile)."""
     return cfg.kwargs["BLOCK_K"] <= blocksize and not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
 
 
@@ -75,27 +105,72 @@ def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
     return [c for c in configs if allowed(c, args["BLOCKSIZE"], x_fp32)]
 
 
+def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps: int,
+                    split: int, instr_per_weight: float, registers: int,
+                    blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0) -> float:
+    """A GEMV launch's time on an H200 by the profile's bound model: the largest
+    of the busiest scheduler's issue time (the busiest SM's warp-programs
+    dealt to its schedulers), its load/store unit's time, the memory latency (each trip costs 700 ns over the pipeline
+    depth) and the bytes (weights, scales and, with a split, the fp32 partial
+    sums written and read back) at HBM bandwidth. A compile-time estimate."""
+    tiles = -(-N // block_n)
+    programs = tiles * split
+    trips = -(-(-(-K // block_k)) // split)
+    busiest = -(-programs // SMS)
+    occupancy = max(1, min(65536 // (-(-registers // 8) * 8 * 32 * warps), 64 // warps, 32))
+    resident = min(busiest, occupancy)
+    waves = -(-busiest // resident)
+    per_warp_trip = instr_per_weight * block_n * block_k / 32 / warps  # warp-instructions
+    per_scheduler = -(-busiest * warps // min(4, resident * warps))
+    issue = per_scheduler * trips * per_warp_trip / _CLOCK_HZ
+    lsu = busiest * trips * lsu_per_weight * block_n * block_k / 32 / _CLOCK_HZ
+    latency = waves * trips * _LATENCY_S / depth
+    scale_bytes = N * K / blocksize * (1 + 4 / 256)
+    partial = 2 * 4 * split * rows * N if split > 1 else 0
+    return max(issue, latency, lsu, (N * K / 2 + scale_bytes + partial) / _HBM_BYTES_PER_S)
+
+
+def lora_allowed(kernel: str, block_n: int) -> bool:
+    """Whether a GEMV tile may carry the folded LoRA epilogue: the 256-row
+    tensor-core tile spills with it (fp16 x, bias: 255 registers, 8 B;
+    sm90_compile, Triton 3.6)."""
+    return not (kernel == "dot" and block_n > 128)
+
+
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments, asked on every call
 def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
-                interpret: bool = False) -> triton.Config:
-    """GEMV ``kernel``'s config for an [N, K] weight: the widest tile, with K
-    split (powers of two up to 8, at least 512 columns per split) until the
-    grid has about 2 programs per SM (>= 256); only layers too small for that
-    take a narrower tile. BLOCK_K = min(64, blocksize). These are compile-time
-    estimates (sm90_sass)."""
-    block_k = min(64, blocksize)
+                interpret: bool = False, lora: bool = False) -> triton.Config:
+    """GEMV ``kernel``'s config for an [N, K] weight: the tile and K split
+    (BLOCK_K = min(64, blocksize); at least one K tile per split) that
+    :func:`gemv_estimate_s` puts fastest, the first such in tile order
+    (``lora``: among the tiles :func:`lora_allowed`).
+    Compile-time estimates (sm90_sass), to be calibrated on the GPU."""
+    block_k = min(_BLOCK_K[kernel], blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _config(32 if kernel == "fma" else 64, block_k, 2, 1 if kernel == "fma" else 4, 1)
-    tiles_ = _TILES[kernel]
-    tiles_ = [t for t in tiles_ if allowed(_config(t[0], block_k, 1, t[1], t[2]), blocksize, x_fp32)]
-    for i, (block_n, warps, stages) in enumerate(tiles_):
-        tiles = -(-N // block_n)
-        split = 1
-        while tiles * split < _MIN_PROGRAMS and split < 8 and K // (2 * split) >= 512:
-            split *= 2
-        if tiles * split >= _MIN_PROGRAMS or i == len(tiles_) - 1:
-            return _config(block_n, block_k, split, warps, stages)
-    raise AssertionError("unreachable")
+    rows = 1 if kernel == "fma" else 16
+    best = None
+    for block_n, warps, stages, instr, regs, lsu in _TILES[kernel]:
+        cfg0 = _config(block_n, block_k, 1, warps, stages)
+        if not allowed(cfg0, blocksize, x_fp32) or (lora and not lora_allowed(kernel, block_n)):
+            continue
+        for split in _SPLITS:
+            if split > _max_split(kernel, block_n):
+                break
+            if split > 1 and (split - 1) * -(-K // block_k // split) * block_k >= K:
+                continue  # the last split would get no K
+            t = gemv_estimate_s(N, K, rows, block_n, block_k, warps, split, instr, regs, blocksize,
+                                _DEPTH[kernel], lsu)
+            trips = -(-(-(-K // block_k)) // split)
+            # Ties (within 0.1%) go to the larger split while each program keeps
+            # at least 8 trips: more warps per scheduler for the same estimate.
+            tie = best is not None and t <= best[0] * 1.001 and trips >= 8 and block_n == best[2]
+            if best is None or t < best[0] * 0.999 or tie:
+                best = (min(t, best[0]) if tie else t, _config(block_n, block_k, split, warps, stages),
+                        block_n)
+    if best is None:
+        raise AssertionError("no GEMV tile allowed")
+    return best[1]
 
 
 # The word-decoding fused GEMM and grad-input (ops/matmul.py
@@ -115,6 +190,11 @@ _GEMM_TILES = {
     "forward": [(128, 128, 8, 3), (64, 128, 4, 4)],
     "grad_input": [(128, 128, 8, 3), (64, 128, 4, 4)],
 }
+# fp32 x: torch's default fp32 precision ("highest") runs the dot in full fp32
+# (ops/launch.dot_precision), on the FMA units with its operands in registers:
+# the 128- and 64x128-row tiles spill there (sm90_compile, Triton 3.9: 1.3-1.6
+# KB), so fp32 x gets one 64x64 tile whatever the precision.
+_GEMM_TILES_FP32 = {"forward": [(64, 64, 4, 3)], "grad_input": [(64, 64, 4, 3)]}
 _SPLIT_KEY = {"forward": "SPLIT_K", "grad_input": "SPLIT_N"}
 
 
@@ -124,10 +204,11 @@ def _gemm_config(op: str, block_m: int, block_n: int, block_k: int, split: int, 
                           _SPLIT_KEY[op]: split, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-def gemm_configs(op: str) -> list[triton.Config]:
+def gemm_configs(op: str, x_fp32: bool = False) -> list[triton.Config]:
     """The autotune candidates of the word GEMM (``op`` "forward") or
     grad-input ("grad_input"); :func:`prune_gemm` keeps the allowed ones."""
-    return [_gemm_config(op, m, n, k, s, w, st) for m, n, w, st in _GEMM_TILES[op]
+    tiles = _GEMM_TILES_FP32[op] if x_fp32 else _GEMM_TILES[op]
+    return [_gemm_config(op, m, n, k, s, w, st) for m, n, w, st in tiles
             for k in (32, 64) for s in (1, 2, 4)]
 
 
@@ -147,7 +228,13 @@ def prune_gemm(configs, named_args, **kwargs) -> list[triton.Config]:
     """Autotune pruner: the configs :func:`gemm_allowed` for this launch."""
     args = {**named_args, **kwargs}
     x = args["x_ptr"] if "x_ptr" in args else args["gy_ptr"]
-    return [c for c in configs if gemm_allowed(c, args["BLOCKSIZE"], x.dtype == torch.float32)]
+    fp32 = x.dtype == torch.float32
+    keep = [c for c in configs if gemm_allowed(c, args["BLOCKSIZE"], fp32)]
+    if fp32:  # only the fp32 tiles
+        fp32_tiles = {(t[0], t[1], t[2]) for op in _GEMM_TILES_FP32 for t in _GEMM_TILES_FP32[op]}
+        keep = [c for c in keep
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in fp32_tiles] or keep
+    return keep
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +248,7 @@ def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bo
     block_k = min(64, blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _gemm_config(op, 64, 64, block_k, 2, 4, 1)
-    tiles = [t for t in _GEMM_TILES[op]
+    tiles = [t for t in (_GEMM_TILES_FP32 if x_fp32 else _GEMM_TILES)[op]
              if gemm_allowed(_gemm_config(op, t[0], t[1], block_k, 1, t[2], t[3]), blocksize, x_fp32)]
     out_cols, red = (N, K) if op == "forward" else (K, N)
 
@@ -178,3 +265,55 @@ def gemm_config(op: str, M: int, N: int, K: int, blocksize: int = 64, x_fp32: bo
            and red // (2 * split) >= 1024):
         split *= 2
     return _gemm_config(op, block_m, block_n, block_k, split, warps, stages)
+
+
+# The per-element-decode kernels (K % blocksize != 0: blocks cross rows), one
+# config each, and the candidates QLORA_TRITON_AUTOTUNE=1 times. Compiled for
+# sm_90 with Triton 3.6 and 3.9 (scripts/sm90_compile.py; reports in
+# benchmarks/results/sm90-compile-*): these are the tiles whose general decode
+# needs at most 227 KB of shared memory and spills nothing for fp32/fp16/bf16 x
+# with and without double quantization, fp32 with a TF32 dot (full-fp32 x
+# runs "dequant" on such weights, ops/matmul.py) (that path gathers every element's
+# byte and scale, and the pipeliner stages the gathers in shared memory; other
+# tiles need 237-557 KB or spill 12 B-2.3 KB). (BLOCK_M, BLOCK_N, BLOCK_K,
+# warps, stages), the shipped one first:
+# * forward 128x128x32 w8 s4: 222 registers, 224 KB; 64x64x64 w4 s4: 207, 224 KB;
+# * grad-input 128x64x64 w4 s3: 253 registers, 208 KB; 64x64x64 w4 s4: 204, 224 KB;
+# * GEMV (16 rows) 16x64x64 w4 s3: 164 registers, 120 KB; 16x32x64 w2 s3: 200, 64 KB.
+_GENERAL_TILES = {
+    "forward": [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4)],
+    "grad_input": [(128, 64, 64, 4, 3), (64, 64, 64, 4, 4)],
+    "gemv": [(16, 64, 64, 4, 3), (16, 32, 64, 2, 3)],
+}
+_GENERAL_INTERPRET = {"forward": (64, 64, 64, 4, 1), "grad_input": (64, 64, 64, 4, 1),
+                      "gemv": (16, 128, 64, 4, 1)}
+def _general(op: str, tile: tuple, split: int = 1) -> triton.Config:
+    bm, bn, bk, warps, stages = tile
+    extra = {"SPLIT_K": split} if op == "gemv" else {"GROUP_M": 8}
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
+                         num_warps=warps, num_stages=stages)
+
+
+def general_configs(op: str) -> list[triton.Config]:
+    """Autotune candidates of the per-element-decode kernel of ``op``
+    ("forward", "grad_input" or "gemv")."""
+    splits = (1, 2, 4, 8, 16) if op == "gemv" else (1,)
+    return [_general(op, t, s) for t in _GENERAL_TILES[op] for s in splits]
+
+
+@functools.lru_cache(maxsize=None)
+def general_config(op: str, N: int, K: int, interpret: bool = False) -> triton.Config:
+    """The per-element-decode kernel's config for ``op`` on an [N, K] weight:
+    the first tile of its list; the GEMV splits K (powers of two up to 16, at
+    least 512 columns per split) until the grid has about 2 programs per SM.
+    The interpreter gets one small tile (the GEMV split in two, so that CI
+    runs its atomics)."""
+    if interpret:
+        return _general(op, _GENERAL_INTERPRET[op], 2 if op == "gemv" else 1)
+    tile = _GENERAL_TILES[op][0]
+    if op != "gemv":
+        return _general(op, tile)
+    tiles, split = -(-N // tile[1]), 1
+    while tiles * split < _MIN_PROGRAMS and split < 16 and K // (2 * split) >= 512:
+        split *= 2
+    return _general(op, tile, split)

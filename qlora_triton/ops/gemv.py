@@ -1,0 +1,350 @@
+"""The decode GEMVs (M <= 16, the "gemv" strategy): ``y = x @ W.T (+ bias)``
+through a packed NF4 weight, memory-bound (the floor is the packed bytes and
+scales at HBM bandwidth), K split across programs when the layer is narrow.
+
+* ``_nf4_gemv_fma_kernel`` (M = 1, no tensor cores) and ``_nf4_gemv_dot_kernel``
+  (2 <= M <= 16, tensor cores) for ``K % blocksize == 0``: int32 words, the
+  register codebook, one scale per row segment; split epilogue of :mod:`.split`.
+* ``_nf4_gemv_kernel`` for any other K: per-element decode, fp32 atomics into a
+  zeroed output.
+
+Each launcher takes its config from the one table, :mod:`.tuned_sm90`, through
+:func:`.launch.launch`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import INTERPRET, dot_in_fp32
+from ..weight import NF4Weight
+from .decode import (nf4_code_table, nf4_scale, nf4_scale_of, nf4_scale_raw, nf4_w_words_tile,
+                     nf4_x_words, nf4_x_wt)
+from .launch import dot_precision, launch
+from .split import split_counter, split_epilogue
+from .tuned_sm90 import (GEMV_FMA_MAX_M, autotune_enabled, general_config, general_configs,
+                         gemv_config, gemv_configs, lora_allowed, prune_gemv)
+
+# Trips of loads each kernel issues ahead of its decode in registers (read by
+# the static profile, scripts/sm90_sass.py, as part of its pipeline depth).
+PREFETCH_TRIPS = {"_nf4_gemv_fma_kernel": 1}
+
+
+@triton.jit
+def _lora_rows(h_ptr, b_ptr, rm, rn, M, N, R, stride_hm, stride_bn, stride_br):
+    """fp32 ``(h @ B.T)[rm, rn]`` as [len(rm), len(rn)]: the LoRA update of a
+    few rows, 16 ranks at a time (broadcast products, summed in fp32)."""
+    out = tl.zeros((rm.shape[0], rn.shape[0]), dtype=tl.float32)
+    rr = tl.arange(0, 16)
+    for r0 in range(0, R, 16):
+        h = tl.load(h_ptr + rm[:, None] * stride_hm + (r0 + rr)[None, :],
+                    mask=(rm[:, None] < M) & ((r0 + rr) < R)[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + (r0 + rr)[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & ((r0 + rr) < R)[None, :], other=0.0).to(tl.float32)
+        out += tl.sum(h[:, None, :] * b[None, :, :], axis=2)
+    return out
+
+
+@triton.jit
+def _lora_cols(h_ptr, b_ptr, rm, rn, M, N, R, stride_hm, stride_bn, stride_br,
+               DOT_FP32: tl.constexpr):
+    """fp32 ``(h @ B.T).T[rn, rm]`` as [len(rn), len(rm)] (the dot GEMV's
+    transposed tile): ``B[rn] @ h[rm].T``, 16 ranks per tensor-core step."""
+    out = tl.zeros((rn.shape[0], rm.shape[0]), dtype=tl.float32)
+    rr = tl.arange(0, 16)
+    for r0 in range(0, R, 16):
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + (r0 + rr)[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & ((r0 + rr) < R)[None, :], other=0.0)
+        ht = tl.load(h_ptr + rm[None, :] * stride_hm + (r0 + rr)[:, None],
+                     mask=(rm[None, :] < M) & ((r0 + rr) < R)[:, None], other=0.0)
+        if DOT_FP32:
+            out += tl.dot(b.to(tl.float32), ht.to(tl.float32), input_precision="ieee")
+        else:
+            out += tl.dot(b, ht)
+    return out
+
+
+@triton.jit
+def _nf4_gemv_fma_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= ROWS
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [cdiv(N, BLOCK_N)], zero on entry and on exit (SPLIT_K > 1 only)
+    h_ptr,          # [M, R] x's dtype: x @ lora_A.T (read only when HAS_LORA)
+    lora_b_ptr,     # [N, R] x's dtype: lora_B (any strides; read only when HAS_LORA)
+    scaling,        # fp32: the LoRA scale
+    # sizes
+    M, N, K, R,     # R: the LoRA rank
+    # strides
+    stride_wn,      # K // 8: words per row of W
+    stride_xm, stride_xk, stride_b,
+    stride_hm, stride_bn, stride_br,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,     # add scaling * h @ lora_B.T (the LoRA update, folded)
+    ROWS: tl.constexpr,         # power of two >= M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    SPLIT_K: tl.constexpr,
+):
+    # The decode GEMV without tensor cores, for K % BLOCKSIZE == 0: one program
+    # of one warp per BLOCK_N rows of W over all of K, so every row sum is
+    # finished in registers and stored once in x's dtype (one launch). Per
+    # weight: a shift and mask, a shuffle into the register codebook and one
+    # FFMA per row of x; the block scale multiplies a row's partial sum once
+    # per block (sm90_sass profile: benchmarks/results/sm90-sass-*).
+    # Grid (N tiles, SPLIT_K): a narrow layer splits K so that every SM gets
+    # programs; the last program of a row tile to finish adds the others'
+    # partial sums (still one launch, no zero fill, no atomics on y).
+    # Software pipelined: the next trip's words and stored scales are loaded
+    # before this trip's decode (PREFETCH_TRIPS), so each program keeps two
+    # trips of loads in flight; the config gives every SM enough one-warp
+    # programs to cover the rest of the memory latency (tuned_sm90).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rm = tl.arange(0, ROWS)
+    rw = tl.arange(0, 4)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # A trip is BLOCK_K // 32 runs of 4 words (32 columns) per row; K % 32 ==
+    # 0, so a run is all in or all out, and the masks are built constant along
+    # it so the loads stay 128-bit. Masked words read 0 (code -1.0): their x
+    # is 0, or their row is not stored.
+    w_ptrs = words_ptr + rn[None, :] * stride_wn + rw[:, None]
+    w0 = tl.load(w_ptrs + k_start // 8, mask=row_ok[None, :] & (rw * 0 + k_start < k_end)[:, None],
+                 other=0)
+    if BLOCK_K == 64:
+        w1 = tl.load(w_ptrs + k_start // 8 + 4,
+                     mask=row_ok[None, :] & (rw * 0 + k_start + 32 < k_end)[:, None], other=0)
+    raw = nf4_scale_raw(absmax_ptr, rn * (K // BLOCKSIZE) + k_start // BLOCKSIZE,
+                        row_ok & (rn * 0 + k_start < k_end), DOUBLE_QUANT)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k1 = k0 + BLOCK_K
+        n0 = tl.load(w_ptrs + k1 // 8, mask=row_ok[None, :] & (rw * 0 + k1 < k_end)[:, None],
+                     other=0)
+        if BLOCK_K == 64:
+            n1 = tl.load(w_ptrs + k1 // 8 + 4,
+                         mask=row_ok[None, :] & (rw * 0 + k1 + 32 < k_end)[:, None], other=0)
+        next_raw = nf4_scale_raw(absmax_ptr, rn * (K // BLOCKSIZE) + k1 // BLOCKSIZE,
+                                 row_ok & (rn * 0 + k1 < k_end), DOUBLE_QUANT)
+        rk = k0 + 8 * rw[None, :, None] + tl.arange(0, 8)[None, None, :]
+        x = tl.load(x_ptr + rm[:, None, None] * stride_xm + rk * stride_xk,
+                    mask=(rm[:, None, None] < M) & (rk < k_end), other=0.0)
+        part = nf4_x_words(table, w0.to(tl.uint32, bitcast=True), x)
+        if BLOCK_K == 64:
+            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + (rk + 32) * stride_xk,
+                        mask=(rm[:, None, None] < M) & (rk + 32 < k_end), other=0.0)
+            part += nf4_x_words(table, w1.to(tl.uint32, bitcast=True), x)
+            w1 = n1
+        # BLOCK_K <= BLOCKSIZE: the K tile lies in one block of each row.
+        scale = nf4_scale_of(raw, absmax2_ptr, code2_ptr, offset_ptr,
+                             rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT,
+                             BLOCKSIZE2)
+        acc += scale[None, :] * part
+        w0 = n0
+        raw = next_raw
+    if HAS_LORA:
+        if pid_k == 0:  # one split adds the update
+            acc += scaling * _lora_rows(h_ptr, lora_b_ptr, rm, rn, M, N, R, stride_hm, stride_bn,
+                                        stride_br)
+    out = rm[:, None] * N + rn[None, :]
+    out_ok = (rm[:, None] < M) & row_ok[None, :]
+    split_epilogue(acc, rn[None, :] + 0 * rm[:, None], out, out_ok, bias_ptr, y_ptr, partial_ptr,
+                   count_ptr, pid_n, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nf4_gemv_dot_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= 16
+    words_ptr,      # int32 [N * K // 8]: the packed bytes read 4 at a time
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (any stride; read only when HAS_BIAS)
+    y_ptr,          # [M, N] x's dtype, out (contiguous)
+    partial_ptr,    # fp32 [SPLIT_K, M, N] scratch (SPLIT_K > 1 only)
+    count_ptr,      # int32 [cdiv(N, BLOCK_N)], zero on entry and on exit (SPLIT_K > 1 only)
+    h_ptr,          # [M, R] x's dtype: x @ lora_A.T (read only when HAS_LORA)
+    lora_b_ptr,     # [N, R] x's dtype: lora_B (any strides; read only when HAS_LORA)
+    scaling,        # fp32: the LoRA scale
+    # sizes
+    M, N, K, R,     # R: the LoRA rank
+    # strides
+    stride_wn,      # K // 8: words per row of W
+    stride_xm, stride_xk, stride_b,
+    stride_hm, stride_bn, stride_br,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,     # add scaling * h @ lora_B.T (the LoRA update, folded)
+    DOT_FP32: tl.constexpr,     # cast dot operands to fp32 (interpreter only, see backend)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input_precision (launch.dot_precision)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    SPLIT_K: tl.constexpr,
+):
+    # The decode GEMV on tensor cores for 2..16 rows, K % BLOCKSIZE == 0:
+    # y^T = W @ x^T, so the W tile decoded in registers is the dot's A operand
+    # (wgmma reads it from registers; x^T, padded to 16 columns, is B in shared
+    # memory) and no decoded value goes through shared memory. Same decode,
+    # grid and split epilogue as the FMA GEMV.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rm = tl.arange(0, 16)
+    rw = tl.arange(0, BLOCK_K // 8)
+    table = nf4_code_table(code_ptr)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        # K % 32 == 0: each 4-word (32-column) run is all in or all out; the
+        # mask is built constant along it so the loads stay 128-bit. Masked
+        # words read 0 (code -1.0): their x is 0, or their row is not stored.
+        # num_stages >= 2: Triton's pipeliner issues the next trips' word loads
+        # (asynchronous copies) before this trip's decode.
+        word_ok = (k0 + 32 * (rw // 4)) < K
+        words = tl.load(words_ptr + rn[None, :] * stride_wn + k0 // 8 + rw[:, None],
+                        mask=row_ok[None, :] & word_ok[:, None], other=0)
+        w = nf4_w_words_tile(table, words.to(tl.uint32, bitcast=True))
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+                     mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
+        # BLOCK_K <= BLOCKSIZE: one block per row segment, so the scale
+        # multiplies the [BLOCK_N, 16] product instead of the tile.
+        if DOT_FP32:
+            prod = tl.dot(w, xt.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            prod = tl.dot(w.to(x_ptr.dtype.element_ty), xt, input_precision=DOT_PRECISION)
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                          rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
+        acc += scale[:, None] * prod
+    if HAS_LORA:
+        if pid_k == 0:  # one split adds the update
+            acc += scaling * _lora_cols(h_ptr, lora_b_ptr, rm, rn, M, N, R, stride_hm, stride_bn,
+                                        stride_br, DOT_FP32)
+    out = rm[None, :] * N + rn[:, None]
+    out_ok = (rm[None, :] < M) & row_ok[:, None]
+    split_epilogue(acc, rn[:, None] + 0 * rm[None, :], out, out_ok, bias_ptr, y_ptr, partial_ptr,
+                   count_ptr, pid_n, pid_k, M, N, stride_b, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= BLOCK_M
+    packed_ptr,     # uint8 [(N * K + 1) // 2]
+    code_ptr,       # fp32 [16]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # scales, see nf4_scale
+    bias_ptr,       # [N] (read only when HAS_BIAS)
+    y_ptr,          # fp32 [M, N], zeroed; partial sums are atomically added
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # Grid (N tiles, SPLIT_K). With few rows the cost is reading W once; with
+    # only N / BLOCK_N programs a 4096-wide layer would leave most SMs idle, so
+    # each program takes 1 / SPLIT_K of K.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = nf4_x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                offset_ptr, rm, rn, k_start, k_end, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE,
+                   BLOCKSIZE2, DOUBLE_QUANT, DOT_FP32, DOT_PRECISION)
+    if HAS_BIAS:
+        # Only the first split adds the bias.
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc,
+                  mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weight,
+               bias: torch.Tensor | None, meta: dict, lora: tuple | None = None) -> torch.Tensor:
+    """The word GEMVs (``K % blocksize == 0``): the FMA kernel for M <=
+    GEMV_FMA_MAX_M, the tensor-core one up to GEMV_MAX_M; one launch.
+    ``lora`` = (h [M, r], lora_B [N, r], scaling), both in x's dtype with h's
+    rows contiguous: the epilogue adds ``scaling * h @ lora_B.T`` in fp32."""
+    M, K = x.shape
+    N = qw.shape[0]
+    name = "fma" if M <= GEMV_FMA_MAX_M else "dot"
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    # Meta tensors (tensor accounting, ops/meta.py) take the GPU's config, so that
+    # what they allocate (split-K partials) is what the GPU run allocates.
+    cfg = gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
+                      interpret=INTERPRET and x.device.type != "meta", lora=lora is not None)
+    candidates = [c for c in gemv_configs(name)
+                  if lora is None or lora_allowed(name, c.kwargs["BLOCK_N"])]
+    tuned = candidates if autotune_enabled() and not INTERPRET else [cfg]
+    splits = max(c.kwargs["SPLIT_K"] for c in tuned)
+    partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
+    tiles = max(-(-N // c.kwargs["BLOCK_N"]) for c in tuned)
+    count = split_counter(x.device, tiles) if splits > 1 else y
+    h, lora_b, scaling = lora if lora is not None else (y, y, 0.0)
+    args = (x, words, *tensors[1:], bias if bias is not None else y, y, partial, count,
+            h, lora_b, float(scaling),
+            M, N, K, h.shape[1] if lora is not None else 0, K // 8, x.stride(0), x.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            h.stride(0), lora_b.stride(0), lora_b.stride(1))
+    const = dict(BLOCKSIZE=meta["BLOCKSIZE"], BLOCKSIZE2=meta["BLOCKSIZE2"],
+                 DOUBLE_QUANT=meta["DOUBLE_QUANT"], HAS_BIAS=bias is not None,
+                 HAS_LORA=lora is not None)
+    if name == "fma":
+        const["ROWS"] = 1 << (M - 1).bit_length()  # next power of two
+        kernel = _nf4_gemv_fma_kernel
+    else:
+        const.update(DOT_FP32=dot_in_fp32(x.device), DOT_PRECISION=dot_precision(x.dtype))
+        kernel = _nf4_gemv_dot_kernel
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
+    launch(kernel, grid, args, const, cfg, candidates, prune_gemv)
+    return y
+
+
+def gemv_general(x: torch.Tensor, tensors: tuple, qw: NF4Weight, bias: torch.Tensor | None,
+                 meta: dict) -> torch.Tensor:
+    """The per-element-decode GEMV (``K % blocksize != 0``): fp32 atomics into
+    a zeroed output, cast to x's dtype after."""
+    M, K = x.shape
+    N = qw.shape[0]
+    y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    args = (x, *tensors, bias if bias is not None else qw.code, y, M, N, K, x.stride(0), x.stride(1))
+    const = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.device),
+                 DOT_PRECISION=dot_precision(x.dtype), BLOCKSIZE=meta["BLOCKSIZE"],
+                 BLOCKSIZE2=meta["BLOCKSIZE2"], DOUBLE_QUANT=meta["DOUBLE_QUANT"])
+    cfg = general_config("gemv", N, K, interpret=INTERPRET and x.device.type != "meta")
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
+    launch(_nf4_gemv_kernel, grid, args, const, cfg, general_configs("gemv"),
+           reset_to_zero=["y_ptr"])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
