@@ -32,7 +32,11 @@ LoRA layer (:mod:`qlora_triton.lora`), with the gradient ``g`` of its output::
     dL/db_p = column sums of the output gradients
 
 Saved: ``x``, ``gu`` ([M, 2I]: gate and up, which the activation's backward
-needs), ``a`` and ``d`` ([M, r]: tiny), the adapters. Not saved: ``h`` (one
+needs), ``a`` and ``d`` ([M, r]: tiny), the adapters (packed: the six
+matrices are cast to the compute dtype with one concatenation and one cast,
+and their gradients written into one buffer of that layout and cast back at
+once, where the unfused layers cast each matrix both ways). ``u`` is built
+transposed, ``[r, M]``, so each half is a contiguous block written in place. Not saved: ``h`` (one
 fused elementwise pass recomputes it for free inside the activation's
 backward) nor anything dense of the NF4 weights. The unfused layers save, per
 row, ``x`` plus gate, act(gate), up and h: ``K + 4I`` values against ``K + 2I``
@@ -51,23 +55,32 @@ import torch
 
 from ..matmul import nf4_matmul_args, nf4_matmul_grad_input_args
 from .ops import cat_args, gated_act, gated_act_backward_, nf4_matmul_cat, nf4_matmul_grad_input_cat
-from .projection import Projection, bias_grad, scaled_mm
+from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, scaled_mm_, unpack
 
 
 @dataclasses.dataclass(frozen=True)
 class MLPSpec:
     """The non-tensor inputs of :class:`LoRAMLPFunction`."""
 
-    wargs: tuple      # (gate, up, down) weight_args
-    scalings: tuple   # (s_g, s_u, s_d)
-    act: int          # qlora_triton.fused.ops.SILU or GELU_TANH
+    wargs: tuple        # (gate, up, down) weight_args
+    scalings: tuple     # (s_g, s_u, s_d)
+    act: int            # qlora_triton.fused.ops.SILU or GELU_TANH
+    dtype: torch.dtype  # the compute dtype
 
 
-def _gate_up(x2, A_gu, B_g, B_u, b_g, b_u, spec: MLPSpec):
-    """``(gu, a)`` of the module docstring."""
-    w_g, w_u, _ = spec.wargs
-    s_g, s_u, _ = spec.scalings
+def _shapes(B_g, B_u, A_d, B_d, K: int) -> list[tuple[int, int]]:
+    """The packed adapters' layout: ``[A_g; A_u]`` stacked, ``A_d``, then the ``B``s."""
+    return [(B_g.shape[1] + B_u.shape[1], K), tuple(A_d.shape), tuple(B_g.shape), tuple(B_u.shape),
+            tuple(B_d.shape)]
+
+
+def _forward(x2, A_g, B_g, A_u, B_u, A_d, B_d, b_g, b_u, b_d, spec: MLPSpec):
+    """``(y, gu, a, d, flat)`` of the module docstring (``flat``: the packed adapters)."""
+    w_g, w_u, w_d = spec.wargs
+    s_g, s_u, s_d = spec.scalings
     r_g, I = B_g.shape[1], w_g[6]
+    flat = pack_adapters((A_g, A_u, A_d, B_g, B_u, B_d), spec.dtype)
+    A_gu, A_d, B_g, B_u, B_d = unpack(flat, _shapes(B_g, B_u, A_d, B_d, x2.shape[1]))
     a = torch.mm(x2, A_gu.t())
     packed, absmax, code, absmax2, code2, offset, n, k, bs, bs2 = cat_args((w_g, w_u))
     gu = nf4_matmul_cat(x2, packed, absmax, code, absmax2, code2, offset, [b_g, b_u], n, k, bs, bs2)
@@ -75,94 +88,107 @@ def _gate_up(x2, A_gu, B_g, B_u, b_g, b_u, spec: MLPSpec):
         gu[:, :I].addmm_(a[:, :r_g], B_g.t(), alpha=s_g)
     if B_u.shape[1]:
         gu[:, I:].addmm_(a[:, r_g:], B_u.t(), alpha=s_u)
-    return gu, a
-
-
-def _down(h, A_d, B_d, b_d, spec: MLPSpec):
-    d = torch.mm(h, A_d.t())
-    y = nf4_matmul_args(h, spec.wargs[2], b_d)  # fresh, contiguous
-    if B_d.shape[1]:
-        y.addmm_(d, B_d.t(), alpha=spec.scalings[2])
-    return y, d
-
-
-def _forward(x2, A_gu, B_g, B_u, A_d, B_d, b_g, b_u, b_d, spec: MLPSpec):
-    gu, a = _gate_up(x2, A_gu, B_g, B_u, b_g, b_u, spec)
     h = gated_act(gu, spec.act)
-    y, d = _down(h, A_d, B_d, b_d, spec)
-    return y, gu, a, d
+    d = torch.mm(h, A_d.t())
+    y = nf4_matmul_args(h, w_d, b_d)  # fresh, contiguous
+    if B_d.shape[1]:
+        y.addmm_(d, B_d.t(), alpha=s_d)
+    return y, gu, a, d, flat
 
 
 class LoRAMLPFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` of three NF4 + LoRA projections (module
-    docstring). ``apply(x2, A_gu, B_g, B_u, A_d, B_d, b_g, b_u, b_d, spec)``
-    with ``x2 [M, K]`` and ``A_gu = cat(A_g, A_u)``; all in one dtype."""
+    docstring). ``apply(x2, A_g, B_g, A_u, B_u, A_d, B_d, b_g, b_u, b_d, spec)``
+    with ``x2 [M, K]`` in the compute dtype and the adapters as they are
+    stored (cast here, all at once)."""
 
     @staticmethod
-    def forward(ctx, x2, A_gu, B_g, B_u, A_d, B_d, b_g, b_u, b_d, spec: MLPSpec):
-        y, gu, a, d = _forward(x2, A_gu, B_g, B_u, A_d, B_d, b_g, b_u, b_d, spec)
+    def forward(ctx, x2, A_g, B_g, A_u, B_u, A_d, B_d, b_g, b_u, b_d, spec: MLPSpec):
+        y, gu, a, d, flat = _forward(x2, A_g, B_g, A_u, B_u, A_d, B_d, b_g, b_u, b_d, spec)
         ctx.spec = spec
         ctx.biases = (b_g, b_u, b_d)
-        ctx.save_for_backward(x2, gu, a, d, A_gu, B_g, B_u, A_d, B_d)
+        ctx.param_dtype = adapter_dtype((A_g, B_g, A_u, B_u, A_d, B_d)) or spec.dtype
+        ctx.shapes = _shapes(B_g, B_u, A_d, B_d, x2.shape[1])
+        ctx.save_for_backward(x2, gu, a, d, flat)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, gu, a, d, A_gu, B_g, B_u, A_d, B_d = ctx.saved_tensors
+        x2, gu, a, d, flat = ctx.saved_tensors
         need = ctx.needs_input_grad
         spec = ctx.spec
         s_g, s_u, s_d = spec.scalings
         w_g, w_u, w_d = spec.wargs
-        I, r_g = w_g[6], B_g.shape[1]
-        G = grad_y.contiguous()
+        A_gu, A_d, B_g, B_u, B_d = unpack(flat, ctx.shapes)
+        I, r_g, r_u, r_d = w_g[6], B_g.shape[1], B_u.shape[1], B_d.shape[1]
+        M = x2.shape[0]
+        G = grad_y.reshape(M, -1)
+        G = G if G.is_contiguous() else G.contiguous()
+        grad_flat = torch.empty_like(flat)  # the adapters' gradients, packed as the adapters
+        gA_gu, gA_d, gB_g, gB_u, gB_d = unpack(grad_flat, ctx.shapes)
 
-        # down
+        # down: t = G @ B_d
         t = torch.mm(G, B_d)
-        grad_B_d = scaled_mm(B_d, G.t(), d, s_d) if need[5] else None
+        if need[6] and r_d:
+            scaled_mm_(gB_d, G.t(), d, s_d)
         dh = nf4_matmul_grad_input_args(G, w_d).contiguous()
-        if B_d.shape[1]:
+        if r_d:
             dh.addmm_(t, A_d, alpha=s_d)
         gated_act_backward_(dh, gu, spec.act)  # dh := h, gu := [dgate | dup]
         h, dgate, dup = dh, gu[:, :I], gu[:, I:]
-        grad_A_d = scaled_mm(A_d, t.t(), h, s_d) if need[4] else None
-        grad_b_d = bias_grad(G, ctx.biases[2], need[8])
+        if need[5] and r_d:
+            scaled_mm_(gA_d, t.t(), h, s_d)
+        grad_b_d = bias_grad(G, ctx.biases[2], need[9])
 
-        # gate and up
-        u = torch.cat((torch.mm(dgate, B_g), torch.mm(dup, B_u)), dim=1)
-        grad_B_g = scaled_mm(B_g, dgate.t(), a[:, :r_g], s_g) if need[2] else None
-        grad_B_u = scaled_mm(B_u, dup.t(), a[:, r_g:], s_u) if need[3] else None
-        grad_A_gu = None
-        if need[1]:
-            if s_g == s_u:
-                grad_A_gu = scaled_mm(A_gu, u.t(), x2, s_g)
+        # gate and up: u.T = [B_g.T @ dgate.T ; B_u.T @ dup.T], each block written in place
+        uT = x2.new_empty((r_g + r_u, M))
+        if r_g:
+            torch.mm(B_g.t(), dgate.t(), out=uT[:r_g])
+        if r_u:
+            torch.mm(B_u.t(), dup.t(), out=uT[r_g:])
+        if need[2] and r_g:
+            scaled_mm_(gB_g, dgate.t(), a[:, :r_g], s_g)
+        if need[4] and r_u:
+            scaled_mm_(gB_u, dup.t(), a[:, r_g:], s_u)
+        one_scale = s_g == s_u or not (r_g and r_u)
+        if (need[1] or need[3]) and r_g + r_u:
+            if one_scale:
+                scaled_mm_(gA_gu, uT, x2, s_g if r_g else s_u)
             else:
-                grad_A_gu = torch.cat((scaled_mm(A_gu[:r_g], u[:, :r_g].t(), x2, s_g),
-                                       scaled_mm(A_gu[r_g:], u[:, r_g:].t(), x2, s_u)))
+                scaled_mm_(gA_gu[:r_g], uT[:r_g], x2, s_g)
+                scaled_mm_(gA_gu[r_g:], uT[r_g:], x2, s_u)
         grad_x = None
         if need[0]:
             packed, absmax, code, absmax2, code2, offset, n, k, bs, bs2 = cat_args((w_g, w_u))
             grad_x = nf4_matmul_grad_input_cat(gu, packed, absmax, code, absmax2, code2, offset, n, k,
                                                bs, bs2).contiguous()
-            if s_g == s_u:
-                grad_x.addmm_(u, A_gu, alpha=s_g)
-            else:
-                grad_x.addmm_(u[:, :r_g], A_gu[:r_g], alpha=s_g)
-                grad_x.addmm_(u[:, r_g:], A_gu[r_g:], alpha=s_u)
-        grad_b_g = bias_grad(dgate, ctx.biases[0], need[6])
-        grad_b_u = bias_grad(dup, ctx.biases[1], need[7])
-        return (grad_x, grad_A_gu, grad_B_g, grad_B_u, grad_A_d, grad_B_d, grad_b_g, grad_b_u, grad_b_d,
-                None)
+            if r_g + r_u:
+                if one_scale:
+                    grad_x.addmm_(uT.t(), A_gu, alpha=s_g if r_g else s_u)
+                else:
+                    grad_x.addmm_(uT[:r_g].t(), A_gu[:r_g], alpha=s_g)
+                    grad_x.addmm_(uT[r_g:].t(), A_gu[r_g:], alpha=s_u)
+        grad_b_g = bias_grad(dgate, ctx.biases[0], need[7])
+        grad_b_u = bias_grad(dup, ctx.biases[1], need[8])
+
+        if grad_flat.dtype != ctx.param_dtype:
+            grad_flat = grad_flat.to(ctx.param_dtype)  # one cast for all six
+        gA_gu, gA_d, gB_g, gB_u, gB_d = unpack(grad_flat, ctx.shapes)
+        pick = lambda i, t: t if need[i] else None  # noqa: E731
+        return (grad_x, pick(1, gA_gu[:r_g]), pick(2, gB_g), pick(3, gA_gu[r_g:]), pick(4, gB_u),
+                pick(5, gA_d), pick(6, gB_d), grad_b_g, grad_b_u, grad_b_d, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, act: int) -> torch.Tensor:
-    """The fused MLP on ``x [..., K]`` (every tensor in one dtype); returns
+    """The fused MLP on ``x [..., K]`` in the compute dtype; returns
     ``[..., K']``. Without a gradient to flow it runs the same forward and
     saves nothing."""
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    spec = MLPSpec((gate.wargs, up.wargs, down.wargs), (gate.scaling, up.scaling, down.scaling), act)
-    A_gu = torch.cat((gate.lora_A, up.lora_A))
-    tensors = (x2, A_gu, gate.lora_B, up.lora_B, down.lora_A, down.lora_B, gate.bias, up.bias, down.bias)
+    spec = MLPSpec((gate.wargs, up.wargs, down.wargs), (gate.scaling, up.scaling, down.scaling), act,
+                   x.dtype)
+    tensors = (x2, gate.lora_A, gate.lora_B, up.lora_A, up.lora_B, down.lora_A, down.lora_B,
+               gate.bias, up.bias, down.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = LoRAMLPFunction.apply(*tensors, spec)
     else:
