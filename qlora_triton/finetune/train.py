@@ -158,11 +158,12 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
     schedule = cosine_schedule(optimizer, steps)
     bar = tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True, file=sys.stderr)
     for step in bar:
-        batch = stream.batch(starts[step], seq_len).to(device)
-        loss, seconds = timed_step(model, batch, optimizer, device)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in stream.batch_inputs(starts[step], seq_len).items()}  # packed per sentence
+        loss, seconds = timed_step(model, inputs, optimizer, device)
         schedule.step()
         train_seconds += seconds
-        tokens += batch.numel()
+        tokens += inputs["input_ids"].numel()
         losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             eval_steps.append(step + 1)
@@ -192,7 +193,8 @@ def prepare(config: FinetuneConfig, out: Path) -> dict:
     train.check(config.seq_len, "data (train split)")
     held_out.check(config.seq_len, "data (held-out split)")
     starts = train.batch_starts(config.steps, config.batch_size, config.seq_len, seed=config.seed + 3)
-    torch.save({"train": train.ids, "eval": held_out.ids, "starts": starts}, out / "data.pt")
+    torch.save({"train": train.ids, "eval": held_out.ids, "starts": starts, "separator": train.separator},
+               out / "data.pt")
 
     info: dict = {"tokenizer": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                   "train_tokens": train.ids.numel(), "eval_tokens": held_out.ids.numel()}

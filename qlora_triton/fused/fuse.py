@@ -86,15 +86,18 @@ def _group_problem(name: str, layers: list[nn.Module]) -> str | None:
 
 
 def _find(model: nn.Module):
-    """``(mlps, attentions, problems)``: gated MLPs as (parent, attribute, module,
-    act), attention blocks as (name, q, k, v), and why others cannot be fused."""
-    mlps, attentions, problems, fused_mlps = [], [], [], 0
+    """``(mlps, attentions, problems, (n_mlp, n_attention))``: gated MLPs to fuse
+    as (parent, attribute, module, act), attention blocks to fuse as (name, q,
+    k, v), why others cannot be fused, and how many of each the model has
+    (fused already, to fuse, or not fusable)."""
+    mlps, attentions, problems, n_mlp, n_attention = [], [], [], 0, 0
     for name, module in model.named_modules():
         children = dict(module.named_children())
         if isinstance(module, FusedLoRAMLP):
-            fused_mlps += 1
+            n_mlp += 1
             continue
         if all(n in children for n in _MLP):
+            n_mlp += 1
             extra = sorted(set(children) - set(_MLP) - {"act_fn"})
             act = _activation_kind(getattr(module, "act_fn", None)) if "act_fn" in children or hasattr(
                 module, "act_fn") else None
@@ -116,6 +119,7 @@ def _find(model: nn.Module):
                     parent, _, attr = name.rpartition(".")
                     mlps.append((model.get_submodule(parent), attr, module, act))
         if all(n in children for n in _QKV):
+            n_attention += 1
             layers = [children[n] for n in _QKV]
             if all(type(m) in FUSED_CLASS.values() for m in layers):
                 continue  # fused already
@@ -124,7 +128,7 @@ def _find(model: nn.Module):
                 problems.append(problem)
             else:
                 attentions.append((name, *layers))
-    return mlps, attentions, problems, fused_mlps
+    return mlps, attentions, problems, (n_mlp, n_attention)
 
 
 def _refusal(model: nn.Module, reason: str) -> ValueError:
@@ -149,19 +153,18 @@ def fuse(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    mlps, attentions, problems, fused_mlps = _find(model)
-    if problems:
-        shown = "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
-        raise _refusal(model, f"cannot fuse {shown}")
-    n_qkv_fused = sum(1 for m in model.modules() if type(m) in FUSED_CLASS.values()) // 3
-    total_mlp, total_attn = len(mlps) + fused_mlps, len(attentions) + n_qkv_fused
-    if total_mlp == 0 or total_attn == 0:
+    mlps, attentions, problems, counts = _find(model)
+    total_mlp, total_attn = counts
+    if total_mlp == 0 or total_attn == 0:  # the layout first, then what is wrong inside it
         missing = "gated MLP (gate_proj/up_proj/down_proj)" if total_mlp == 0 else \
             "attention block with q_proj/k_proj/v_proj"
         raise _refusal(model, f"no {missing} found")
     if total_mlp != total_attn:
         raise _refusal(model, f"{total_attn} attention blocks but {total_mlp} gated MLPs: not a decoder "
                               "stack of the supported layout")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
+        raise _refusal(model, f"cannot fuse {shown}")
     for parent, attr, module, act in mlps:
         setattr(parent, attr, FusedLoRAMLP(module, act))
     for _, q, k, v in attentions:
