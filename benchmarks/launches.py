@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="folder for launches.json")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--r", type=int, default=16)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not backend.INTERPRET:
         parser.error("run with TRITON_INTERPRET=1 (our launchers then run on CPU tensors, kernels stubbed)")
@@ -297,7 +299,7 @@ def main(argv=None) -> int:
 
         from qlora_triton.finetune.report import write_json
 
-        meta = {"command": "TRITON_INTERPRET=1 python -m benchmarks.launches " + " ".join(argv or []),
+        meta = {"command": "TRITON_INTERPRET=1 python -m benchmarks.launches " + " ".join(argv),
                 "date": time.strftime("%Y-%m-%d", time.gmtime()), "kind": "CPU count (no GPU, nothing timed)",
                 "tokens": args.tokens, "batch": 1, "r": args.r, "dtype": "bfloat16", "strategy_table": "sm_90",
                 "torch": torch.__version__, "triton": triton.__version__,

@@ -26,7 +26,8 @@ labels of -100 on each sequence's first token, the format of transformers'
 and eager attention mask attention across sequence boundaries (its
 ``find_packed_sequence_indices``, when no attention mask and no cache is
 passed: the inputs say ``use_cache=False``), so no token attends to, or is
-predicted from, another sentence. Held-out windows are scored unpacked.
+predicted from, another sentence. Held-out windows are scored packed the
+same way.
 """
 
 from __future__ import annotations

@@ -119,15 +119,16 @@ def pick_backend(config: FinetuneConfig) -> str | None:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token cross-entropy over the held-out windows (token-weighted)."""
+def evaluate(model, batches: list[torch.Tensor], device: torch.device, separator: int | None = None) -> float:
+    """Mean next-token cross-entropy over the held-out windows (token-weighted),
+    packed per sequence as training is (``separator``: see ``data.packed_inputs``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        batch = batch.to(device)
-        n = batch.numel() - batch.shape[0]  # predicted tokens
-        total += model(input_ids=batch, labels=batch).loss.float().item() * n
+        inputs = data_mod.packed_inputs(batch.to(device), separator)
+        n = int((inputs["labels"][:, 1:] != -100).sum())  # predicted tokens
+        total += model(**inputs).loss.float().item() * n
         count += n
     model.train(was_training)
     return total / count
@@ -152,7 +153,7 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
     ``tokens_per_s`` counts training steps only (forward, backward, optimizer),
     not evaluation."""
     model.train()
-    losses, eval_steps, eval_losses = [], [0], [evaluate(model, eval_batches, device)]
+    losses, eval_steps, eval_losses = [], [0], [evaluate(model, eval_batches, device, stream.separator)]
     train_seconds, tokens = 0.0, 0
     steps = starts.shape[0]
     schedule = cosine_schedule(optimizer, steps)
@@ -167,7 +168,7 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
         losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             eval_steps.append(step + 1)
-            eval_losses.append(evaluate(model, eval_batches, device))
+            eval_losses.append(evaluate(model, eval_batches, device, stream.separator))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", eval=f"{eval_losses[-1]:.3f}")
     return {"train_loss": losses, "eval_steps": eval_steps, "eval_loss": eval_losses,
             "initial_eval_loss": eval_losses[0], "final_eval_loss": eval_losses[-1],
@@ -217,7 +218,8 @@ def prepare(config: FinetuneConfig, out: Path) -> dict:
                         eval_every=max(config.pretrain_steps, 1), desc="pre-train (fp32, task 1)",
                         quiet=config.quiet)
     task2_eval = evaluate(model, held_out.eval_batches(config.seq_len, config.batch_size,
-                                                       config.size["eval_windows"]), device)
+                                                       config.size["eval_windows"]), device,
+                          held_out.separator)
     result.update(seconds=time.perf_counter() - t0, task2_eval_loss=task2_eval,
                   shape=shape.__dict__, params=sum(p.numel() for p in model.parameters()))
     model.save_pretrained(out / "pretrained")
