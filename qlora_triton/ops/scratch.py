@@ -1,8 +1,9 @@
 """The "dequant" strategy: W dequantized into one reused scratch buffer, then a
 dense matmul (cuBLAS on the GPU, torch's CPU BLAS under the interpreter).
 
-One buffer per (device, dtype), sized to the largest layer seen: a larger layer
-replaces it (the old one is dropped before the new one is allocated, so two
+One buffer per (device, dtype), sized to the largest layer seen (or the largest
+stack of layers one product reads: :func:`scratch_weights`, a fused block's
+gate and up, or its q, k and v): a larger one replaces it (the old one is dropped before the new one is allocated, so two
 are never alive), a smaller one uses its front. Nothing of it is saved for
 backward, which dequantizes again, and every output is a fresh tensor, so the
 buffer may be overwritten by the next call as soon as its matmul is queued.
