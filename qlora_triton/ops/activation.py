@@ -27,9 +27,7 @@ import triton.language as tl
 from ..backend import INTERPRET
 from .cast import cast_rtne
 
-SILU, GELU_TANH = 0, 1
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
+SILU, GELU_TANH = 0, 1  # the values of qlora_triton.fused.ops.SILU, GELU_TANH
 
 # Columns per program: the interpreter runs programs one at a time in Python,
 # so it takes wider rows.
