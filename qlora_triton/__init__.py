@@ -6,6 +6,7 @@ from .backend import force_backend
 from .codebooks import dynamic_map, nf4_codebook
 from .convert import merge_adapter, merge_and_unload, replace_linear
 from .ddp import wrap_ddp
+from .fused import fuse, unfuse
 from .linear import Linear4bit, LoRALinear4bit
 from .matmul import nf4_matmul, nf4_matmul_grad_input
 from .ops.scratch import release_scratch
@@ -59,6 +60,7 @@ __all__ = [
     "force_backend",
     "force_strategy",
     "from_pretrained",
+    "fuse",
     "load_adapter",
     "merge_adapter",
     "merge_and_quantize",
@@ -72,5 +74,6 @@ __all__ = [
     "release_scratch",
     "replace_linear",
     "save_adapter",
+    "unfuse",
     "wrap_ddp",
 ]

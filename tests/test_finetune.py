@@ -54,7 +54,9 @@ def test_read_jsonl_needs_text(tmp_path):
 
 
 def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
-    config = FinetuneConfig(device="cpu", steps=12, pretrain_steps=15, batch_size=8, seq_len=32, lr=1e-2,
+    # 20 steps: training and held-out windows are packed per sentence, so the
+    # cross-sentence predictions that a 12-step run improved first are not scored.
+    config = FinetuneConfig(device="cpu", steps=20, pretrain_steps=15, batch_size=8, seq_len=32, lr=1e-2,
                             eval_every=6, output_dir=str(tmp_path / "run"), save_adapter="", quiet=True,
                             size=dict(TEST_SIZE))
     summary = run(config)
@@ -69,7 +71,7 @@ def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
     for method in ("lora16", "qlora"):
         phase = on_disk["phases"][method]
         assert set(PHASE_KEYS) <= set(phase), method
-        assert len(phase["train_loss"]) == 12
+        assert len(phase["train_loss"]) == 20
         assert all(torch.isfinite(torch.tensor(phase["train_loss"])))
         # Fine-tuning must clearly lower the held-out task-2 loss.
         assert phase["final_eval_loss"] < 0.95 * phase["initial_eval_loss"], method

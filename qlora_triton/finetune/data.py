@@ -16,6 +16,18 @@ a seeded ``random.Random``, so every run sees the same text.
 The text is tokenized per character over printable ASCII, so the bundled
 model can also read a user's ``--data`` file. A Hugging Face model folder
 brings its own tokenizer instead (:class:`HFTokenizer`).
+
+Packing. Training windows are cut from one long stream, so a window holds
+the end of one sentence, whole sentences and the start of another. Each
+line (a newline token ends it) is its own sequence: :meth:`TokenStream.batch_inputs`
+gives per-sequence ``position_ids`` (0 at each sequence's first token) and
+labels of -100 on each sequence's first token, the format of transformers'
+``DataCollatorWithFlattening``. From the position ids, transformers' sdpa
+and eager attention mask attention across sequence boundaries (its
+``find_packed_sequence_indices``, when no attention mask and no cache is
+passed: the inputs say ``use_cache=False``), so no token attends to, or is
+predicted from, another sentence. Held-out windows are scored packed the
+same way.
 """
 
 from __future__ import annotations
@@ -119,15 +131,41 @@ def split_text(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def separator_id(tokenizer) -> int | None:
+    """The token that ends a line (a sequence), or None when a newline is not
+    one token of ``tokenizer`` (then nothing is packed)."""
+    ids = tokenizer.encode("\n")
+    return ids[0] if len(ids) == 1 else None
+
+
+def packed_inputs(batch: torch.Tensor, separator: int | None) -> dict:
+    """Model inputs for ``batch`` [B, S] whose rows hold several sequences,
+    each ended by ``separator``: ``position_ids`` restart at 0 after every
+    separator and the first token of each sequence is labelled -100 (it is
+    not predicted from the previous sequence), as transformers'
+    ``DataCollatorWithFlattening`` lays out a packed batch. ``separator``
+    None: one sequence per row (plain inputs)."""
+    if separator is None:
+        return {"input_ids": batch, "labels": batch, "use_cache": False}
+    starts = torch.zeros_like(batch, dtype=torch.bool)
+    starts[:, 1:] = batch[:, :-1] == separator  # a sequence starts after each separator
+    starts[:, 0] = True
+    index = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    labels = batch.masked_fill(starts, -100)
+    return {"input_ids": batch, "labels": labels, "position_ids": index - first, "use_cache": False}
+
+
 @dataclass
 class TokenStream:
     """One long run of token ids; training reads random windows of it."""
 
     ids: torch.Tensor  # int64 [n]
+    separator: int | None = None  # the token that ends each sequence: training packs (see packed_inputs)
 
     @classmethod
     def from_text(cls, text: str, tokenizer) -> "TokenStream":
-        return cls(torch.tensor(tokenizer.encode(text), dtype=torch.long))
+        return cls(torch.tensor(tokenizer.encode(text), dtype=torch.long), separator_id(tokenizer))
 
     def check(self, seq_len: int, name: str) -> None:
         if self.ids.numel() < seq_len + 1:
@@ -145,6 +183,11 @@ class TokenStream:
         """int64 ``[len(starts), seq_len]``; labels are the inputs (the model shifts them)."""
         offsets = torch.arange(seq_len)
         return self.ids[starts[:, None] + offsets[None, :]]
+
+    def batch_inputs(self, starts: torch.Tensor, seq_len: int) -> dict:
+        """The model inputs of :meth:`batch`'s windows, packed per sequence
+        (:func:`packed_inputs`)."""
+        return packed_inputs(self.batch(starts, seq_len), self.separator)
 
     def eval_batches(self, seq_len: int, batch_size: int, max_windows: int) -> list[torch.Tensor]:
         """Non-overlapping windows from the start, at most ``max_windows``, in batches."""

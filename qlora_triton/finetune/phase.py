@@ -109,7 +109,7 @@ def run_phase(spec: dict) -> dict:
 
     torch.manual_seed(config["seed"] + 5)
     blob = torch.load(spec["data_path"])
-    train = data_mod.TokenStream(blob["train"])
+    train = data_mod.TokenStream(blob["train"], blob.get("separator"))  # packed per sentence
     held_out = data_mod.TokenStream(blob["eval"])
     model = load_model(spec["model_dir"], torch.bfloat16, device)
     targets = lora_targets(model)

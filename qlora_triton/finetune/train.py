@@ -128,15 +128,16 @@ def pick_backend(config: FinetuneConfig) -> str | None:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token cross-entropy over the held-out windows (token-weighted)."""
+def evaluate(model, batches: list[torch.Tensor], device: torch.device, separator: int | None = None) -> float:
+    """Mean next-token cross-entropy over the held-out windows (token-weighted),
+    packed per sequence as training is (``separator``: see ``data.packed_inputs``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        batch = batch.to(device)
-        n = batch.numel() - batch.shape[0]  # predicted tokens
-        total += model(input_ids=batch, labels=batch).loss.float().item() * n
+        inputs = data_mod.packed_inputs(batch.to(device), separator)
+        n = int((inputs["labels"][:, 1:] != -100).sum())  # predicted tokens
+        total += model(**inputs).loss.float().item() * n
         count += n
     model.train(was_training)
     return total / count
@@ -161,21 +162,22 @@ def train_loop(model, optimizer, stream: data_mod.TokenStream, starts: torch.Ten
     ``tokens_per_s`` counts training steps only (forward, backward, optimizer),
     not evaluation."""
     model.train()
-    losses, eval_steps, eval_losses = [], [0], [evaluate(model, eval_batches, device)]
+    losses, eval_steps, eval_losses = [], [0], [evaluate(model, eval_batches, device, stream.separator)]
     train_seconds, tokens = 0.0, 0
     steps = starts.shape[0]
     schedule = cosine_schedule(optimizer, steps)
     bar = tqdm(range(steps), desc=desc, disable=quiet, dynamic_ncols=True, file=sys.stderr)
     for step in bar:
-        batch = stream.batch(starts[step], seq_len).to(device)
-        loss, seconds = timed_step(model, batch, optimizer, device)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in stream.batch_inputs(starts[step], seq_len).items()}  # packed per sentence
+        loss, seconds = timed_step(model, inputs, optimizer, device)
         schedule.step()
         train_seconds += seconds
-        tokens += batch.numel()
+        tokens += inputs["input_ids"].numel()
         losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             eval_steps.append(step + 1)
-            eval_losses.append(evaluate(model, eval_batches, device))
+            eval_losses.append(evaluate(model, eval_batches, device, stream.separator))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", eval=f"{eval_losses[-1]:.3f}")
     return {"train_loss": losses, "eval_steps": eval_steps, "eval_loss": eval_losses,
             "initial_eval_loss": eval_losses[0], "final_eval_loss": eval_losses[-1],
@@ -201,7 +203,8 @@ def prepare(config: FinetuneConfig, out: Path) -> dict:
     train.check(config.seq_len, "data (train split)")
     held_out.check(config.seq_len, "data (held-out split)")
     starts = train.batch_starts(config.steps, config.batch_size, config.seq_len, seed=config.seed + 3)
-    torch.save({"train": train.ids, "eval": held_out.ids, "starts": starts}, out / "data.pt")
+    torch.save({"train": train.ids, "eval": held_out.ids, "starts": starts, "separator": train.separator},
+               out / "data.pt")
 
     info: dict = {"tokenizer": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                   "train_tokens": train.ids.numel(), "eval_tokens": held_out.ids.numel()}
@@ -224,7 +227,8 @@ def prepare(config: FinetuneConfig, out: Path) -> dict:
                         eval_every=max(config.pretrain_steps, 1), desc="pre-train (fp32, task 1)",
                         quiet=config.quiet)
     task2_eval = evaluate(model, held_out.eval_batches(config.seq_len, config.batch_size,
-                                                       config.size["eval_windows"]), device)
+                                                       config.size["eval_windows"]), device,
+                          held_out.separator)
     result.update(seconds=time.perf_counter() - t0, task2_eval_loss=task2_eval,
                   shape=shape.__dict__, params=sum(p.numel() for p in model.parameters()))
     model.save_pretrained(out / "pretrained")

@@ -1,8 +1,9 @@
 """The "dequant" strategy: W dequantized into one reused scratch buffer, then a
 dense matmul (cuBLAS on the GPU, torch's CPU BLAS under the interpreter).
 
-One buffer per (device, dtype), sized to the largest layer seen: a larger layer
-replaces it (the old one is dropped before the new one is allocated, so two
+One buffer per (device, dtype), sized to the largest layer seen (or the largest
+stack of layers one product reads: :func:`scratch_weights`, a fused block's
+gate and up, or its q, k and v): a larger one replaces it (the old one is dropped before the new one is allocated, so two
 are never alive), a smaller one uses its front. Nothing of it is saved for
 backward, which dequantizes again, and every output is a fresh tensor, so the
 buffer may be overwritten by the next call as soon as its matmul is queued.
@@ -35,20 +36,33 @@ def _stream(device: torch.device):
 def scratch_weight(qw: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W of ``qw`` in ``dtype``, dequantized into the (device, dtype) scratch
     buffer: a contiguous [N, K] view that the next call overwrites."""
-    key = (qw.device, dtype)
-    stream = _stream(qw.device)
+    return scratch_weights((qw,), dtype)
+
+
+def scratch_weights(qws, dtype: torch.dtype) -> torch.Tensor:
+    """The weights ``qws`` (one device, one in_features K) stacked along the
+    rows, ``[sum N, K]``, dequantized into the (device, dtype) scratch buffer:
+    one dense operand for one matmul (a fused block's gate and up, or q, k
+    and v). A contiguous view that the next call overwrites."""
+    first = qws[0]
+    numel = sum(qw.numel for qw in qws)
+    key = (first.device, dtype)
+    stream = _stream(first.device)
     entry = _buffers.get(key)
-    if entry is None or entry[0].numel() < qw.numel:
+    if entry is None or entry[0].numel() < numel:
         _buffers.pop(key, None)
         entry = None  # the old buffer is freed here, before the new one exists
-        entry = [torch.empty(qw.numel, dtype=dtype, device=qw.device), stream]
+        entry = [torch.empty(numel, dtype=dtype, device=first.device), stream]
         _buffers[key] = entry
     elif stream is not None and entry[1] != stream:
         stream.wait_stream(entry[1])
         entry[0].record_stream(stream)
         entry[1] = stream
-    w = entry[0][:qw.numel].view(qw.shape)
-    return nf4_dequantize(qw, dtype, out=w)
+    start = 0
+    for qw in qws:
+        nf4_dequantize(qw, dtype, out=entry[0][start:start + qw.numel].view(qw.shape))
+        start += qw.numel
+    return entry[0][:numel].view(numel // first.shape[1], first.shape[1])
 
 
 def release_scratch() -> None:
