@@ -126,11 +126,11 @@ def test_blockwise_8bit_dequantize_keeps_special_scales(dtype, backend, device):
 def test_nf4_dequantize_rounds_extreme_scales_like_torch(dtype, backend, device):
     # Scales that are finite (dequantize_nf4 refuses NaN / Inf ones) but make
     # code * scale overflow bf16 / fp16, or fall into the subnormals.
-    w = torch.randn(7, 64 * 7)
+    w = torch.randn(7, 64 * 7, device=device)
     qw = qt.quantize_nf4(w, blocksize=64, double_quant=False)
     finite = [b for b in SPECIAL_BITS if torch.isfinite(_f32([b])).item() and (b & 0x7FFFFFFF)]
     absmax = torch.cat([_f32(finite).abs(), torch.rand(qw.nblocks) + 0.5])[: qw.nblocks]
-    qw = dataclasses.replace(qw, absmax=absmax).to(device)
+    qw = dataclasses.replace(qw, absmax=absmax.to(device))
     before = ops_matmul.launches.copy()
     out = qt.dequantize_nf4(qw, dtype)
     codes = torch.stack([qw.packed.cpu() >> 4, qw.packed.cpu() & 15], 1).reshape(-1).long()
@@ -239,11 +239,11 @@ def test_a_gpu_nan_scale_stays_nan_in_bf16(M, strategy, K, kernel, backend, devi
     # (nf4_matmul does not read scale values: the hot path). The payload
     # survives the multiply on the interpreter too, so this reaches the cast
     # with 0x7FFFFFFF on every backend: every output that reads block 1 is NaN.
-    w = torch.randn(N_OUT, K)
+    w = torch.randn(N_OUT, K, device=device)
     qw = qt.quantize_nf4(w, blocksize=64, double_quant=False)
     absmax = qw.absmax.clone()
-    absmax[1] = _f32([0x7FFFFFFF])[0]
-    qw = dataclasses.replace(qw, absmax=absmax).to(device)
+    absmax[1] = _f32([0x7FFFFFFF])[0].to(device)
+    qw = dataclasses.replace(qw, absmax=absmax)
     flat = torch.zeros(N_OUT * K, dtype=torch.bool)
     flat[64:128] = True  # the elements of block 1
     touched = flat.reshape(N_OUT, K).any(1)
