@@ -44,7 +44,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                         "without (or --device meta): the model on the meta device, by tensor "
                         "accounting (no GPU, seconds). Default tokens: --batch-size 1 --seq-len 512")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="QLoRA: the fused decoder blocks (qt.fuse; default on where the package has it)")
+                   help="QLoRA: the fused decoder blocks (qt.fuse; default on where the model allows it)")
     p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA: Liger-Kernel RMSNorm, RoPE and fused linear cross-entropy on CUDA, the "
                         "chunked cross-entropy elsewhere (default on)")
@@ -152,7 +152,7 @@ def _memory_only(args: argparse.Namespace, given: dict) -> int:
     chosen = speedups.resolve(args.fuse, args.liger, args.offload)
     result = step_peaks(args.preset, device=args.device, batch_size=args.batch_size or 1,
                         seq_len=args.seq_len or 512, r=args.r, alpha=args.alpha,
-                        fuse=chosen.fuse, liger=chosen.liger, offload=chosen.offload)
+                        fuse=chosen.fuse is not False, liger=chosen.liger, offload=chosen.offload)
     print(format_peaks(result))
     if args.output_dir:
         out = pathlib.Path(args.output_dir)
@@ -172,8 +172,6 @@ def _estimate_step(args: argparse.Namespace, given: dict) -> int:
     if unused:
         raise ValueError(f"--estimate-step estimates one step on the meta device; it does not take "
                          f"{', '.join(unused)}")
-    if args.fuse:
-        speedups.resolve(fuse=True)  # refuses clearly without qt.fuse
     chosen = speedups.resolve(None, args.liger, args.offload)
     result = estimate_step(args.preset, batch_size=args.batch_size or 1, seq_len=args.seq_len or 2048,
                            r=args.r, alpha=args.alpha, liger=chosen.liger, offload=chosen.offload)

@@ -12,13 +12,11 @@ from qlora_triton.finetune import speedups
 
 def test_resolve_defaults_and_refusals():
     chosen = speedups.resolve()
-    assert chosen == speedups.Speedups(fuse=hasattr(qt, "fuse"), liger=True, offload=False)
-    assert speedups.resolve(liger=False, offload=True).names() == (["fuse"] if hasattr(qt, "fuse") else []) + ["offload"]
+    assert chosen == speedups.Speedups(fuse=None, liger=True, offload=False)
+    assert speedups.resolve(liger=False, offload=True).names() == ["fuse", "offload"]
+    assert speedups.resolve(fuse=False, liger=False).names() == []
     with pytest.raises(TypeError, match="liger"):
         speedups.resolve(liger="yes")
-    if not hasattr(qt, "fuse"):
-        with pytest.raises(ValueError, match="qt.fuse"):
-            speedups.resolve(fuse=True)
     with pytest.raises(TypeError, match="speedups"):
         speedups.apply(None, {"liger": True})
 
@@ -33,7 +31,7 @@ def test_cli_passes_the_flags_as_given(monkeypatch):
     config = seen["config"]
     assert (config.fuse, config.liger, config.offload) == (None, False, True)
     config.resolve()
-    assert (config.fuse, config.liger, config.offload) == (hasattr(qt, "fuse"), False, True)
+    assert (config.fuse, config.liger, config.offload) == (None, False, True)
     assert cli_main(["finetune", "--preset", "tiny", "--no-fuse", "--liger"]) == 0
     kw = seen["preset"]
     assert (kw["fuse"], kw["liger"], kw["offload"]) == (False, True, None)

@@ -67,7 +67,7 @@ def apply_speedups(model, config: dict) -> None:
     settled them (the 16-bit baseline stays plain PEFT: see the module docstring)."""
     from .speedups import Speedups, apply
 
-    chosen = Speedups(fuse=bool(config.get("fuse")), liger=bool(config.get("liger")),
+    chosen = Speedups(fuse=config.get("fuse"), liger=bool(config.get("liger")),
                       offload=bool(config.get("offload")))
     if chosen.offload:  # offload works on checkpointed layer inputs
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

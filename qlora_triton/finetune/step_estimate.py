@@ -17,7 +17,8 @@ flops come from ``torch.utils.flop_counter``'s formulas (matmuls and the
 attention kernels; elementwise ops count bytes only, which bind them anyway);
 bytes are every input tensor read and every output written. An op that
 launches nothing (a view, ``detach``, a bare ``empty``) costs nothing. The
-package's NF4 matmuls (``qlora_triton::nf4_matmul`` and its grad-input) are
+package's NF4 matmuls (``qlora_triton::nf4_matmul``, its grad-input, the
+LoRA layer's ``nf4_lora_matmul`` and the fused blocks' stacked ``_cat`` ops) are
 one op each, under the strategy the package itself picks for the shape (on
 meta: the sm_90 rows of its crossover table): "gemv"/"fused" read the packed
 weights and constants once (the same flops as a bf16 matmul, about a quarter
@@ -55,7 +56,11 @@ _NO_KERNEL = {"detach", "alias", "lift_fresh", "_unsafe_view", "empty", "empty_s
               "new_empty", "new_empty_strided", "empty_permuted", "view", "t", "transpose", "permute",
               "expand", "slice", "select", "unsqueeze", "squeeze", "as_strided", "split", "unbind",
               "_reshape_alias", "split_with_sizes", "unfold"}
-_NF4_OPS = {"nf4_matmul", "nf4_matmul_grad_input"}
+# ops whose args[0] is the activation and whose output is the product through
+# NF4 weights (the ``_cat`` ops: several weights stacked along N; the ``lora``
+# op adds the rank-r update ``h @ B.T`` too)
+_NF4_OPS = {"nf4_matmul", "nf4_matmul_grad_input", "nf4_lora_matmul", "nf4_matmul_cat",
+            "nf4_matmul_grad_input_cat"}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -96,7 +101,11 @@ class StepCost(TorchDispatchMode):
             x, y = args[0], out
             k, n = x.shape[-1], y.shape[-1]
             weight = sum(_nbytes(a) for a in args[1:] if isinstance(a, torch.Tensor))
-            self._add(func._schema.name, 2.0 * (x.numel() // k) * n * k, _nbytes(x) + _nbytes(y) + weight)
+            flops = 2.0 * (x.numel() // k) * n * k
+            if func._schema.name.endswith("nf4_lora_matmul"):
+                h = kwargs.get("h", args[8])  # [M, r]
+                flops += 2.0 * (x.numel() // k) * n * h.shape[-1]
+            self._add(func._schema.name, flops, _nbytes(x) + _nbytes(y) + weight)
             if any(s == "dequant" for (_, s) in strategy_mod.strategies - before):
                 # the "dequant" strategy: the NF4 -> bf16 kernel writes W, the GEMM reads it
                 # (a second launch, counted here; the GEMM's own launch is the one above)
@@ -161,7 +170,7 @@ def _one_step(model, vocab: int, batch_size: int, seq_len: int, liger: bool, off
 
 def estimate_step(preset: str, batch_size: int = 1, seq_len: int = 2048, r: int = 16, alpha: float = 16.0,
                   liger: bool = True, offload: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """``{"rows": {"qlora", "qlora_fused" (if qt.fuse exists), "lora16"}: StepCost.result()}`` and the
+    """``{"rows": {"qlora", "qlora_fused", "lora16"}: StepCost.result()}`` and the
     constants, for one forward + backward of ``preset`` on meta."""
     import qlora_triton as qt
 
@@ -173,10 +182,8 @@ def estimate_step(preset: str, batch_size: int = 1, seq_len: int = 2048, r: int 
     rows = {}
     model = build_quantized_llama(shape, torch.device("meta"), r, alpha, dtype=dtype)
     rows["qlora"] = _one_step(model, shape.vocab_size, batch_size, seq_len, liger, offload)
-    if hasattr(qt, "fuse"):
-        model = build_quantized_llama(shape, torch.device("meta"), r, alpha, dtype=dtype)
-        qt.fuse(model)
-        rows["qlora_fused"] = _one_step(model, shape.vocab_size, batch_size, seq_len, liger, offload)
+    model = qt.fuse(build_quantized_llama(shape, torch.device("meta"), r, alpha, dtype=dtype))
+    rows["qlora_fused"] = _one_step(model, shape.vocab_size, batch_size, seq_len, liger, offload)
     del model
     rows["lora16"] = _one_step(_dense_lora(shape, r, alpha, dtype), shape.vocab_size, batch_size, seq_len,
                                liger, offload)
@@ -200,6 +207,4 @@ def format_estimate(result: dict) -> str:
         lines.append(f"  {names[key]:26s} {row['seconds'] * 1e3:8.1f} ms  ({row['seconds'] / base:.2f}x 16-bit "
                      f"LoRA)  {row['flops'] / 1e12:7.1f} TFLOP  {row['bytes'] / 1e9:7.1f} GB  "
                      f"{row['launches']:6d} launches")
-    if "qlora_fused" not in result["rows"]:
-        lines.append("  (no fused row: this qlora_triton has no qt.fuse yet)")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ Options (each a keyword of :func:`step_peaks`, the CLI's flags):
   the chunked linear cross-entropy, the analogue of Liger's fused one);
 * ``offload``: :func:`qlora_triton.offload.offload_checkpoints` (the layer
   inputs wait on the host; on meta their bytes are recorded as host bytes);
-* ``fuse``: ``qt.fuse`` (the fused decoder blocks), where the package has it.
+* ``fuse``: ``qt.fuse`` (the fused decoder blocks).
 
 The peak's breakdown (``peak_breakdown``) tags every allocation by where it
 was made: the model's weights, checkpointed layer inputs, a decoder layer's
@@ -226,13 +226,11 @@ TABLE_STEPS = (("today (math attention)", {"attention": "math"}),
 
 
 def memory_table(cases=TABLE_CASES, r: int = 16, out_dir: str | None = None) -> dict:
-    """Run every case under each cumulative step of :data:`TABLE_STEPS` (the fused
-    row only where ``qt.fuse`` exists; "today" skipped at 8192 tokens, where the math
-    path's scores alone are 8 GiB a layer) and write ``memory-table.json`` and
+    """Run every case under each cumulative step of :data:`TABLE_STEPS` ("today"
+    skipped at 8192 tokens, where the math path's scores alone are 8 GiB a layer) and write ``memory-table.json`` and
     ``memory-table.md`` to ``out_dir``."""
     import time
 
-    import qlora_triton as qt
     from .presets import lora_params
     from .report import write_json
 
@@ -241,8 +239,6 @@ def memory_table(cases=TABLE_CASES, r: int = 16, out_dir: str | None = None) -> 
         row = {"preset": preset, "seq_len": seq, "target_gib": TABLE_TARGETS_GIB.get((preset, seq)),
                "adam_states_bytes": 8 * lora_params(LLAMA_SHAPES[preset], r), "steps": {}}
         for label, kw in TABLE_STEPS:
-            if kw.get("fuse") and not hasattr(qt, "fuse"):
-                continue
             if seq > 4096 and kw.get("attention") == "math":
                 continue
             result = step_peaks(preset, device="meta", batch_size=1, seq_len=seq, r=r,
