@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .memory import PeakMemory
+from .optimizer import paged_adamw
 
 
 def _optimizer_settings(config: dict) -> dict:
@@ -56,23 +57,7 @@ def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
                       lora_dropout=config["dropout"], double_quant=True, progress=not config["quiet"])
     qt.load_adapter(model, init_adapter)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, qt.PagedAdamW(params, paged=_can_page(model), **_optimizer_settings(config))
-
-
-def _can_page(model) -> bool:
-    """Paged (CUDA unified memory) states need the nvcc-built helper; without it
-    the optimizer keeps its states on the device (``paged=False``) and says so."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return True  # on the CPU the same class runs on plain tensors
-    from qlora_triton import paged
-
-    try:
-        paged.helper()
-        return True
-    except paged.ManagedMemoryError as err:
-        print(f"qlora-triton finetune: PagedAdamW with paged=False: {err}", file=sys.stderr)
-        return False
+    return model, paged_adamw(params, **_optimizer_settings(config))
 
 
 def run_phase(spec: dict) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
+from .optimizer import paged_adamw
 from .report import write_json
 from .step import timed_step
 
@@ -230,7 +231,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = qt.PagedAdamW(params, lr=lr)
+        optimizer = paged_adamw(params, lr=lr)
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
