@@ -117,19 +117,19 @@ def imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
     return found
 
 
-def check() -> tuple[list[str], list[str], set[str]]:
+def check(root: pathlib.Path = ROOT, scanned: tuple[str, ...] = SCANNED) -> tuple[list[str], list[str], set[str]]:
     """(problems, soft imports missing on the machine, distributions the check imports)."""
     stdlib = set(sys.stdlib_module_names)
     local = _first_party()
     problems, soft, used = [], [], set()
     have = ON_MACHINE | wheel_names()
-    for top in SCANNED:
-        for path in sorted((ROOT / top).rglob("*.py")):
+    for top in scanned:
+        for path in sorted((root / top).rglob("*.py")):
             for module, line, hard in imports(path):
                 if module in stdlib or module in local or module == "__future__":
                     continue
                 dist = normalize(DIST_OF.get(module, module))
-                where = f"{path.relative_to(ROOT)}:{line}"
+                where = f"{path.relative_to(root)}:{line}"
                 if dist in have:
                     used.add(dist)
                 elif hard:
