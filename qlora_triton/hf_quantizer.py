@@ -135,6 +135,13 @@ def _skeleton(out_features: int, in_features: int, bias: torch.nn.Parameter | No
         return Linear4bit(qw, bias, compute_dtype=config.compute_dtype)
 
 
+def _skeleton_for(module: torch.nn.Module, conv1d: bool, config: NF4Config) -> Linear4bit:
+    """The ``Linear4bit`` skeleton of a (meta) dense linear or GPT-2 ``Conv1D``."""
+    out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv1d \
+        else (module.out_features, module.in_features)
+    return _skeleton(out_f, in_f, module.bias, module.weight.dtype, config)
+
+
 def _checkpoint_nf4_layers(checkpoint_files: list[str] | None) -> set[str] | None:
     """Names of the layers a checkpoint stores in NF4 (from the safetensors
     headers only), or ``None`` when it cannot tell (no safetensors files)."""
@@ -167,13 +174,19 @@ class NF4Quantize(ConversionOps):
         (key, value), = input_dict.items()
         value = value[0] if isinstance(value, list) else value
         name = key.removesuffix(".weight")
+        config = self.hf_quantizer.quantization_config
         module = model.get_submodule(name)
+        if not isinstance(module, Linear4bit):  # the dense meta layer: its skeleton now (see below)
+            parent, _, child = name.rpartition(".")
+            dense, module = module, _skeleton_for(module, name in self.hf_quantizer.transposed, config)
+            if dense.bias is not None and not dense.bias.is_meta:
+                module.bias = dense.bias  # read before the weight
+            setattr(model.get_submodule(parent), child, module)
         if name in self.hf_quantizer.transposed:  # GPT-2's Conv1D stores [in, out]
             value = value.t()
         if tuple(value.shape) != (module.out_features, module.in_features):
             raise ValueError(f"{key}: shape {tuple(value.shape)}, the layer needs "
                              f"({module.out_features}, {module.in_features})")
-        config = self.hf_quantizer.quantization_config
         on_host = value.device.type == "cpu"
         qw = _quantize_on_host(value, config) if on_host else \
             quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
@@ -270,6 +283,7 @@ class NF4HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: NF4Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.transposed: set[str] = set()
+        self.on_load: set[str] = set()  # the layers quantized as their weight is read
 
     @property
     def quantized_element_size(self) -> float:
@@ -277,7 +291,8 @@ class NF4HfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, Linear4bit) and name == "weight"
+        return name == "weight" and (isinstance(module, Linear4bit) or param_name.removesuffix(".weight")
+                                     in self.on_load)
 
     def _targets(self, model, checkpoint_files) -> dict[str, tuple[torch.nn.Module, str]]:
         config = self.quantization_config
@@ -298,17 +313,24 @@ class NF4HfQuantizer(HfQuantizer):
             raise ValueError(f"quantization_config: target_modules={self.quantization_config.target_modules!r} "
                              "matched no linear layer of the model")
         for name, (module, kind) in targets.items():
-            out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if kind == "conv1d" \
-                else (module.out_features, module.in_features)
             if kind == "conv1d":
                 self.transposed.add(name)
+            if not self.pre_quantized:
+                # Quantized on load: the dense meta layer stays until its weight arrives
+                # (NF4Quantize swaps in the skeleton), so that transformers reads the
+                # checkpoint's weight as a float tensor. transformers 5.17 (the GPU
+                # machine's) casts each tensor to the model's parameter first, and a
+                # skeleton's parameter is the packed uint8 storage.
+                self.on_load.add(name)
+                continue
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
-                    _skeleton(out_f, in_f, module.bias, module.weight.dtype, self.quantization_config))
+                    _skeleton_for(module, kind == "conv1d", self.quantization_config))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        unloaded = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.weight.is_meta]
+        unloaded = [n for n, m in model.named_modules() if (isinstance(m, Linear4bit) or n in self.on_load)
+                    and m.weight.is_meta]
         if unloaded:
             raise ValueError(f"the checkpoint holds no weight for {unloaded[:6]}"
                              f"{' ...' if len(unloaded) > 6 else ''}")
@@ -322,6 +344,17 @@ class NF4HfQuantizer(HfQuantizer):
 
     def get_load_operations(self):
         return {"deserialize": NF4Deserialize}
+
+    def get_weight_conversions(self):
+        # transformers 5.17 (the GPU machine's) takes the pre-quantized converter from
+        # here; later versions build this same converter from serialized_names and
+        # get_load_operations. The bare weight comes last, as bitsandbytes lists it.
+        from transformers.core_model_loading import WeightConverter
+
+        if not self.pre_quantized:
+            return []
+        names = [n for n in self.serialized_names["weight"] if n != "weight"] + ["weight"]
+        return [WeightConverter(names, "weight", [NF4Deserialize(self)])]
 
     def is_serializable(self) -> bool:
         return True
