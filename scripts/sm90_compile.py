@@ -270,10 +270,11 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
     # The word-decoding GEMVs with their widest tiles, split (the larger epilogue).
     out = []
     for kernel in ("fma", "dot"):
-        widest = max(tuned_sm90.gemv_configs(kernel), key=lambda c: (c.kwargs["BLOCK_N"],
-                                                                     c.kwargs["BLOCK_K"],
-                                                                     c.kwargs["SPLIT_K"]))
-        out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True])
+        # per dtype: Triton 3.6's widest dot tile (256 rows) is not allowed for fp32 x
+        for dt in ("bf16", "fp32"):
+            widest = max([c for c in tuned_sm90.gemv_configs(kernel) if tuned_sm90.allowed(c, 64, dt == "fp32")],
+                         key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]))
+            out += gemv_words_variants(kernel, [widest], [dt], [True, False], [True])
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],
                                [True], [True], blocksize=32)
     # The word GEMMs: each op's tallest shipped tile (bf16, double quant), and
