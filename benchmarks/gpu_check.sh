@@ -67,7 +67,7 @@ run_for() {
   local left=$((DEADLINE - SECONDS))
   (( left < 1 )) && return 124
   echo "\$ $*" >>"$LOG"
-  timeout -s INT -k 10 "$left" "$@" >>"$LOG" 2>&1
+  timeout -s INT -k 5 "$left" "$@" >>"$LOG" 2>&1
 }
 
 total=0
@@ -122,7 +122,7 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
       note=$(grep -m1 '^gpu [^=]' "$LOG" | cut -c1-100) ;;
     tests)
       if [ "$DRY_RUN" = 1 ]; then args=(--collect-only -q); else args=(-rA --timeout 60 ${PYTEST_ARGS:-}); fi
-      timeout -s INT -k 15 $((LIMIT[tests] * SCALE)) "$PY" -m pytest -p no:cacheprovider -m gpu "${args[@]}" tests \
+      timeout -s INT -k 5 $((LIMIT[tests] * SCALE)) "$PY" -m pytest -p no:cacheprovider -m gpu "${args[@]}" tests \
         >"$OUT/pytest.log" 2>&1 || rc=$?
       [ "$DRY_RUN" = 1 ] && [ "$rc" = 5 ] && rc=0   # no gpu-marked test collected on the CPU
       note=$(grep -E '(passed|failed|error|selected|no tests ran)' "$OUT/pytest.log" | tail -1 | tr -d '=' | xargs | cut -c1-100) ;;
