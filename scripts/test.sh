@@ -33,6 +33,14 @@ STAGE2_TESTS=(
   tests/test_adapter_config.py tests/test_adapter_files.py tests/test_convert.py
   tests/test_matmul.py tests/test_optim.py tests/test_sm90_compile.py
 )
+# The two slowest of those under the 3.6 interpreter (measured 2026-12-04, load ~6-12
+# on 2 cores: 399 s and 310 s wall), each covered by the rest: training through
+# replace_linear (the quantizer and PEFT tests train too) and the optimizer step on its
+# largest shape (smaller shapes stay).
+STAGE2_DESELECT=(
+  tests/test_convert.py::test_training_lowers_the_loss_and_changes_only_lora
+  "tests/test_optim.py::test_matches_torch_adamw_fp32[triton-(1024, 4097)]"
+)
 # The GPU machine's versions (GPU.md). Python 3.11, not the machine's 3.12:
 # torch 2.13.0's CPU build for 3.11 is on local disk here, while a CPU torch for
 # 3.12 would come from PyPI as a multi-GB CUDA build. torch 2.13.0, not the
@@ -89,7 +97,9 @@ bad = {k: v for k, v in got.items() if v != want[k]}
 assert not bad, f"stage 2 venv has {bad}, wants {want}"
 print("stage 2 stack:", ", ".join(f"{k} {v}" for k, v in got.items()), "| numpy", md.version("numpy"))
 EOF
-  "$py" -m pytest -q "${pytest_args[@]}" "${STAGE2_TESTS[@]}" "$@"
+  local deselect=() t
+  for t in "${STAGE2_DESELECT[@]}"; do deselect+=("--deselect=$t"); done
+  "$py" -m pytest -q "${pytest_args[@]}" "${STAGE2_TESTS[@]}" "${deselect[@]}" "$@"
 }
 
 declare -A rc=() took=() log=()
