@@ -6,7 +6,9 @@ and compute dtype, time one training product, forward plus grad-input
 ``force_strategy("dequant")`` at growing M. The crossover of a bucket is the
 smallest M of the sweep from which "dequant" is at least as fast as "fused"
 on every shape of the bucket at that M and at every larger M (None: never).
-Writes the measured table as JSON, every timing included::
+Writes the measured table as JSON, every timing included, after every row
+(``"complete": false`` until the sweep ends, so a run cut short by a time
+limit still leaves what it measured)::
 
     python -m benchmarks.crossover --out crossover.json     # on the GPU (the GPU check runs it)
     python -m benchmarks.crossover --smoke --out x.json     # toy sizes: checks the mechanics
@@ -52,8 +54,10 @@ def _product(qw, M: int, dtype: torch.dtype, device: torch.device):
     return run
 
 
-def measure(shapes: dict, ms: tuple, dtypes: tuple, device: torch.device, timer: Timer) -> list[dict]:
-    """One row per (bucket, shape, dtype, M): ms under "fused" and "dequant"."""
+def measure(shapes: dict, ms: tuple, dtypes: tuple, device: torch.device, timer: Timer,
+            on_row=None) -> list[dict]:
+    """One row per (bucket, shape, dtype, M): ms under "fused" and "dequant";
+    ``on_row(rows so far)`` after each row (the file is written as it goes)."""
     rows = []
     for bucket, bucket_shapes in shapes.items():
         for N, K in bucket_shapes:
@@ -68,6 +72,8 @@ def measure(shapes: dict, ms: tuple, dtypes: tuple, device: torch.device, timer:
                         with strategy_mod.force_strategy(name):
                             row[f"{name}_ms"] = timer(fn)
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(rows)
             del qw
     qt.release_scratch()
     return rows
@@ -89,10 +95,12 @@ def crossover(rows: list[dict]) -> dict[tuple[str, str], int | None]:
     return out
 
 
-def table(rows: list[dict], device: torch.device) -> dict:
+def table(rows: list[dict], device: torch.device, complete: bool = True) -> dict:
+    """The JSON document; ``complete`` False while the sweep is still running (a
+    crossover read from a cut-short sweep only covers the M values measured)."""
     kind = strategy_mod.gpu_kind(device)
     return {
-        "gpu_kind": kind,
+        "gpu_kind": kind, "complete": complete,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "crossover": [{"bucket": b, "dtype": d, "dequant_from_m": m}
@@ -110,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes, ms = (SMOKE_SHAPES, SMOKE_M) if args.smoke else (SHAPES, M_SWEEP)
     timer = Timer(device, cpu_reps=1) if device.type == "cpu" else Timer(device)
-    result = table(measure(shapes, ms, DTYPES, device, timer), device)
     out = Path(args.out)
+    # Written after every row (atomically), so a time limit leaves the rows measured so far.
+    rows = measure(shapes, ms, DTYPES, device, timer, on_row=lambda rows: write_json(out, table(rows, device, False)))
+    result = table(rows, device)
     write_json(out, result)
     for row in result["crossover"]:
         start = row["dequant_from_m"]

@@ -1,211 +1,172 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call of the lent GPU machine (see the shared GPU.md), run from the
-# repository root with the wheels of bitsandbytes 0.50.2 and torchao carried in .whl/:
+# The whole first look on the lent GPU machine (the shared GPU.md) in ONE call of at most
+# 7 minutes: stage limits add up to at most BUDGET = 420 s, and each stage writes its results
+# under $OUT as it goes, so a call cut short still returns everything finished before.
+# From the repository root, with the wheels of scripts/gpu_wheels.sh carried in .whl/:
 #
 #   GIT_COMMIT=<hash> bash benchmarks/gpu_check.sh
 #
-# Stages, in this order, each under its own `timeout` and all under one overall budget (a stage
-# gets min(its own limit, what is left of the budget), and is skipped with under MIN_STAGE s left):
-#   install  the carried wheels (--target /tmp/site) and the project, first with
-#            QLORA_TRITON_BUILD_CUDA=1 (the paged optimizers' managed-memory helper, nvcc), then,
-#            if that fails, without it (recorded in the summary)
-#   env      GPU, driver, CUDA, torch, triton, bitsandbytes, torchao versions (always runs)
-#   tests    the whole pytest suite on CUDA, compiled Triton (TRITON_INTERPRET unset)
-#   presets  `qlora-triton finetune --preset 7b` and `--preset 65b` (when the CLI has --preset)
-#   crossover  `python -m benchmarks.crossover`: fused vs dequant timed at growing M, the measured
-#            strategy crossover table (crossover.json; load it with
-#            qlora_triton.strategy.load_crossover or QLORA_TRITON_CROSSOVER=crossover.json)
-#   bench    the full benchmark suite (python -m benchmarks); last, because it can be resumed:
-#            with $RESUME present (default .bench_resume/rows.jsonl) it passes --resume
-# and a short summary table is printed last.
+# Stages, in order (limit in s; T_<STAGE>=N overrides one; STAGES="..." runs a subset):
+#   install    40  the carried wheels (--target /tmp/site, no network) and the project with
+#                  pip --no-deps --no-build-isolation -e ., first building the managed-memory
+#                  helper (QLORA_TRITON_BUILD_CUDA=1, nvcc), without it if that fails
+#   env        10  GPU, driver, torch, triton, transformers, bitsandbytes versions
+#   tests     150  pytest -m gpu (compiled Triton), -rA, a per-test timeout; stopped with SIGINT
+#                  at the limit, so the log still ends with pytest's summary of what ran
+#   bench      90  the core table: qlora_triton vs bitsandbytes vs bf16 cuBLAS, matmul_fwd at
+#                  M = 1, 16, 4096 on 4096x4096, 8192x8192, 28672x8192; LoRALinear4bit fwd+bwd vs
+#                  bitsandbytes + a PEFT-style adapter (M = 2048); PagedAdamW vs torch fused AdamW;
+#                  each qlora_triton matmul row with the static sm_90 estimate beside it
+#   preset     45  qlora-triton finetune --preset 7b --steps 3
+#   crossover  35  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
+#   decode     50  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
+#                  (CUDA graphs through torch.compile "reduce-overhead")
+# and a short table last (the bench rows, then one line per stage).
 #
-# $OUT gets at most 8 plain files, no folders (the device tool returns no more):
-#   setup.log  pytest.log  presets.log  bench.log  summary.txt  crossover.json
-#   bench_results.tar.gz   the results folder <gpu>-<date>/ (results.json, results.md, plots,
-#                          rows.jsonl): `tar -xzf bench_results.tar.gz -C benchmarks/results`
-#   rows.jsonl             the bench rows measured so far, for a rerun that finishes the bench:
-#                          copy it to .bench_resume/rows.jsonl and call again with
-#                          STAGES="install bench", carry [".whl", ".bench_resume"]
+# $OUT (at most 8 files come back): log.txt (every stage's output but pytest's, and the
+# summary), pytest.log, bench/rows.jsonl (a row as each is measured), bench/results.json and
+# bench/results.md (when the bench stage finishes), preset/preset-7b.json, crossover.json,
+# decode.jsonl. The exit status is non-zero when a stage failed or ran out of time.
 #
-# Settings (environment): OUT (default /tmp/gpu_check), GIT_COMMIT (the tree there has no .git),
-# PYTHON (python3), STAGES ("install tests presets crossover bench"), BUDGET (480 s in all),
-# T_INSTALL (120), T_TESTS (180), T_PRESET (60 each), T_CROSSOVER (90), T_BENCH (400), MIN_STAGE (20), PRESETS ("7b 65b"),
-# BENCH_ARGS (extra options of python -m benchmarks), PYTEST_ARGS, RESUME.
-#
-# DRY_RUN=1: the same script on a CPU machine, to check it: no installs, pytest --collect-only,
-# the bench with --smoke, the presets on the CPU (PRESETS defaults to "tiny").
+# DRY_RUN=1 (CI, tests/test_gpu_check.py): on the CPU, no installs; checks that the stage limits
+# add up to at most BUDGET, that every import the GPU run makes is on the machine or in the
+# wheels (python -m benchmarks.gpu_machine --check), lists the wheels, and runs each stage in
+# its CPU form: pytest -m gpu --collect-only, the bench --smoke, the tiny preset on the CPU,
+# the crossover --smoke, the decode --smoke, each under SCALE (10) x its limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_check}
-WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)   # outside $OUT: only the flat files below go back
-STAGES=${STAGES:-install tests presets crossover bench}
-BUDGET=${BUDGET:-480}
-MIN_STAGE=${MIN_STAGE:-20}
-RESUME=${RESUME:-.bench_resume/rows.jsonl}
-if [ "$DRY_RUN" = 1 ]; then PRESETS=${PRESETS:-tiny}; else PRESETS=${PRESETS:-7b 65b}; fi
+BUDGET=420
+ORDER=(install env tests bench preset crossover decode)
+declare -A LIMIT=([install]=40 [env]=10 [tests]=150 [bench]=90 [preset]=45 [crossover]=35 [decode]=50)
+for s in "${ORDER[@]}"; do v="T_${s^^}"; LIMIT[$s]=${!v:-${LIMIT[$s]}}; done
+STAGES=${STAGES:-${ORDER[*]}}
+# The dry run's stages interpret on a shared 2-core CPU: their time limits are SCALE x the GPU's.
+if [ "$DRY_RUN" = 1 ]; then SCALE=${SCALE:-10}; else SCALE=1; fi
+BENCH_SELECT=(--ops matmul_fwd,lora_fwd_bwd,optimizer_step --providers qlora_triton,bitsandbytes,bf16)
+BENCH_SIZES=(--shapes 4096x4096,8192x8192,28672x8192 --m 1,16,4096,2048 --warmup-ms 5 --rep-ms 25)
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: >"$LOG"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONDONTWRITEBYTECODE=1
-unset TRITON_INTERPRET   # compiled Triton on the GPU; the CPU dry run uses the torch backend
-START=$SECONDS
+unset TRITON_INTERPRET   # compiled Triton on the GPU; the CPU dry run takes the torch backend
 SUMMARY=()
 
+log() { echo "$*" | tee -a "$LOG"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
-# record STAGE STATUS SECONDS NOTE
 record() { SUMMARY+=("$(printf '%-9s %-14s %5s s  %s' "$1" "$2" "$3" "$4")"); }
-# limit STAGE_LIMIT: min(stage limit, budget left); prints 0 when under MIN_STAGE s are left
-limit() {
-  local left=$((BUDGET - (SECONDS - START)))
-  local t=$(( $1 < left ? $1 : left ))
-  (( t < MIN_STAGE )) && t=0
-  echo "$t"
+status() {  # RC LIMIT -> ok | FAIL rc=N | TIMEOUT Ns
+  case "$1" in 0) echo ok ;; 124|137|130) echo "TIMEOUT ${2}s" ;; *) echo "FAIL rc=$1" ;; esac
 }
-# status RC LIMIT -> ok | FAIL rc=N | TIMEOUT Ns
-status() {
-  case "$1" in
-    0) echo ok ;;
-    124|137) echo "TIMEOUT ${2}s" ;;
-    *) echo "FAIL rc=$1" ;;
-  esac
+# run_for STAGE CMD...: CMD under what is left of STAGE's limit, output appended to log.txt
+run_for() {
+  local stage=$1; shift
+  local left=$((DEADLINE - SECONDS))
+  (( left < 1 )) && return 124
+  echo "\$ $*" >>"$LOG"
+  timeout -s INT -k 5 "$left" "$@" >>"$LOG" 2>&1
 }
 
-# -- install -------------------------------------------------------------------------------
-: >"$OUT/setup.log"
-if wants install; then
-  t0=$SECONDS; t=$(limit "${T_INSTALL:-120}"); note=""
-  if [ "$DRY_RUN" = 1 ]; then
-    echo "DRY_RUN: would install .whl/*.whl into /tmp/site and the project (QLORA_TRITON_BUILD_CUDA=1)" \
-      | tee -a "$OUT/setup.log"
-    rc=0; note="dry run: nothing installed"
-  else
-    rc=0
-    if compgen -G ".whl/*.whl" >/dev/null; then
-      timeout -k 5 "$t" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl >>"$OUT/setup.log" 2>&1 || { rc=$?; note="wheels failed; "; }
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-      note="no .whl/ carried (bitsandbytes, torchao: not installed); "
-    fi
-    t=$(limit "${T_INSTALL:-120}")
-    if QLORA_TRITON_BUILD_CUDA=1 timeout -k 5 "$t" "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-        >>"$OUT/setup.log" 2>&1; then
-      note+="managed-memory helper built"
-    else
-      echo "QLORA_TRITON_BUILD_CUDA=1 install failed; installing without the helper" >>"$OUT/setup.log"
-      t=$(limit "${T_INSTALL:-120}")
-      if timeout -k 5 "$t" "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1
-      then note+="helper build FAILED (see setup.log), installed without it"
-      else rc=$?; note+="project install FAILED"
-      fi
-    fi
-  fi
-  record install "$(status "$rc" "$t")" $((SECONDS - t0)) "$note"
+total=0
+for s in "${ORDER[@]}"; do total=$((total + LIMIT[$s])); done
+log "== gpu_check $(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown}, DRY_RUN=$DRY_RUN, stages: $STAGES"
+log "stage limits: $(for s in "${ORDER[@]}"; do printf '%s %ss, ' "$s" "${LIMIT[$s]}"; done)total ${total} s of ${BUDGET} s" \
+  "$([ "$SCALE" = 1 ] || echo "(x$SCALE in this dry run)")"
+if (( total > BUDGET )); then
+  log "the stage limits add up to ${total} s, over the ${BUDGET} s budget"
+  exit 2
 fi
+log "wheels to carry (.whl/, bash scripts/gpu_wheels.sh): $("$PY" -m benchmarks.gpu_machine --wheels | tr '\n' ' ')"
 
-# -- env -----------------------------------------------------------------------------------
-{
-  echo "== $(date -u +%FT%TZ)  commit ${GIT_COMMIT:-unknown}  DRY_RUN=$DRY_RUN"
-  if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
-      --format=csv 2>&1
-  else
-    echo "nvidia-smi: not found"
-  fi
-  timeout 60 "$PY" - <<'EOF' 2>&1
-import importlib.metadata as md
-import torch, triton
+for stage in "${ORDER[@]}"; do
+  wants "$stage" || [ "$stage" = env ] || continue
+  DEADLINE=$((SECONDS + LIMIT[$stage] * SCALE))
+  t0=$SECONDS; rc=0; note=""
+  log "== $stage (limit ${LIMIT[$stage]} s)"
+  case "$stage" in
+    install)
+      if [ "$DRY_RUN" = 1 ]; then
+        wheel_dir=(); compgen -G ".whl/*.whl" >/dev/null && wheel_dir=(--wheel-dir .whl)
+        run_for install "$PY" -m benchmarks.gpu_machine --check "${wheel_dir[@]}" || rc=$?
+        note="dry run: import check $([ $rc = 0 ] && echo passed || echo FAILED), nothing installed"
+      else
+        if compgen -G ".whl/*.whl" >/dev/null; then
+          run_for install "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || { rc=$?; note="wheels FAILED; "; }
+          export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        else
+          note="no .whl/ carried (bitsandbytes rows: not installed); "
+        fi
+        if QLORA_TRITON_BUILD_CUDA=1 run_for install "$PY" -m pip install -q --no-deps --no-build-isolation -e .; then
+          note+="managed-memory helper built"
+        else
+          log "QLORA_TRITON_BUILD_CUDA=1 install failed; installing without the helper (paged=False fallback)"
+          if run_for install "$PY" -m pip install -q --no-deps --no-build-isolation -e .; then
+            note+="helper build FAILED (see log.txt), installed without it"
+          else rc=$?; note+="project install FAILED"; fi
+        fi
+      fi ;;
+    env)
+      command -v nvidia-smi >/dev/null && run_for env nvidia-smi \
+        --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+      run_for env "$PY" -c '
+import importlib.metadata as md, platform, torch, triton
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-print(f"gpu {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
-for dist in ("bitsandbytes", "torchao", "qlora_triton"):
-    try:
-        print(dist, md.version(dist))
-    except md.PackageNotFoundError:
-        print(dist, "not installed")
-EOF
-} | tee -a "$OUT/setup.log"
-record env ok 0 "$(grep -m1 '^gpu ' "$OUT/setup.log" | cut -c1-90)"
+print(f"gpu {gpu} | python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
+for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton"):
+    try: print(dist, md.version(dist))
+    except md.PackageNotFoundError: print(dist, "not installed")' || rc=$?
+      note=$(grep -m1 '^gpu [^=]' "$LOG" | cut -c1-100) ;;
+    tests)
+      if [ "$DRY_RUN" = 1 ]; then args=(--collect-only -q); else args=(-rA --timeout 60 ${PYTEST_ARGS:-}); fi
+      timeout -s INT -k 5 $((LIMIT[tests] * SCALE)) "$PY" -m pytest -p no:cacheprovider -m gpu "${args[@]}" tests \
+        >"$OUT/pytest.log" 2>&1 || rc=$?
+      [ "$DRY_RUN" = 1 ] && [ "$rc" = 5 ] && rc=0   # no gpu-marked test collected on the CPU
+      note=$(grep -E '(passed|failed|error|selected|no tests ran)' "$OUT/pytest.log" | tail -1 | tr -d '=' | xargs | cut -c1-100) ;;
+    bench)
+      if [ "$DRY_RUN" = 1 ]; then sizes=(--smoke); else sizes=("${BENCH_SIZES[@]}"); fi
+      # shellcheck disable=SC2206  # BENCH_ARGS is a list of options that replaces the selection
+      select=(${BENCH_ARGS:-${BENCH_SELECT[*]}})
+      run_for bench "$PY" -m benchmarks --out "$OUT/bench" --no-plots --no-progress "${sizes[@]}" "${select[@]}" \
+        ${GIT_COMMIT:+--git-commit "$GIT_COMMIT"} || rc=$?
+      note="$(cat "$OUT/bench/rows.jsonl" 2>/dev/null | wc -l) rows in bench/rows.jsonl" ;;
+    preset)
+      if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 3); fi
+      run_for preset "$PY" -m qlora_triton.cli finetune "${preset[@]}" --output-dir "$OUT/preset" || rc=$?
+      note=$(grep -m1 "^preset " "$LOG" | cut -c1-100) ;;
+    crossover)
+      smoke=(); [ "$DRY_RUN" = 1 ] && smoke=(--smoke)
+      run_for crossover "$PY" -m benchmarks.crossover "${smoke[@]}" --out "$OUT/crossover.json" || rc=$?
+      note="$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["rows"]), "rows, complete" if d["complete"] else "rows, cut short", [(c["bucket"], c["dtype"], c["dequant_from_m"]) for c in d["crossover"]])' "$OUT/crossover.json" 2>/dev/null | cut -c1-100)" ;;
+    decode)
+      if [ "$DRY_RUN" = 1 ]; then dec=(--smoke --providers qlora_triton --layers 1 --new-tokens 3); else dec=(); fi
+      run_for decode "$PY" -m benchmarks.bench_decode "${dec[@]}" --modes eager --out "$OUT/decode.jsonl" || rc=$?
+      [ "$rc" = 0 ] && { run_for decode "$PY" -m benchmarks.bench_decode "${dec[@]}" --modes compiled \
+        --out "$OUT/decode.jsonl" || rc=$?; }
+      note="$(grep -c '"status": "ok"' "$OUT/decode.jsonl" 2>/dev/null || echo 0) ok rows in decode.jsonl" ;;
+  esac
+  record "$stage" "$(status "$rc" "${LIMIT[$stage]}")" $((SECONDS - t0)) "$note"
+done
 
-# -- tests ---------------------------------------------------------------------------------
-if wants tests; then
-  t0=$SECONDS; t=$(limit "${T_TESTS:-180}")
-  if [ "$t" = 0 ]; then record tests "skipped" 0 "no budget left"
-  else
-    if [ "$DRY_RUN" = 1 ]; then args=(--collect-only -q); else args=(-q -rfEs --durations=15 ${PYTEST_ARGS:-}); fi
-    timeout -k 10 "$t" "$PY" -m pytest -p no:cacheprovider "${args[@]}" tests >"$OUT/pytest.log" 2>&1
-    rc=$?
-    record tests "$(status "$rc" "$t")" $((SECONDS - t0)) "$(grep -v '^\s*$' "$OUT/pytest.log" | tail -1 | cut -c1-90)"
-  fi
-fi
-
-# -- presets -------------------------------------------------------------------------------
-if wants presets; then
-  : >"$OUT/presets.log"
-  if ! "$PY" -m qlora_triton.cli finetune --help 2>/dev/null | grep -q -- '--preset'; then
-    record presets "skipped" 0 "qlora-triton finetune has no --preset here"
-  else
-    for preset in $PRESETS; do
-      t0=$SECONDS; t=$(limit "${T_PRESET:-60}")
-      if [ "$t" = 0 ]; then record "$preset" "skipped" 0 "no budget left"; continue; fi
-      device=(); [ "$DRY_RUN" = 1 ] && device=(--device cpu)
-      timeout -k 10 "$t" "$PY" -m qlora_triton.cli finetune --preset "$preset" "${device[@]}" \
-        --output-dir "$WORK/presets" >"$WORK/preset.log" 2>&1
-      rc=$?
-      { echo "== qlora-triton finetune --preset $preset ${device[*]}: rc $rc"; cat "$WORK/preset.log"
-        cat "$WORK/presets/preset-$preset.json" 2>/dev/null; echo; } >>"$OUT/presets.log"
-      note=$(grep -m1 "^preset $preset" "$WORK/preset.log" || grep -v '^\s*$' "$WORK/preset.log" | tail -1)
-      record "$preset" "$(status "$rc" "$t")" $((SECONDS - t0)) "$(cut -c1-90 <<<"$note")"
-    done
-  fi
-fi
-
-# -- crossover -----------------------------------------------------------------------------
-if wants crossover; then
-  t0=$SECONDS; t=$(limit "${T_CROSSOVER:-90}")
-  if [ "$t" = 0 ]; then
-    record crossover "skipped" 0 "no budget left"
-  else
-    smoke=(); [ "$DRY_RUN" = 1 ] && smoke=(--smoke)
-    timeout -k 10 "$t" "$PY" -m benchmarks.crossover "${smoke[@]}" --out "$OUT/crossover.json" \
-      >"$WORK/crossover.log" 2>&1
-    rc=$?
-    record crossover "$(status "$rc" "$t")" $((SECONDS - t0)) \
-      "$(grep -m2 'dequant' "$WORK/crossover.log" | tr '\n' ';' | cut -c1-90)"
-  fi
-fi
-
-# -- bench ---------------------------------------------------------------------------------
-if wants bench; then
-  t0=$SECONDS; t=$(limit "${T_BENCH:-400}")
-  if [ "$t" = 0 ]; then record bench "skipped" 0 "no budget left"
-  else
-    args=(--results-root "$WORK/results" --no-progress ${GIT_COMMIT:+--git-commit "$GIT_COMMIT"})
-    [ "$DRY_RUN" = 1 ] && args+=(--smoke)
-    [ -s "$RESUME" ] && args+=(--resume "$RESUME")
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-    timeout -k 10 "$t" "$PY" -m benchmarks "${args[@]}" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
-    rc=$?
-    rows=$(find "$WORK/results" -name rows.jsonl 2>/dev/null | head -1)
-    if [ -n "$rows" ]; then
-      cp "$rows" "$OUT/rows.jsonl"
-      tar -C "$WORK/results" -czf "$OUT/bench_results.tar.gz" .
-    fi
-    n=$( [ -n "$rows" ] && wc -l <"$rows" || echo 0 )
-    note="$n rows${rows:+ (rows.jsonl, bench_results.tar.gz)}"
-    [ -s "$RESUME" ] && note+="; resumed from $RESUME"
-    (( rc == 124 || rc == 137 )) && note+="; rerun with STAGES=\"install bench\" to finish"
-    record bench "$(status "$rc" "$t")" $((SECONDS - t0)) "$note"
-  fi
-fi
-
-# -- summary (last) ------------------------------------------------------------------------
+# -- the short table, last -------------------------------------------------------------------
 {
-  if [ -f "$OUT/bench.log" ]; then sed -n '/^summary (geometric-mean/,/^$/p' "$OUT/bench.log"; echo; fi
-  echo "gpu_check: $(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown}, $((SECONDS - START)) s of a ${BUDGET} s budget"
+  echo "== summary"
+  "$PY" - "$OUT/bench/rows.jsonl" <<'EOF' 2>/dev/null
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'op':15s} {'shape':17s} {'M':>5s} {'provider':13s} {'ms':>9s} {'x_floor':>7s}  static est. (x floor)")
+for r in rows:
+    est = r.get("sass_estimate") or {}
+    ms = f"{r['ms']:.4f}" if r.get("ms") is not None else r.get("status", "")[:9]
+    xf = f"{r['x_floor']:.2f}" if r.get("x_floor") is not None else "-"
+    print(f"{r['op']:15s} {r['shape']:17s} {str(r['m'] or '-'):>5s} {r['provider']:13s} {ms:>9s} {xf:>7s}  "
+          f"{est.get('bound_over_floor', '-')}")
+EOF
+  echo "gpu_check: $(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown}, $SECONDS s of a ${BUDGET} s budget"
   printf '%-9s %-14s %7s  %s\n' stage status time note
   printf '%s\n' "${SUMMARY[@]}"
-} | tee "$OUT/summary.txt"
-rm -rf "$WORK"
-# the exit status says whether every stage that ran passed
+} | tee -a "$LOG"
 ! printf '%s\n' "${SUMMARY[@]}" | grep -q ' FAIL\| TIMEOUT'

@@ -199,6 +199,14 @@ def _skeleton(out_features: int, in_features: int, bias: torch.nn.Parameter | No
         return Linear4bit(qw, bias, compute_dtype=config.compute_dtype)
 
 
+def _skeleton_for(module: torch.nn.Module, conv1d: bool, config: NF4Config,
+                  lora: dict[str, Any] | None = None) -> Linear4bit:
+    """The ``Linear4bit`` skeleton of a (meta) dense linear or GPT-2 ``Conv1D``."""
+    out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv1d \
+        else (module.out_features, module.in_features)
+    return _skeleton(out_f, in_f, module.bias, module.weight.dtype, config, lora)
+
+
 _LORA_A = ".lora_A.weight"
 
 
@@ -237,13 +245,19 @@ class NF4Quantize(ConversionOps):
         (key, value), = input_dict.items()
         value = value[0] if isinstance(value, list) else value
         name = key.removesuffix(".weight")
+        config = self.hf_quantizer.quantization_config
         module = model.get_submodule(name)
+        if not isinstance(module, Linear4bit):  # the dense meta layer: its skeleton now (see below)
+            parent, _, child = name.rpartition(".")
+            dense, module = module, _skeleton_for(module, name in self.hf_quantizer.transposed, config)
+            if dense.bias is not None and not dense.bias.is_meta:
+                module.bias = dense.bias  # read before the weight
+            setattr(model.get_submodule(parent), child, module)
         if name in self.hf_quantizer.transposed:  # GPT-2's Conv1D stores [in, out]
             value = value.t()
         if tuple(value.shape) != (module.out_features, module.in_features):
             raise ValueError(f"{key}: shape {tuple(value.shape)}, the layer needs "
                              f"({module.out_features}, {module.in_features})")
-        config = self.hf_quantizer.quantization_config
         on_host = value.device.type == "cpu"
         qw = _quantize_on_host(value, config) if on_host else \
             quantize_nf4(value, blocksize=config.blocksize, double_quant=config.double_quant)
@@ -330,19 +344,11 @@ def _fill(module: Linear4bit, qw: NF4Weight, name: str, missing_keys: set | None
     return module.weight
 
 
-# transformers before 5.25 (5.17) has no get_load_operations, builds no
-# deserializing converter from serialized_names, and casts each checkpoint
-# tensor to the dtype of the parameter it fills (our skeleton's uint8 weight).
+# transformers before 5.25 (5.17) has no get_load_operations and builds no
+# deserializing converter from serialized_names (get_weight_conversions spells
+# it out); it also casts each checkpoint tensor to the dtype of the parameter it
+# fills, hence the dense meta layers kept until their weight arrives (on_load).
 _OLD_LOADER = not hasattr(HfQuantizer, "get_load_operations")
-
-
-def _keep_dense_dtypes(model, targets: dict) -> None:
-    """On the older loader: the dense weights of the targets reach NF4Quantize in
-    the dtype the layer had (through the model's dtype plan, which that loader
-    consults before casting to the skeleton's uint8), as on 5.25."""
-    plan = {re.escape(name) + r"\.weight$": module.weight.dtype for name, (module, _) in targets.items()}
-    original = model._get_dtype_plan
-    model._get_dtype_plan = lambda dtype: {**original(dtype), **plan}
 
 
 class NF4HfQuantizer(HfQuantizer):
@@ -355,6 +361,7 @@ class NF4HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: NF4Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.transposed: set[str] = set()
+        self.on_load: set[str] = set()  # the layers quantized as their weight is read
 
     @property
     def quantized_element_size(self) -> float:
@@ -362,7 +369,8 @@ class NF4HfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, Linear4bit) and name == "weight"
+        return name == "weight" and (isinstance(module, Linear4bit) or param_name.removesuffix(".weight")
+                                     in self.on_load)
 
     def _targets(self, model, checkpoint_files) -> dict[str, tuple[torch.nn.Module, str]]:
         config = self.quantization_config
@@ -403,24 +411,28 @@ class NF4HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.lora = {}
         targets = self._targets(model, checkpoint_files)
-        if _OLD_LOADER and not self.pre_quantized:
-            _keep_dense_dtypes(model, targets)
         if not targets:
             raise ValueError(f"quantization_config: target_modules={self.quantization_config.target_modules!r} "
                              "matched no linear layer of the model")
         for name, (module, kind) in targets.items():
-            out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if kind == "conv1d" \
-                else (module.out_features, module.in_features)
             if kind == "conv1d":
                 self.transposed.add(name)
+            if not self.pre_quantized:
+                # Quantized on load: the dense meta layer stays until its weight arrives
+                # (NF4Quantize swaps in the skeleton), so that transformers reads the
+                # checkpoint's weight as a float tensor. transformers 5.17 (the GPU
+                # machine's) casts each tensor to the model's parameter first, and a
+                # skeleton's parameter is the packed uint8 storage.
+                self.on_load.add(name)
+                continue
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
-                    _skeleton(out_f, in_f, module.bias, module.weight.dtype, self.quantization_config,
-                              self.lora.get(name)))
+                    _skeleton_for(module, kind == "conv1d", self.quantization_config, self.lora.get(name)))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        unloaded = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.weight.is_meta]
+        unloaded = [n for n, m in model.named_modules() if (isinstance(m, Linear4bit) or n in self.on_load)
+                    and m.weight.is_meta]
         if unloaded:
             raise ValueError(f"the checkpoint holds no weight for {unloaded[:6]}"
                              f"{' ...' if len(unloaded) > 6 else ''}")

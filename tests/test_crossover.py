@@ -37,11 +37,22 @@ def test_crossover_is_where_dequant_wins_from_there_on():
     assert cx.crossover(both) == {("large", "bfloat16"): 64, ("large", "float16"): 128}
 
 
-def test_smoke_run_writes_a_table(tmp_path):
+def test_smoke_run_writes_a_table(tmp_path, monkeypatch):
     out = tmp_path / "crossover.json"
+    written = []  # every document written, in order: the file grows row by row
+
+    def write_json(path, doc):
+        written.append(json.loads(json.dumps(doc)))
+        return real_write_json(path, doc)
+
+    real_write_json = cx.write_json
+    monkeypatch.setattr(cx, "write_json", write_json)
     with qt.force_backend("triton" if torch.cuda.is_available() or qt.backend.INTERPRET else "torch"):
         assert cx.main(["--smoke", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert [len(d["rows"]) for d in written] == [*range(1, len(data["rows"]) + 1), len(data["rows"])]
+    assert [d["complete"] for d in written] == [False] * len(data["rows"]) + [True]
+    assert written[0]["rows"] == data["rows"][:1] and data["complete"] is True
     assert data["gpu_kind"] == strategy.gpu_kind(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     assert len(data["rows"]) == 2 * len(cx.SMOKE_M) * len(cx.DTYPES)
     assert all(r["fused_ms"] > 0 and r["dequant_ms"] > 0 for r in data["rows"])

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .optimizer import paged_adamw
 from .report import write_json
 from .train import FinetuneConfig, cosine_schedule, pick_backend, prepare
 
@@ -145,7 +146,7 @@ def run_multirank(config: FinetuneConfig) -> dict:
         print(f"rank {rank}/{world}: NF4 base {nbytes['local']:,} of {nbytes['total']:,} bytes "
               f"({nbytes['local'] / max(nbytes['total'], 1):.1%})", file=sys.stderr, flush=True)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = qt.PagedAdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        optimizer = paged_adamw(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         schedule = cosine_schedule(optimizer, config.steps)
         initial = _evaluate(model, eval_batches, device)
         model.train()

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .memory import PeakMemory
+from .optimizer import paged_adamw
 
 
 def _optimizer_settings(config: dict) -> dict:
@@ -58,8 +59,7 @@ def build_qlora(model, config: dict, targets: list[str], init_adapter: str):
     apply_speedups(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     # with offload the Adam states leave the device after each step too
-    return model, qt.PagedAdamW(params, paged=_can_page(model), evict_after_step=bool(config.get("offload")),
-                                **_optimizer_settings(config))
+    return model, paged_adamw(params, evict_after_step=bool(config.get("offload")), **_optimizer_settings(config))
 
 
 def apply_speedups(model, config: dict) -> None:
@@ -72,22 +72,6 @@ def apply_speedups(model, config: dict) -> None:
     if chosen.offload:  # offload works on checkpointed layer inputs
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply(model, chosen)
-
-
-def _can_page(model) -> bool:
-    """Paged (CUDA unified memory) states need the nvcc-built helper; without it
-    the optimizer keeps its states on the device (``paged=False``) and says so."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return True  # on the CPU the same class runs on plain tensors
-    from qlora_triton import paged
-
-    try:
-        paged.helper()
-        return True
-    except paged.ManagedMemoryError as err:
-        print(f"qlora-triton finetune: PagedAdamW with paged=False: {err}", file=sys.stderr)
-        return False
 
 
 def run_phase(spec: dict) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
+from .optimizer import paged_adamw
 from .report import write_json
 from .step import timed_step
 
@@ -237,7 +238,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         speedups.apply(model, chosen, dev)
         params = [p for p in model.parameters() if p.requires_grad]
         # with offload the Adam states leave the device after each step too
-        optimizer = qt.PagedAdamW(params, lr=lr, evict_after_step=chosen.offload)
+        optimizer = paged_adamw(params, lr=lr, evict_after_step=chosen.offload)
         step_seconds, losses = [], []
         for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
             batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)

@@ -41,6 +41,7 @@ import torch
 from ..ops import scratch
 from ..strategy import STRATEGIES, force_strategy, strategies
 from ..tensor_memory import memory_meter
+from .optimizer import paged_adamw
 from .presets import LLAMA_SHAPES, build_quantized_llama
 
 
@@ -160,13 +161,13 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
         # timing buffers), compilation and cuBLAS' workspace stay out of the peaks.
         for name in strategies_to_run:
             with force_strategy(name):
-                _step(model, shape.vocab_size, batch_size, seq_len, mask, qt.PagedAdamW(params, lr=2e-4))
+                _step(model, shape.vocab_size, batch_size, seq_len, mask, paged_adamw(params, lr=2e-4))
     for name in strategies_to_run:
         qt.release_scratch()
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        optimizer = qt.PagedAdamW(params, lr=2e-4)  # fresh: its states are allocated in the step
+        optimizer = paged_adamw(params, lr=2e-4)  # fresh: its states are allocated in the step
         before = strategies.copy()
         meter = memory_meter(dev, [*model.parameters(), *model.buffers()])
         moved = dataclasses.asdict(stats) if stats is not None else None
