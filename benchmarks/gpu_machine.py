@@ -5,10 +5,10 @@ The GPU machine (the device tool's KINDS.md, read 2026-11-17, and the shared
 GPU.md) has Python 3.12.3, torch 2.11.0+cu130, triton 3.6.0, transformers
 5.17.0, accelerate 1.15.0 and the packages in :data:`ON_MACHINE`, and no
 network. What the check needs beyond them travels as wheels in ``.whl/``
-(:data:`WHEELS`, downloaded by ``scripts/gpu_wheels.sh``). bitsandbytes is the
-only one: liger-kernel, torchao and trl are not imported by the check (the
-benchmark table compares qlora_triton, bitsandbytes and bf16), so they stay
-behind (bitsandbytes alone is 43 MB of the 64 MiB a call may carry).
+(:data:`WHEELS`, downloaded by ``scripts/gpu_wheels.sh``): bitsandbytes (the
+benchmark table's peer, 43 MB of the 64 MiB a call may carry) and liger-kernel
+(the fused blocks' RMSNorm, RoPE and cross-entropy on CUDA, pure Python);
+torchao and trl are not imported by the check, so they stay behind.
 
 ``python -m benchmarks.gpu_machine --wheels`` prints the wheel specs;
 ``python -m benchmarks.gpu_machine --check`` reads every Python file the GPU
@@ -57,7 +57,7 @@ VERSIONS = {"python": "3.12.3", "torch": "2.11.0", "triton": "3.6.0", "transform
             "accelerate": "1.15.0", "safetensors": "0.8.0", "numpy": "2.5.2", "huggingface-hub": "1.33.0"}
 
 # What the check imports that the machine lacks: the carried wheels (one version each).
-WHEELS = ("bitsandbytes==0.50.2",)
+WHEELS = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5")
 WHEEL_PLATFORMS = ("manylinux_2_24_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64")
 WHEEL_PYTHON = "3.12"

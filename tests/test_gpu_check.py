@@ -50,7 +50,7 @@ def test_gpu_check_dry_run(tmp_path):
     parts = dict(re.findall(r"(\w+) (\d+)s", limits.group(1)))
     assert set(parts) == {"install", "env", "tests", "bench", "preset", "crossover", "decode"}
     assert sum(map(int, parts.values())) == int(limits.group(2)) <= 420
-    assert "wheels to carry (.whl/, bash scripts/gpu_wheels.sh): bitsandbytes==0.50.2" in log
+    assert "wheels to carry (.whl/, bash scripts/gpu_wheels.sh): bitsandbytes==0.50.2 liger-kernel==0.8.5" in log
     assert "each on the GPU machine or carried" in log and "MISSING" not in log
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files  # what the device tool returns
@@ -93,8 +93,11 @@ def test_wheel_requirements_must_be_on_the_machine_or_carried(tmp_path):
         zf.writestr("bitsandbytes-0.50.2.dist-info/METADATA",
                     "Name: bitsandbytes\nRequires-Dist: torch<3,>=2.3\nRequires-Dist: numpy>=1.17\n"
                     "Requires-Dist: lion-pytorch; extra == \"test\"\nRequires-Dist: somethingelse>=1\n")
+    with zipfile.ZipFile(tmp_path / "liger_kernel-0.8.5-py3-none-any.whl", "w") as zf:
+        zf.writestr("liger_kernel-0.8.5.dist-info/METADATA",
+                    "Name: liger-kernel\nRequires-Dist: torch>=2.1.2\nRequires-Dist: triton>=2.3.1\n")
     assert gpu_machine.check_wheel_requirements(tmp_path) == [
         "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl requires somethingelse: "
         "not on the GPU machine, not carried"]
     assert gpu_machine.check_wheel_requirements(tmp_path / "empty") == [
-        f"{tmp_path / 'empty'}: no wheel for bitsandbytes"]
+        f"{tmp_path / 'empty'}: no wheel for {name}" for name in ("bitsandbytes", "liger-kernel")]

@@ -35,6 +35,18 @@ def _no_scratch_left():
     qt.release_scratch()
 
 
+@pytest.fixture
+def tf32_allowed():
+    """fp32 on the fused kernels: under torch's default "highest" fp32 precision an
+    fp32 product through a weight whose blocks cross rows runs "dequant" whatever
+    the strategy (ops/matmul._full_fp32); these tests are about the strategies'
+    allocations, so they let fp32 take TF32 dots."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def _meta_layer(N, K, dtype, bias=False):
     layer = qt.LoRALinear4bit(NF4Weight.empty((N, K), dtype, double_quant=random.random() < 0.5), r=4,
                               bias=torch.empty(N, dtype=dtype, device="meta") if bias else None)
@@ -51,7 +63,7 @@ def test_empty_weight_has_quantize_nf4s_layout():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_meta_call_runs_the_strategy_and_its_allocations(strategy):
+def test_meta_call_runs_the_strategy_and_its_allocations(strategy, tf32_allowed):
     # Odd sizes; M within the GEMV's rows for "gemv" so that it really runs, and
     # small enough that the step's activations stay under one layer's bytes.
     N, K = random.randint(200, 333), random.randint(200, 333)
@@ -80,7 +92,7 @@ def test_meta_call_runs_the_strategy_and_its_allocations(strategy):
         assert mem.peak_bytes() - mem.baseline < layer_bytes  # nothing dense of W
 
 
-def test_meta_dequant_costs_exactly_one_layer_over_fused():
+def test_meta_dequant_costs_exactly_one_layer_over_fused(tf32_allowed):
     N, K, M = random.randint(200, 400), random.randint(200, 400), random.randint(20, 60)
     dtype = random.choice(DTYPES)
     layer, existing = _meta_layer(N, K, dtype)
@@ -88,8 +100,11 @@ def test_meta_dequant_costs_exactly_one_layer_over_fused():
     for strategy in ("fused", "dequant"):
         qt.release_scratch()
         x = torch.empty(M, K, dtype=dtype, device="meta", requires_grad=True)
-        with qt.force_strategy(strategy), TensorMemory(existing) as mem:
-            layer(x).sum().backward()
+        # a contiguous upstream gradient, as a training step's: the expanded one of
+        # .sum() would be copied by the dequant strategy (ops/scratch.dequant_grad_input)
+        grad_y = torch.empty(M, N, dtype=dtype, device="meta")
+        with qt.force_strategy(strategy), TensorMemory(existing + [grad_y]) as mem:
+            layer(x).backward(grad_y)
             layer.zero_grad(set_to_none=True)  # else the next run accumulates into grads it did not count
         peaks[strategy] = mem.peak_bytes()
     assert peaks["dequant"] - peaks["fused"] == N * K * torch.empty((), dtype=dtype).element_size()

@@ -130,7 +130,7 @@ def test_offload_bad_input():
 
 
 def test_offload_with_trainer(tmp_path):
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset
     from transformers import Trainer, TrainingArguments
 
     model = tiny_qlora(seed=7, layers=2)

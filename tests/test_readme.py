@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- readme-snippets"
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 # pages whose python blocks are fragments, not run
-ILLUSTRATIONS = {"docs/decode.md", "docs/distributed.md", "docs/matmul.md", "docs/optimizers.md",
-                 "docs/training-memory.md"}
+ILLUSTRATIONS = {"docs/decode.md", "docs/distributed.md", "docs/fused.md", "docs/matmul.md",
+                 "docs/optimizers.md", "docs/training-memory.md"}
 
 # A tiny random Llama and a word-level tokenizer, written where the README's
 # quick start expects "any local Hugging Face causal-LM folder".
