@@ -338,9 +338,10 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
-def _replace_folder(path: str, write, names: tuple[str, ...]) -> None:
+def _replace_folder(path: str, write, names: tuple[str, ...] | None = None) -> None:
     """Write ``names`` into folder ``path`` so that a reader (or a kill -9 at any
-    moment) sees all the old files or all the new ones, never a mix.
+    moment) sees all the old files or all the new ones, never a mix; with
+    ``names`` None, ``write`` makes the whole new folder (nothing old is kept).
 
     ``write(tmp)`` writes the new files into a fresh hidden sibling folder, which
     also gets hard links to every other entry of ``path`` (so unrelated files stay);
@@ -362,13 +363,14 @@ def _replace_folder(path: str, write, names: tuple[str, ...]) -> None:
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}{_TEMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        if os.path.isdir(path):
+        if os.path.isdir(path) and names is not None:
             shutil.copytree(path, tmp, symlinks=True, copy_function=_link_or_copy,
                             ignore=lambda d, entries: names if d == path else ())
         else:
             os.makedirs(tmp)
         write(tmp)
-        for n in names:
+        written = names if names is not None else [e.name for e in os.scandir(tmp) if e.is_file()]
+        for n in written:
             _fsync(os.path.join(tmp, n))
         _fsync(tmp)
         if not os.path.isdir(path):

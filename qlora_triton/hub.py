@@ -159,38 +159,6 @@ def merge_and_quantize(model: Any, folder: str | os.PathLike, double_quant: bool
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
-    write_folder(os.fspath(folder), write)
+    from .adapter import _replace_folder
 
-
-def write_folder(path: str, write) -> None:
-    """``write(tmp)`` fills a fresh hidden sibling of ``path``, whose files are
-    fsynced and which then replaces ``path`` whole in one atomic exchange (two
-    renames where the OS has none): a reader or a kill sees the old folder or
-    the new one, never a mix."""
-    import shutil
-    import uuid
-
-    from .adapter import _exchange, _fsync
-
-    path = os.path.realpath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"folder: {path!r} exists and is not a directory")
-    parent, name = os.path.split(path)
-    tmp = os.path.join(parent, f".{name}.qlora-write-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        for entry in os.scandir(tmp):
-            if entry.is_file():
-                _fsync(entry.path)
-        _fsync(tmp)
-        if not os.path.isdir(path):
-            os.rename(tmp, path)
-        elif not _exchange(tmp, path):
-            old = tmp + "-old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            tmp = old
-        _fsync(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _replace_folder(os.fspath(folder), write)  # atomic: the old folder or the new one
