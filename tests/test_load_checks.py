@@ -136,3 +136,12 @@ def test_launches_whose_last_tile_would_wrap_int32_are_refused():
     scalars = AdamWScalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
     with pytest.raises(ValueError, match="param has 2147483638 elements.*past int32"):
         ops_optimizer.adamw_step(x, x, codes, codes, scalars, absmax, absmax)
+    # and the two dequantize kernels (the dequant strategy's first half, the 8-bit moments)
+    from qlora_triton.ops import dequantize as ops_dequantize
+    from qlora_triton.weight import NF4Weight
+
+    with pytest.raises(ValueError, match="q has 2147483638 elements.*past int32"):
+        ops_dequantize.blockwise_8bit_dequantize(codes, absmax, torch.linspace(-1, 1, 256), 256)
+    qw = NF4Weight.empty((1, n), torch.bfloat16)  # within int32; its last tile is not
+    with pytest.raises(ValueError, match="qw has 2147483638 elements.*past int32"):
+        ops_dequantize.nf4_dequantize(qw, torch.bfloat16)

@@ -11,6 +11,7 @@ import triton.language as tl
 from ..weight import NF4Weight
 from .cast import cast_rtne
 from .decode import nf4_scale, scale_args
+from .quantize import check_launch_extent
 
 from ..backend import INTERPRET
 
@@ -79,6 +80,7 @@ def nf4_dequantize(qw: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None =
         out = torch.empty(qw.shape, dtype=dtype, device=qw.device)
     row = min(64, qw.blocksize)
     grid = (triton.cdiv(triton.cdiv(n, row), _ROWS),)
+    check_launch_extent("qw", n, grid[0], _ROWS * row)
     _nf4_dequantize_kernel[grid](qw.packed, qw.code, *scale_args(qw), out, n, (n + 1) // 2,
                                  BLOCKSIZE=qw.blocksize, BLOCKSIZE2=qw.blocksize2,
                                  DOUBLE_QUANT=qw.double_quant, ROWS=_ROWS, num_warps=_NUM_WARPS)
@@ -91,6 +93,7 @@ def blockwise_8bit_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch
     n = q.numel()
     out = torch.empty(n, dtype=dtype, device=q.device)
     tile = 65536 if INTERPRET else 4096
+    check_launch_extent("q", n, triton.cdiv(n, tile), tile)
     _blockwise_8bit_dequantize_kernel[(triton.cdiv(n, tile),)](q, code, absmax, out, n,
                                                                BLOCKSIZE=blocksize, TILE=tile)
     return out
