@@ -141,7 +141,6 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _memory_only(args: argparse.Namespace, given: dict) -> int:
-    from .finetune.report import write_json
     from .finetune.strategy_memory import format_peaks, step_peaks
 
     unused = [f"--{name.replace('_', '-')}" for name in ("steps", "lr") if name in given]
@@ -154,18 +153,12 @@ def _memory_only(args: argparse.Namespace, given: dict) -> int:
                         seq_len=args.seq_len or 512, r=args.r, alpha=args.alpha,
                         fuse=chosen.fuse is not False, liger=chosen.liger, offload=chosen.offload)
     print(format_peaks(result))
-    if args.output_dir:
-        out = pathlib.Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"memory-{args.preset}.json"
-        write_json(path, result)
-        print(f"wrote {path}")
+    _write_result(args.output_dir, f"memory-{args.preset}.json", result)
     return 0
 
 
 def _estimate_step(args: argparse.Namespace, given: dict) -> int:
     from .finetune import speedups
-    from .finetune.report import write_json
     from .finetune.step_estimate import estimate_step, format_estimate
 
     unused = [f"--{name.replace('_', '-')}" for name in ("steps", "lr", "memory_only", "device") if name in given]
@@ -176,13 +169,20 @@ def _estimate_step(args: argparse.Namespace, given: dict) -> int:
     result = estimate_step(args.preset, batch_size=args.batch_size or 1, seq_len=args.seq_len or 2048,
                            r=args.r, alpha=args.alpha, liger=chosen.liger, offload=chosen.offload)
     print(format_estimate(result))
-    if args.output_dir:
-        out = pathlib.Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"step-estimate-{args.preset}.json"
-        write_json(path, result)
-        print(f"wrote {path}")
+    _write_result(args.output_dir, f"step-estimate-{args.preset}.json", result)
     return 0
+
+
+def _write_result(output_dir: str | None, name: str, result: dict) -> None:
+    """``result`` as ``output_dir/name`` (atomically), when an output folder was given."""
+    if not output_dir:
+        return
+    from .finetune.report import write_json
+
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / name, result)
+    print(f"wrote {out / name}")
 
 
 def _find_benchmarks() -> pathlib.Path | None:

@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import functools
 import math
-import re
 import weakref
 from typing import Any
 
