@@ -235,7 +235,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         built = memory.result()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        speedups.apply(model, chosen, dev)
+        ran = speedups.apply(model, chosen, dev)
         params = [p for p in model.parameters() if p.requires_grad]
         # with offload the Adam states leave the device after each step too
         optimizer = paged_adamw(params, lr=lr, evict_after_step=chosen.offload)
@@ -258,7 +258,8 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         "step_seconds": step_seconds, "step_seconds_median": statistics.median(timed),
         "tokens_per_s": batch_size * seq_len / statistics.median(timed),
         "losses": losses, "memory_after_build": built, "memory": memory.result(),
-        "estimate_bytes": estimate, "speedups": chosen.names(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "estimate_bytes": estimate, "speedups": [name for name in ("fuse", "liger", "offload") if ran[name]],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if output_dir:
         out = Path(output_dir)
