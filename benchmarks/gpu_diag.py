@@ -1,0 +1,220 @@
+"""Where a small-M matmul's time goes on the GPU: host launch cost against
+kernel time, and the GEMV tile/split sweep that calibrates ops/tuned_sm90.py.
+
+The first GPU check (benchmarks/results/h200-2026-12-04) timed qlora_triton's
+M = 1 and M = 16 forward at 10-100x its floor with do_bench, which times
+back-to-back calls: when the host takes longer to launch a call than the GPU
+takes to run it, that is the host's time. This script separates the two:
+
+* ``host_us``: the time to enqueue one call (no synchronization; the queue
+  never fills at these sizes), ``wall_us``: enqueue plus run, synchronized,
+  ``graph_us``: the same call captured in a CUDA graph and replayed (GPU time
+  alone, no Python), per provider;
+* a cProfile of the host path of one M = 1 call;
+* the GEMV configs (tile, split) of :mod:`qlora_triton.ops.tuned_sm90`, each
+  timed by graph replay, beside the shipped choice.
+
+Writes JSON lines to ``--out`` as it goes; a run cut short keeps what it had::
+
+    python -m benchmarks.gpu_diag --out diag.jsonl      # GPU only
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+import qlora_triton as qt
+from qlora_triton.ops import gemv as gemv_mod
+from qlora_triton.ops import tuned_sm90
+
+SHAPES = ((4096, 4096), (8192, 8192), (28672, 8192))
+MS = (1, 16)
+
+
+def graph_us(fn, reps: int = 200) -> float:
+    """Median-free mean GPU time of ``fn`` per call, by CUDA-graph replay of 10 calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps // 10):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def host_wall_us(fn, reps: int = 200) -> tuple[float, float]:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e6 / reps, (t2 - t0) * 1e6 / reps
+
+
+def emit(out, row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    out.write(json.dumps(row) + "\n")
+    out.flush()
+
+
+def providers(N: int, K: int, M: int):
+    w = torch.randn(N, K, device="cuda") * 0.02
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    qw = qt.quantize_nf4(w, double_quant=True)
+    fns = {"qlora_triton": lambda: qt.nf4_matmul(x, qw)}
+    wb = w.to(torch.bfloat16)
+    fns["bf16"] = lambda: torch.nn.functional.linear(x, wb)
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(wb, blocksize=64, compress_statistics=True, quant_type="nf4")
+        fns["bitsandbytes"] = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
+    except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+        print("bitsandbytes:", e)
+    return qw, x, fns
+
+
+def split_rows(out) -> None:
+    for N, K in SHAPES:
+        for M in MS:
+            _, _, fns = providers(N, K, M)
+            for name, fn in fns.items():
+                row = {"part": "host_vs_gpu", "N": N, "K": K, "M": M, "provider": name}
+                try:
+                    row["host_us"], row["wall_us"] = host_wall_us(fn)
+                    row["graph_us"] = graph_us(fn)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:300]
+                emit(out, row)
+            del fns
+            torch.cuda.empty_cache()
+
+
+def profile_host(out) -> None:
+    _, _, fns = providers(4096, 4096, 1)
+    fn = fns["qlora_triton"]
+    for _ in range(10):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    emit(out, {"part": "cprofile_m1", "text": s.getvalue()[-6000:]})
+
+
+def sweep(out) -> None:
+    shipped = tuned_sm90.gemv_config
+    for M, kernel in ((1, "fma"), (16, "dot")):
+        tiles = tuned_sm90._TILES[kernel]
+        splits = (1, 2, 4, 8, 16, 32) if kernel == "fma" else (1, 2, 4, 8, 16)
+        for N, K in SHAPES:
+            qw, x, _ = providers(N, K, M)
+            base = shipped(kernel, N, K, 64, False)
+            emit(out, {"part": "shipped", "kernel": kernel, "N": N, "K": K, "M": M,
+                       "config": dict(base.kwargs, warps=base.num_warps, stages=base.num_stages)})
+            for block_n, warps, stages, *_ in tiles:
+                for split in splits:
+                    if split > tuned_sm90._max_split(kernel, block_n):
+                        continue
+                    cfg = tuned_sm90._config(block_n, 64, split, warps, stages)
+                    gemv_mod.gemv_config = lambda *a, cfg=cfg, **k: cfg
+                    row = {"part": "sweep", "kernel": kernel, "N": N, "K": K, "M": M, "BLOCK_N": block_n,
+                           "SPLIT_K": split, "warps": warps, "stages": stages}
+                    try:
+                        row["graph_us"] = graph_us(lambda: qt.nf4_matmul(x, qw), reps=100)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = repr(e)[:300]
+                    finally:
+                        gemv_mod.gemv_config = shipped
+                    emit(out, row)
+            torch.cuda.empty_cache()
+
+
+def paged(out) -> None:
+    from qlora_triton import paged as paged_mod
+
+    def free() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+
+    n = 256 << 20
+    row = {"part": "paged", "free_start": free()}
+    p = torch.randn(n, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    row["free_param"] = free()
+    opt = qt.PagedAdamW([p])
+    opt.step()
+    row["free_after_step"] = free()
+    states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.numel() > 1]
+    row["state_bytes"] = sum(t.nbytes for t in states)
+
+    def read_ms() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in states:
+            t.sum()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    row["read_ms_resident"] = read_ms()
+    opt.evict()
+    row["free_after_evict"] = free()
+    row["read_ms_after_evict"] = read_ms()  # faults the pages back
+    row["free_after_fault_back"] = free()
+    opt.evict()
+    free()
+    opt.prefetch()
+    row["free_after_prefetch"] = free()
+    row["read_ms_after_prefetch"] = read_ms()
+    row["helper"] = str(paged_mod.HELPER_PATH)
+    emit(out, row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="paged,split,profile,sweep")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_diag needs a CUDA device")
+    parts = {"paged": paged, "split": split_rows, "profile": profile_host, "sweep": sweep}
+    with open(args.out, "a") as out:
+        for name in args.parts.split(","):
+            t0 = time.perf_counter()
+            try:
+                parts[name](out)
+            except Exception as e:  # noqa: BLE001
+                emit(out, {"part": name, "error": repr(e)[:500]})
+            print(f"== {name} {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
