@@ -12,7 +12,9 @@ takes to run it, that is the host's time. This script separates the two:
   alone, no Python), per provider;
 * a cProfile of the host path of one M = 1 call;
 * the GEMV configs (tile, split) of :mod:`qlora_triton.ops.tuned_sm90`, each
-  timed by graph replay, beside the shipped choice.
+  timed by graph replay, beside the shipped choice;
+* what ``torch.cuda.mem_get_info`` counts of paged (managed) optimizer states;
+* ``--parts kernels``: one call of each GEMV, for ``ncu`` to profile.
 
 Writes JSON lines to ``--out`` as it goes; a run cut short keeps what it had::
 
@@ -198,14 +200,54 @@ def paged(out) -> None:
     emit(out, row)
 
 
+def managed_accounting(out) -> None:
+    """What ``mem_get_info`` counts of a managed allocation: at allocation, on
+    first touch, after eviction, after prefetch (512 MiB, far under free memory)."""
+    from qlora_triton import paged as paged_mod
+
+    def free() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+
+    row = {"part": "managed_accounting", "free_start": free(), "reserved_start": torch.cuda.memory_reserved()}
+    t = paged_mod.managed_empty((128 << 20,), torch.float32, "cuda")
+    row["free_after_alloc"] = free()
+    t.fill_(1.0)
+    row["free_after_touch"] = free()
+    paged_mod.evict_to_host([t])
+    row["free_after_evict"] = free()
+    row["location_after_evict"] = paged_mod.last_prefetch_location(t)
+    paged_mod.prefetch_to_device([t])
+    row["free_after_prefetch"] = free()
+    row["location_after_prefetch"] = paged_mod.last_prefetch_location(t)
+    row["reserved_end"] = torch.cuda.memory_reserved()
+    del t
+    emit(out, row)
+
+
+def kernels(out) -> None:
+    """Each GEMV once more after a warm-up call, for ``ncu -k regex:...`` to profile:
+    the FMA kernel (M = 1) and the tensor-core one (M = 16) on 28672x8192 with the
+    shipped configs, and bitsandbytes' M = 1 kernel beside them."""
+    for M in (1, 16):
+        _, _, fns = providers(28672, 8192, M)
+        for name in ("qlora_triton", "bitsandbytes"):
+            if name in fns:
+                fns[name]()
+                fns[name]()
+        torch.cuda.synchronize()
+    emit(out, {"part": "kernels", "done": True})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="paged,split,profile,sweep")
+    ap.add_argument("--parts", default="paged,managed,split,profile,sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_diag needs a CUDA device")
-    parts = {"paged": paged, "split": split_rows, "profile": profile_host, "sweep": sweep}
+    parts = {"paged": paged, "managed": managed_accounting, "split": split_rows, "profile": profile_host,
+             "sweep": sweep, "kernels": kernels}
     with open(args.out, "a") as out:
         for name in args.parts.split(","):
             t0 = time.perf_counter()

@@ -95,6 +95,32 @@ int qlt_prefetch(void* ptr, size_t size, int device, cudaStream_t stream) {
     return static_cast<int>(prefetch(ptr, size, device, stream));
 }
 
+// The location the driver last prefetched [ptr, ptr + size) to, into *device:
+// a device ordinal, -1 for the host, -2 when the range was never prefetched or
+// its pages were last prefetched to different places. Returns the cudaError_t.
+int qlt_last_prefetch_location(void* ptr, size_t size, int* device) {
+    *device = -2;
+#if CUDART_VERSION >= 13000
+    int type = 0, id = 0;
+    cudaError_t err = cudaMemRangeGetAttribute(&type, sizeof(type), cudaMemRangeAttributeLastPrefetchLocationType,
+                                               ptr, size);
+    if (err == cudaSuccess) {
+        err = cudaMemRangeGetAttribute(&id, sizeof(id), cudaMemRangeAttributeLastPrefetchLocationId, ptr, size);
+    }
+    if (err != cudaSuccess) return static_cast<int>(err);
+    if (type == cudaMemLocationTypeDevice) *device = id;
+    else if (type == cudaMemLocationTypeHost || type == cudaMemLocationTypeHostNuma ||
+             type == cudaMemLocationTypeHostNumaCurrent) *device = -1;
+    return 0;
+#else
+    int id = cudaInvalidDeviceId;
+    cudaError_t err = cudaMemRangeGetAttribute(&id, sizeof(id), cudaMemRangeAttributeLastPrefetchLocation, ptr, size);
+    if (err != cudaSuccess) return static_cast<int>(err);
+    *device = id == cudaCpuDeviceId ? -1 : (id == cudaInvalidDeviceId ? -2 : id);
+    return 0;
+#endif
+}
+
 // cudaGetErrorString for the codes qlt_prefetch returns.
 const char* qlt_error_string(int error) {
     return cudaGetErrorString(static_cast<cudaError_t>(error));

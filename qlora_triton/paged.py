@@ -65,6 +65,19 @@ class _Helper:
             raise ManagedMemoryError(f"prefetch of {tensor.nbytes} bytes to {where} failed: "
                                      f"{self.lib.qlt_error_string(err).decode()} (is it a managed tensor?)")
 
+    def last_prefetch_location(self, tensor: torch.Tensor) -> int:
+        try:
+            query = self.lib.qlt_last_prefetch_location
+        except AttributeError as e:  # a helper built before this query existed
+            raise ManagedMemoryError(f"{self.path} predates qlt_last_prefetch_location; rebuild it with "
+                                     f"{BUILD_COMMAND}") from e
+        device = ctypes.c_int(-2)
+        err = query(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(tensor.nbytes), ctypes.byref(device))
+        if err != 0:
+            raise ManagedMemoryError(f"querying the location of {tensor.nbytes} bytes failed: "
+                                     f"{self.lib.qlt_error_string(err).decode()} (is it a managed tensor?)")
+        return device.value
+
 
 def missing_helper_message(path: str | os.PathLike) -> str:
     return (f"paged optimizer states on CUDA need qlora_triton's managed-memory helper, which is not built "
@@ -153,6 +166,14 @@ def prefetch_to_device(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         lib.prefetch(t, t.device.index, stream)
     return nbytes
+
+
+def last_prefetch_location(tensor: torch.Tensor) -> int:
+    """Where the driver last prefetched a managed CUDA tensor's pages (its
+    ``cudaMemRangeGetAttribute`` record): a device index, -1 for the host, -2
+    for never (or to different places). Pages a kernel touched since may have
+    moved on demand; this is the explicit paging's record, not a page walk."""
+    return helper().last_prefetch_location(tensor)
 
 
 def evict_to_host(tensors: Iterable[torch.Tensor]) -> int:

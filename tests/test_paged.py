@@ -76,30 +76,33 @@ def test_managed_empty_on_cpu_is_plain():
 # -- GPU ---------------------------------------------------------------------------
 
 
-def _free() -> int:
-    torch.cuda.synchronize()
-    return torch.cuda.mem_get_info()[0]
-
-
 @pytest.mark.gpu
 @gpu
-def test_evict_frees_device_memory_and_prefetch_takes_it_back():
-    n = 256 << 20  # 256M fp32 parameters: 2 GiB of PagedAdamW states
+def test_evict_moves_the_states_to_the_host_and_prefetch_brings_them_back():
+    """The paging, as the driver records it. Not as ``torch.cuda.mem_get_info``
+    reports it: on the H200 (driver 580.159.04, CUDA 13.0; benchmarks/results/h200-2026-12-04)
+    its free figure did not move when 2 GiB of states were evicted or prefetched,
+    while reading them after an eviction took 217 ms (page faults) against 0.64 ms
+    after a prefetch."""
+    n = 64 << 20  # 64M fp32 parameters: 512 MiB of PagedAdamW states
     p = torch.randn(n, device="cuda", requires_grad=True)
     p.grad = torch.randn_like(p)
     opt = qt.PagedAdamW([p])
     opt.step()
-    state_bytes = 2 * 4 * n
-    assert opt.device_resident_bytes() == state_bytes
-    before = _free()
+    states = [t for t in opt.state[p].values() if torch.is_tensor(t) and t.numel() == n]
+    assert len(states) == 2
+    assert opt.device_resident_bytes() == 2 * 4 * n
     opt.evict()
-    after_evict = _free()
+    torch.cuda.synchronize()
     assert opt.device_resident_bytes() == 0
-    assert after_evict - before >= 0.9 * state_bytes, (before, after_evict)
+    assert [paged.last_prefetch_location(t) for t in states] == [-1, -1]
+    before = [t.clone() for t in states]  # read back through the host pages
     opt.prefetch()
-    after_prefetch = _free()
-    assert opt.device_resident_bytes() == state_bytes
-    assert after_evict - after_prefetch >= 0.9 * state_bytes, (after_evict, after_prefetch)
+    torch.cuda.synchronize()
+    assert opt.device_resident_bytes() == 2 * 4 * n
+    assert [paged.last_prefetch_location(t) for t in states] == [p.device.index] * 2
+    for t, b in zip(states, before):
+        assert torch.equal(t, b)
 
 
 @pytest.mark.gpu

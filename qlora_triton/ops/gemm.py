@@ -135,7 +135,7 @@ def _words_launch(op: str, kernel, a: torch.Tensor, words: torch.Tensor, tensors
     cfg = gemm_config(op, M, N, K, qw.blocksize, a.dtype == torch.float32,
                       interpret=INTERPRET and a.device.type != "meta")
     candidates = gemm_configs(op, a.dtype == torch.float32)
-    tuned = candidates if autotune_enabled() and not INTERPRET else [cfg]
+    tuned = candidates if autotune_enabled() and not INTERPRET else (cfg,)
     splits = max(c.kwargs[split_key] for c in tuned)
     partial = (torch.empty((splits, M, out_cols), dtype=torch.float32, device=a.device)
                if splits > 1 else out)

@@ -25,7 +25,7 @@ from .decode import (nf4_code_table, nf4_scale, nf4_scale_of, nf4_scale_raw, nf4
 from .launch import dot_precision, launch
 from .split import split_counter, split_epilogue
 from .tuned_sm90 import (GEMV_FMA_MAX_M, autotune_enabled, general_config, general_configs,
-                         gemv_config, gemv_configs, lora_allowed, prune_gemv)
+                         gemv_config, gemv_configs, prune_gemv)
 
 # Trips of loads each kernel issues ahead of its decode in registers (read by
 # the static profile, scripts/sm90_sass.py, as part of its pipeline depth).
@@ -305,9 +305,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weig
     # what they allocate (split-K partials) is what the GPU run allocates.
     cfg = gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
                       interpret=INTERPRET and x.device.type != "meta", lora=lora is not None)
-    candidates = [c for c in gemv_configs(name)
-                  if lora is None or lora_allowed(name, c.kwargs["BLOCK_N"])]
-    tuned = candidates if autotune_enabled() and not INTERPRET else [cfg]
+    candidates = gemv_configs(name, lora is not None)
+    tuned = candidates if autotune_enabled() and not INTERPRET else (cfg,)
     splits = max(c.kwargs["SPLIT_K"] for c in tuned)
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     tiles = max(-(-N // c.kwargs["BLOCK_N"]) for c in tuned)

@@ -34,7 +34,7 @@ def launch(kernel, grid, args: tuple, const: dict, cfg: triton.Config, candidate
     if candidates is not None and autotune_enabled() and not INTERPRET:
         tuned = _autotuned.get(kernel)
         if tuned is None:
-            tuned = triton.autotune(configs=candidates, key=["N", "K", "M", "BLOCKSIZE"],
+            tuned = triton.autotune(configs=list(candidates), key=["N", "K", "M", "BLOCKSIZE"],
                                     reset_to_zero=reset_to_zero,
                                     prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
             _autotuned[kernel] = tuned

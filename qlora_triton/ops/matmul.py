@@ -112,13 +112,14 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
         return x.new_empty((0, N))
     meta = _weight_meta(qw)  # also the int32 limit of the dequantize kernel
     strategy = select_strategy(M, N, K, x.dtype, x.device, op="forward")
-    if strategy != "dequant" and _gemv_operands(qw)[0] is None and _full_fp32(x.dtype):
-        strategy = "dequant"  # see _full_fp32
+    if strategy != "dequant":
+        words, tensors = _gemv_operands(qw)
+        if words is None and _full_fp32(x.dtype):
+            strategy = "dequant"  # see _full_fp32
     strategies["forward", strategy] += 1
     if strategy == "dequant":
         launches["dequantize"] += 1
         return dequant_matmul(x, qw, bias)
-    words, tensors = _gemv_operands(qw)
     kernel = "gemv" if strategy == "gemv" else "gemm"
     if bias is not None:
         bias = bias.contiguous()

@@ -82,13 +82,26 @@ _CLOCK_HZ = 1.98e9
 _HBM_BYTES_PER_S = 4.3e12
 _LATENCY_S = 700e-9
 _DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (prefetch, or 2 stages)
+# Calibration from the first GPU run (H200, Triton 3.6, bf16, graph-replayed
+# sweep of every tile and split at 4096x4096, 8192x8192 and 28672x8192;
+# benchmarks/results/h200-2026-12-04/diag.jsonl): a scheduler issued at full
+# rate only with about 3 resident warps. Fewer left it idle on the decode's
+# dependent shuffles and loads: the 2-warp-per-scheduler tiles (128-row FMA,
+# 256-row tensor-core) measured 1.0-1.2x slower than the 3-warp ones (64-row
+# FMA, 128-row tensor-core) that the instruction counts alone put 5-14% behind.
+_WARPS_TO_HIDE_LATENCY = 3
 
 
-def gemv_configs(kernel: str) -> list[triton.Config]:
+# The candidate lists below are built once (lru_cache; callers never change
+# them): the launchers pass them on every call, and at M = 1 host time is the cost.
+@functools.lru_cache(maxsize=None)
+def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
     """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
-    (:func:`prune_gemv` drops K tiles wider than the weight's blocksize)."""
-    return [_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel] for k in (32, 64)
-            if k <= _BLOCK_K[kernel] for s in (1, 2, 4, 8, 16) if s <= _max_split(kernel, t[0])]
+    (:func:`prune_gemv` drops K tiles wider than the weight's blocksize);
+    ``lora``: only the tiles :func:`lora_allowed`."""
+    return tuple(_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel] for k in (32, 64)
+                 if k <= _BLOCK_K[kernel] and not (lora and not lora_allowed(kernel, t[0]))
+                 for s in (1, 2, 4, 8, 16) if s <= _max_split(kernel, t[0]))
 
 
 def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
@@ -110,9 +123,13 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
                     blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0) -> float:
     """A GEMV launch's time on an H200 by the profile's bound model: the largest
     of the busiest scheduler's issue time (the busiest SM's warp-programs
-    dealt to its schedulers), its load/store unit's time, the memory latency (each trip costs 700 ns over the pipeline
-    depth) and the bytes (weights, scales and, with a split, the fp32 partial
-    sums written and read back) at HBM bandwidth. A compile-time estimate."""
+    dealt to its schedulers, at full rate only with _WARPS_TO_HIDE_LATENCY
+    resident warps each), its load/store unit's time, the memory latency (each
+    trip costs 700 ns over the pipeline depth) and the weight and scale bytes
+    at HBM bandwidth; then, with a split, the fp32 partial sums written and
+    read back, after the main loop (measured additive: 28672x8192 at M = 16
+    took 12 us longer at split 16 than at split 4). Compile-time counts with
+    the GPU's calibration; a model for ranking configs, not a timing."""
     tiles = -(-N // block_n)
     programs = tiles * split
     trips = -(-(-(-K // block_k)) // split)
@@ -122,12 +139,13 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
     waves = -(-busiest // resident)
     per_warp_trip = instr_per_weight * block_n * block_k / 32 / warps  # warp-instructions
     per_scheduler = -(-busiest * warps // min(4, resident * warps))
-    issue = per_scheduler * trips * per_warp_trip / _CLOCK_HZ
+    issue_rate = min(1.0, resident * warps / 4 / _WARPS_TO_HIDE_LATENCY)
+    issue = per_scheduler * trips * per_warp_trip / _CLOCK_HZ / issue_rate
     lsu = busiest * trips * lsu_per_weight * block_n * block_k / 32 / _CLOCK_HZ
     latency = waves * trips * _LATENCY_S / depth
     scale_bytes = N * K / blocksize * (1 + 4 / 256)
     partial = 2 * 4 * split * rows * N if split > 1 else 0
-    return max(issue, latency, lsu, (N * K / 2 + scale_bytes + partial) / _HBM_BYTES_PER_S)
+    return max(issue, latency, lsu, (N * K / 2 + scale_bytes) / _HBM_BYTES_PER_S) + partial / _HBM_BYTES_PER_S
 
 
 def lora_allowed(kernel: str, block_n: int) -> bool:
@@ -204,12 +222,13 @@ def _gemm_config(op: str, block_m: int, block_n: int, block_k: int, split: int, 
                           _SPLIT_KEY[op]: split, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-def gemm_configs(op: str, x_fp32: bool = False) -> list[triton.Config]:
+@functools.lru_cache(maxsize=None)
+def gemm_configs(op: str, x_fp32: bool = False) -> tuple[triton.Config, ...]:
     """The autotune candidates of the word GEMM (``op`` "forward") or
     grad-input ("grad_input"); :func:`prune_gemm` keeps the allowed ones."""
     tiles = _GEMM_TILES_FP32[op] if x_fp32 else _GEMM_TILES[op]
-    return [_gemm_config(op, m, n, k, s, w, st) for m, n, w, st in tiles
-            for k in (32, 64) for s in (1, 2, 4)]
+    return tuple(_gemm_config(op, m, n, k, s, w, st) for m, n, w, st in tiles
+                 for k in (32, 64) for s in (1, 2, 4))
 
 
 def gemm_allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
@@ -294,11 +313,12 @@ def _general(op: str, tile: tuple, split: int = 1) -> triton.Config:
                          num_warps=warps, num_stages=stages)
 
 
-def general_configs(op: str) -> list[triton.Config]:
+@functools.lru_cache(maxsize=None)
+def general_configs(op: str) -> tuple[triton.Config, ...]:
     """Autotune candidates of the per-element-decode kernel of ``op``
     ("forward", "grad_input" or "gemv")."""
     splits = (1, 2, 4, 8, 16) if op == "gemv" else (1,)
-    return [_general(op, t, s) for t in _GENERAL_TILES[op] for s in splits]
+    return tuple(_general(op, t, s) for t in _GENERAL_TILES[op] for s in splits)
 
 
 @functools.lru_cache(maxsize=None)
