@@ -76,6 +76,11 @@ def test_managed_empty_on_cpu_is_plain():
 # -- GPU ---------------------------------------------------------------------------
 
 
+def _free() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
 @pytest.mark.gpu
 @gpu
 def test_evict_moves_the_states_to_the_host_and_prefetch_brings_them_back():
