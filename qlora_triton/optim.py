@@ -174,8 +174,9 @@ class _PagedAdamWBase(torch.optim.Optimizer):
         self._page(list(self._placement), "device")
 
     def evict(self) -> None:
-        """Move every paged state to host memory (ordered on the current stream),
-        giving its device memory back until the next prefetch or step."""
+        """Move every paged state to host memory (ordered on the current stream)
+        until the next prefetch or step. On the H200 the driver's free-memory
+        figure did not rise when the pages left (docs/optimizers.md)."""
         self._page(list(self._placement), "host")
 
     def device_resident_bytes(self) -> int:

@@ -8,7 +8,7 @@ and a prefetch call. States are allocated from a ``torch.cuda.MemPool`` backed
 by that allocator, so they are ordinary CUDA tensors (kernels, ``torch.save``,
 ``copy_`` all work) whose pages can live on the device or the host; paging is
 explicit: :func:`prefetch_to_device` before the optimizer reads them,
-:func:`evict_to_host` after, so forward/backward get the device memory back.
+:func:`evict_to_host` after (what that frees, as measured: docs/optimizers.md).
 
 Why a MemPool and not a process-wide pluggable allocator: the latter replaces
 torch's allocator for every tensor (and must be installed before any CUDA

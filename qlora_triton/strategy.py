@@ -46,7 +46,17 @@ GEMV_MAX_M = 16
 _SMALL_LAYER = 4096 * 4096
 
 # The smallest M that runs "dequant", per (GPU kind, shape bucket, dtype);
-# None: never by default. UNCALIBRATED: the sm_90 values are compile-time
+# None: never by default.
+# MEASURED (forward, large layers, bf16/fp16): 1024, from the first H200 run
+# (benchmarks/results/h200-2026-12-04/run1/crossover.json: forward plus
+# grad-input of 4096x4096, 11008x4096, 4096x11008 and 28672x8192 under each
+# strategy, M = 32..8192; dequant was faster on every shape from M = 1024 on,
+# on 28672x8192 from M = 128, where the fused kernels ran 3-5x slower than the
+# estimates below). The run timed the two products together, so only the
+# forward table takes it (as load_crossover does); the grad-input start and
+# the small-layer rows stay estimates: the small layers' timings were host
+# time (about 0.3-0.5 ms per pair of calls whatever M) and decide nothing.
+# The rest are compile-time
 # estimates (scripts/sm90_sass.py --train, benchmarks/results/sm90-train-*:
 # static SASS counts of our kernels, cuBLAS assumed at 790 TFLOP/s), not
 # measurements; the GPU check has to time all three strategies and replace
@@ -69,8 +79,8 @@ _SMALL_LAYER = 4096 * 4096
 #   (With torch's default "highest" fp32 precision the fused kernel's dot is
 #   full fp32 too, ops/launch.dot_precision: the GPU check has to time it.)
 CROSSOVER: dict[tuple[str, str, torch.dtype], int | None] = {  # the forward product
-    ("sm_90", "large", torch.bfloat16): 1400,
-    ("sm_90", "large", torch.float16): 1400,
+    ("sm_90", "large", torch.bfloat16): 1024,  # measured, see above
+    ("sm_90", "large", torch.float16): 1024,
     ("sm_90", "large", torch.float32): None,
     ("sm_90", "small", torch.bfloat16): 1400,
     ("sm_90", "small", torch.float16): 1400,

@@ -294,7 +294,8 @@ def test_sm90_table_crossover(monkeypatch):
     assert [pick(m, op="grad_input") for m in (16, gin - 1, gin, fwd - 1)] == [
         "gemv", "fused", "dequant", "dequant"]
     assert pick(4096, dtype=torch.float16) == "dequant" and pick(4096, dtype=torch.float32) == "fused"
-    assert pick(fwd - 1, 1000, 1000) == "fused" and pick(fwd, 1000, 1000) == "dequant"  # small layer
+    small = strategy_mod.CROSSOVER["sm_90", "small", torch.bfloat16]  # its own row
+    assert pick(small - 1, 1000, 1000) == "fused" and pick(small, 1000, 1000) == "dequant"
     monkeypatch.setattr(strategy_mod, "gpu_kind", lambda device: "sm_80")  # no rows: sm_90's
     assert pick(fwd) == "dequant" and pick(256) == "fused"
     with pytest.raises(ValueError, match="op must be 'forward' or 'grad_input', got 'backward'"):
