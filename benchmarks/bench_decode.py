@@ -9,9 +9,12 @@ in a shorter stack, and the compile stays short), with a static KV cache
   blocksize 64, double quant), ``bitsandbytes`` (``bnb.nn.Linear4bit``, the
   same format), ``bf16`` (the dense model);
 * modes: ``eager`` (the static cache, no compile) and ``compiled``
-  (``torch.compile(model.forward, mode="reduce-overhead")``: on CUDA, CUDA
-  graphs captured once and replayed for every token, the way transformers'
-  own auto-compile of a static-cache ``generate`` does).
+  (transformers' own compile of a static-cache ``generate``, through its
+  ``CompileConfig``: the decode step under ``torch.compile(mode=
+  "reduce-overhead")``, on CUDA CUDA graphs captured once and replayed for
+  every token; the prefill stays eager). Compiling ``model.forward`` by hand
+  failed on the H200 with transformers 5.17 (CUDA-graph trees found outputs of
+  an earlier replay still in use: benchmarks/results/h200-2026-12-04).
 
 Each row says whether the compiled run gave the eager run's tokens, the decode
 time per token (``(t(N tokens) - t(1 token)) / (N - 1)``, so the prefill is left
@@ -36,6 +39,7 @@ captured once, not once per token. tests/test_bench_decode.py runs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -116,11 +120,26 @@ def _decoder_linears_any(model):
                 yield parent, name, child
 
 
-def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decode of exactly ``new_tokens`` tokens with a static cache; the
-    model's forward is whatever ``model.forward`` is (eager or compiled)."""
+def compile_config(backend: str, mode: str | None, device: torch.device):
+    """transformers' own ``CompileConfig`` for ``generate``: it compiles the decode
+    step alone (not the prefill) and marks each CUDA-graph step. Off CUDA,
+    transformers compiles only when told to (``_compile_all_devices``, its own
+    switch for this)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=backend, mode=mode)
+    if device.type != "cuda":
+        config._compile_all_devices = True
+    return config
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int, compiled=None) -> torch.Tensor:
+    """Greedy decode of exactly ``new_tokens`` tokens with a static cache;
+    ``compiled``: a :func:`compile_config` (the decode step compiled by
+    transformers' generate), None: eager."""
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         cache_implementation="static", disable_compile=True, pad_token_id=0)
+                         cache_implementation="static", disable_compile=compiled is None,
+                         compile_config=compiled, pad_token_id=0)
     return out[:, prompt.shape[1]:]
 
 
@@ -140,7 +159,6 @@ def measure(model, provider: str, prompt: torch.Tensor, new_tokens: int, reps: i
     import torch._dynamo
 
     device = prompt.device
-    eager_forward = model.forward
     eager_tokens = generate(model, prompt, new_tokens) if "compiled" in modes else None
     for mode in modes:
         row = {"bench": "decode", "provider": provider, "mode": mode, "device": device.type,
@@ -148,25 +166,23 @@ def measure(model, provider: str, prompt: torch.Tensor, new_tokens: int, reps: i
                "prompt": prompt.shape[1], "new_tokens": new_tokens}
         try:
             torch._dynamo.reset()
-            model.forward = eager_forward if mode == "eager" else \
-                torch.compile(eager_forward, backend=backend, mode=compile_mode)
+            config = compile_config(backend, compile_mode, device) if mode == "compiled" else None
+            run = functools.partial(generate, model, prompt, compiled=config)
             before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-            t_first = _timed(lambda: generate(model, prompt, new_tokens), device)  # compiles, warms up
-            tokens = generate(model, prompt, new_tokens)
+            t_first = _timed(lambda: run(new_tokens), device)  # compiles, warms up
+            tokens = run(new_tokens)
             row["graphs_captured"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
             if mode == "compiled":
                 row["tokens_match_eager"] = bool(torch.equal(tokens, eager_tokens))
                 row["tokens_equal_fraction"] = float((tokens == eager_tokens).float().mean())
-            long = [_timed(lambda: generate(model, prompt, new_tokens), device) for _ in range(reps)]
-            short = [_timed(lambda: generate(model, prompt, 1), device) for _ in range(reps)]
+            long = [_timed(lambda: run(new_tokens), device) for _ in range(reps)]
+            short = [_timed(lambda: run(1), device) for _ in range(reps)]
             per_token = (statistics.median(long) - statistics.median(short)) / max(new_tokens - 1, 1)
             row.update(status="ok", first_call_s=round(t_first, 3), ms_per_token=per_token * 1e3,
                        tokens_per_s=1.0 / per_token if per_token > 0 else None,
                        generate_s=statistics.median(long), tokens=tokens[0].tolist())
         except Exception as err:  # noqa: BLE001 - a failing provider or mode is a row, not a stop
             row.update(status=f"error: {type(err).__name__}: {str(err)[:300]}")
-        finally:
-            model.forward = eager_forward
         yield row
 
 

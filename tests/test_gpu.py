@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qlora_triton as qt
+from qlora_triton.ops import split as split_mod
 from qlora_triton.ops import tuned_sm90
 
 pytestmark = [pytest.mark.gpu,
@@ -72,9 +73,13 @@ def test_cuda_graph_replays_a_warmed_lora_forward_at_m1(dtype):
             for _ in range(3):
                 layer(static_x)
         torch.cuda.current_stream().wait_stream(side)
+        counters = dict(split_mod._split_counters)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # captures on a stream of its own, not seen before
             static_y = layer(static_x)
+        # A split counter made during capture is the graph's, not kept for eager launches.
+        assert split_mod._split_counters.keys() == counters.keys()
+        assert all(split_mod._split_counters[key] is count for key, count in counters.items())
         for _ in range(3):
             x = torch.randn(1, K, device=device, dtype=dtype)
             static_x.copy_(x)

@@ -41,16 +41,23 @@ def split_epilogue(acc, rn, out, out_ok, bias_ptr, y_ptr, partial_ptr, count_ptr
         tl.store(y_ptr + out, cast_rtne(acc, y_ptr.dtype.element_ty), mask=out_ok)
 
 
-# Per (device, stream): the split-K row-tile counters of the FMA GEMV. Zeroed
+# Per (device, stream): the split-K row-tile counters of the GEMVs. Zeroed
 # once when made; every launch leaves them at zero again.
 _split_counters: dict = {}
 
 
 def split_counter(device: torch.device, tiles: int) -> torch.Tensor:
+    """The counters for a launch of ``tiles`` row tiles on the current stream.
+    One made while a CUDA graph is being captured (no counter for that stream
+    yet) belongs to the graph: zeroed by a node of the graph, in its memory
+    pool, and not kept here, where it would outlive the graph's pool
+    (torch.compile's CUDA-graph trees refuse such a tensor)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     count = _split_counters.get(key)
     if count is None or count.numel() < tiles:
         count = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return count
         _split_counters[key] = count
     return count
