@@ -36,7 +36,7 @@ from qlora_triton import strategy as strategy_mod
 
 from . import report
 from .cases import OPS, SHAPES, SMOKE_SHAPES, Case, all_cases
-from .estimates import estimate
+from .estimates import estimate, launched_config
 from .providers import (MAX_REL_ERR, PROVIDERS, Checked, NotApplicable, WeightCache, build, provider_status,
                         rotation_bytes)
 from .schema import SCHEMA_VERSION, validate
@@ -131,7 +131,7 @@ def run_case(case: Case, provider: str, status: str | None, timer: Timer, ceilin
         "x_floor": None, "copies": None, "rel_err": None,
     }
     if provider == "qlora_triton":
-        row["sass_estimate"] = estimate(case, triton.__version__)
+        row["sass_estimate"] = estimate(case, triton.__version__, launched_config(case))
     if status is not None:  # the provider did not import
         row["status"] = "not installed" if status == "not installed" else "error"
         row["error"] = status
