@@ -375,6 +375,20 @@ def test_opcheck(backend, device, double_quant):
                               (torch.randn(rows, 50, device=device).bfloat16(), *weight_args(qw)))
 
 
+@pytest.mark.parametrize("k", [128, 131])  # word-aligned: the LoRA folded into the GEMV; not: base + addmm_
+def test_opcheck_lora_matmul(backend, device, k):
+    qw = _weight(50, k, 32, True, device)
+    r = 6
+    for rows in (3, 20):  # folded GEMV (aligned K) and the base product + addmm_
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, rows, k, device=device, dtype=dtype)
+            h = torch.randn(2, rows, r, device=device, dtype=dtype)
+            lora_b = torch.randn(50, r, device=device, dtype=dtype)
+            bias = torch.randn(50, device=device) if dtype == torch.float32 else None
+            torch.library.opcheck(torch.ops.qlora_triton.nf4_lora_matmul.default,
+                                  (x, *weight_args(qw)[:6], bias, h, lora_b, 0.75, *weight_args(qw)[6:]))
+
+
 def test_torch_compile_fullgraph_forward_and_backward(backend, device):
     def layer(x, qw, bias):  # NF4Weight (a dataclass) as an argument
         return torch.nn.functional.gelu(qt.nf4_matmul(x, qw, bias))
