@@ -11,12 +11,16 @@
 #                  pip --no-deps --no-build-isolation -e ., first building the managed-memory
 #                  helper (QLORA_TRITON_BUILD_CUDA=1, nvcc), without it if that fails
 #   env        10  GPU, driver, torch, triton, transformers, bitsandbytes versions
-#   tests     150  pytest -m gpu (compiled Triton), -rA, a per-test timeout; stopped with SIGINT
+#   tests     125  pytest -m gpu (compiled Triton), -rA, a per-test timeout; stopped with SIGINT
 #                  at the limit, so the log still ends with pytest's summary of what ran
 #   bench      90  the core table: qlora_triton vs bitsandbytes vs bf16 cuBLAS, matmul_fwd at
 #                  M = 1, 16, 4096 on 4096x4096, 8192x8192, 28672x8192; LoRALinear4bit fwd+bwd vs
 #                  bitsandbytes + a PEFT-style adapter (M = 2048); PagedAdamW vs torch fused AdamW;
-#                  each qlora_triton matmul row with the static sm_90 estimate beside it
+#                  each qlora_triton decode row with the static sm_90 estimate of its config beside it
+#                  (bench/rows.jsonl, the rows as they come, is removed once results.json holds them)
+#   diag       25  python -m benchmarks.gpu_diag --parts managed,split: host time per call against
+#                  GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged states'
+#                  accounting (the core table's do_bench at small M times the host)
 #   preset     45  qlora-triton finetune --preset 7b --steps 3
 #   crossover  35  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
 #   decode     50  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
@@ -24,15 +28,14 @@
 # and a short table last (the bench rows, then one line per stage).
 #
 # $OUT (at most 8 files come back): log.txt (every stage's output but pytest's, and the
-# summary), pytest.log, bench/rows.jsonl (a row as each is measured), bench/results.json and
-# bench/results.md (when the bench stage finishes), preset/preset-7b.json, crossover.json,
-# decode.jsonl. The exit status is non-zero when a stage failed or ran out of time.
+# summary), pytest.log, bench/results.json and bench/results.md (bench/rows.jsonl instead while
+# the bench stage is cut short), diag.jsonl, preset/preset-7b.json, crossover.json, decode.jsonl. The exit status is non-zero when a stage failed or ran out of time.
 #
 # DRY_RUN=1 (CI, tests/test_gpu_check.py): on the CPU, no installs; checks that the stage limits
 # add up to at most BUDGET, that every import the GPU run makes is on the machine or in the
 # wheels (python -m benchmarks.gpu_machine --check), lists the wheels, and runs each stage in
 # its CPU form: pytest -m gpu --collect-only, the bench --smoke, the tiny preset on the CPU,
-# the crossover --smoke, the decode --smoke, each under SCALE (10) x its limit.
+# the crossover --smoke, the decode --smoke, each under SCALE (10) x its limit (diag: GPU only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +43,8 @@ PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=420
-ORDER=(install env tests bench preset crossover decode)
-declare -A LIMIT=([install]=40 [env]=10 [tests]=150 [bench]=90 [preset]=45 [crossover]=35 [decode]=50)
+ORDER=(install env tests bench diag preset crossover decode)
+declare -A LIMIT=([install]=40 [env]=10 [tests]=125 [bench]=90 [diag]=25 [preset]=45 [crossover]=35 [decode]=50)
 for s in "${ORDER[@]}"; do v="T_${s^^}"; LIMIT[$s]=${!v:-${LIMIT[$s]}}; done
 STAGES=${STAGES:-${ORDER[*]}}
 # The dry run's stages interpret on a shared 2-core CPU: their time limits are SCALE x the GPU's.
@@ -132,7 +135,20 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
       select=(${BENCH_ARGS:-${BENCH_SELECT[*]}})
       run_for bench "$PY" -m benchmarks --out "$OUT/bench" --no-plots --no-progress "${sizes[@]}" "${select[@]}" \
         ${GIT_COMMIT:+--git-commit "$GIT_COMMIT"} || rc=$?
-      note="$(cat "$OUT/bench/rows.jsonl" 2>/dev/null | wc -l) rows in bench/rows.jsonl" ;;
+      if [ "$rc" = 0 ] && [ -f "$OUT/bench/results.json" ]; then
+        rm -f "$OUT/bench/rows.jsonl"  # results.json holds every row; the call returns 8 files at most
+        note="$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["results"]))' \
+          "$OUT/bench/results.json") rows in bench/results.json"
+      else
+        note="$(cat "$OUT/bench/rows.jsonl" 2>/dev/null | wc -l) rows in bench/rows.jsonl"
+      fi ;;
+    diag)
+      if [ "$DRY_RUN" = 1 ]; then
+        note="GPU only: not run in the dry run"
+      else
+        run_for diag "$PY" -m benchmarks.gpu_diag --parts managed,split --out "$OUT/diag.jsonl" || rc=$?
+        note="$(grep -c '"graph_us"' "$OUT/diag.jsonl" 2>/dev/null || echo 0) rows with GPU time in diag.jsonl"
+      fi ;;
     preset)
       if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 3); fi
       run_for preset "$PY" -m qlora_triton.cli finetune "${preset[@]}" --output-dir "$OUT/preset" || rc=$?
@@ -154,9 +170,12 @@ done
 # -- the short table, last -------------------------------------------------------------------
 {
   echo "== summary"
-  "$PY" - "$OUT/bench/rows.jsonl" <<'EOF' 2>/dev/null
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+  "$PY" - "$OUT/bench" <<'EOF' 2>/dev/null
+import json, pathlib, sys
+bench = pathlib.Path(sys.argv[1])
+done = bench / "results.json"
+rows = json.loads(done.read_text())["results"] if done.exists() else [
+    json.loads(line) for line in (bench / "rows.jsonl").read_text().splitlines()]
 print(f"{'op':15s} {'shape':17s} {'M':>5s} {'provider':13s} {'ms':>9s} {'x_floor':>7s}  static est. (x floor)")
 for r in rows:
     est = r.get("sass_estimate") or {}
