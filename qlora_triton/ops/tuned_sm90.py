@@ -42,9 +42,9 @@ GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
 # The word GEMVs' tiles per kernel: (BLOCK_N, warps, stages, thread-instructions
-# per weight, registers, load/store-unit thread-instructions per weight), from
-# the static profile (Triton 3.6, bf16, blocksize
-# 64, double quant; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
+# per weight, registers, load/store-unit thread-instructions per weight, L1/TEX
+# lines per weight), from the static profile (Triton 3.6, bf16, blocksize
+# 64, double quant, K = 8192; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
 # The FMA kernel loads the next trip's words and stored scales in registers
 # itself (ops/gemv.PREFETCH_TRIPS, num_stages 1); the dot kernel leaves that to
 # Triton's pipeliner (num_stages >= 2: asynchronous copies of the words).
@@ -58,11 +58,11 @@ _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 # as many table entries as it holds rows, so a lookup becomes 2+ shuffles and
 # selects, and the wide tiles spill there. Other versions than 3.6 (the GPU
 # machine's) get the tiles that neither spill nor multiply the shuffles.
-_TILES_36 = {"fma": [(128, 1, 1, 5.06, 254, 1.13), (64, 1, 1, 5.6, 160, 1.2),
-                     (32, 1, 1, 6.6, 96, 1.3)],
-             "dot": [(256, 4, 2, 5.0, 200, 1.49), (128, 4, 3, 5.7, 136, 1.52),
-                     (64, 4, 3, 7.6, 96, 1.6)]}
-_TILES_OTHER = {"fma": [(32, 1, 1, 6.4, 64, 1.3)], "dot": [(64, 4, 3, 12.9, 96, 2.7)]}
+_TILES_36 = {"fma": [(128, 1, 1, 5.06, 254, 1.13, 0.0557), (64, 1, 1, 5.6, 160, 1.2, 0.0601),
+                     (32, 1, 1, 6.6, 96, 1.3, 0.0688)],
+             "dot": [(256, 4, 2, 5.0, 200, 1.49, 0.083), (128, 4, 3, 5.7, 136, 1.52, 0.085),
+                     (64, 4, 3, 7.6, 96, 1.6, 0.0996)]}
+_TILES_OTHER = {"fma": [(32, 1, 1, 6.4, 64, 1.3, 0.0688)], "dot": [(64, 4, 3, 12.9, 96, 2.7, 0.0996)]}
 # K columns per trip (at most; min(this, blocksize)).
 _BLOCK_K = {"fma": 64, "dot": 64}
 _TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
@@ -81,6 +81,10 @@ def _max_split(kernel: str, block_n: int) -> int:
 _CLOCK_HZ = 1.98e9
 _HBM_BYTES_PER_S = 4.3e12
 _LATENCY_S = 700e-9
+# L1/TEX: SM clocks per 128-byte line a warp's load touches (global lines and
+# shared-memory wavefronts), fitted on the H200's ncu cycles of the 64x64 FMA
+# and 128x64 tensor-core GEMVs at 28672x8192 (sm90_sass.L1_CLOCKS_PER_LINE).
+_L1_CLOCKS_PER_LINE = 1.8
 _DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (prefetch, or 2 stages)
 # Calibration from the first GPU run (H200, Triton 3.6, bf16, graph-replayed
 # sweep of every tile and split at 4096x4096, 8192x8192 and 28672x8192;
@@ -120,11 +124,14 @@ def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
 
 def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps: int,
                     split: int, instr_per_weight: float, registers: int,
-                    blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0) -> float:
+                    blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0,
+                    l1_per_weight: float = 0.0) -> float:
     """A GEMV launch's time on an H200 by the profile's bound model: the largest
     of the busiest scheduler's issue time (the busiest SM's warp-programs
     dealt to its schedulers, at full rate only with _WARPS_TO_HIDE_LATENCY
-    resident warps each), its load/store unit's time, the memory latency (each
+    resident warps each), its load/store unit's time, its L1/TEX time (the
+    lines its loads touch, _L1_CLOCKS_PER_LINE each: what bound both GEMVs on
+    the H200), the memory latency (each
     trip costs 700 ns over the pipeline depth) and the weight and scale bytes
     at HBM bandwidth; then, with a split, the fp32 partial sums written and
     read back, after the main loop (measured additive: 28672x8192 at M = 16
@@ -142,10 +149,18 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
     issue_rate = min(1.0, resident * warps / 4 / _WARPS_TO_HIDE_LATENCY)
     issue = per_scheduler * trips * per_warp_trip / _CLOCK_HZ / issue_rate
     lsu = busiest * trips * lsu_per_weight * block_n * block_k / 32 / _CLOCK_HZ
+    # The same issue rate gates the L1: its requests come from the schedulers'
+    # warps (H200 sweep, 28672x8192: the 256-row tensor-core tile, 2 warps per
+    # scheduler, took 176-185 us where its lines alone give 138-158 us; the
+    # 128-row FMA tile, also 2, took 101-104 us against 93: the factor ranks
+    # both below the 3-warp tiles, as measured, and over-charges the second).
+    l1 = (busiest * trips * l1_per_weight * block_n * block_k * _L1_CLOCKS_PER_LINE / _CLOCK_HZ
+          / issue_rate)
     latency = waves * trips * _LATENCY_S / depth
     scale_bytes = N * K / blocksize * (1 + 4 / 256)
     partial = 2 * 4 * split * rows * N if split > 1 else 0
-    return max(issue, latency, lsu, (N * K / 2 + scale_bytes) / _HBM_BYTES_PER_S) + partial / _HBM_BYTES_PER_S
+    return (max(issue, latency, lsu, l1, (N * K / 2 + scale_bytes) / _HBM_BYTES_PER_S)
+            + partial / _HBM_BYTES_PER_S)
 
 
 def lora_allowed(kernel: str, block_n: int) -> bool:
@@ -168,7 +183,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
         return _config(32 if kernel == "fma" else 64, block_k, 2, 1 if kernel == "fma" else 4, 1)
     rows = 1 if kernel == "fma" else 16
     best = None
-    for block_n, warps, stages, instr, regs, lsu in _TILES[kernel]:
+    for block_n, warps, stages, instr, regs, lsu, l1 in _TILES[kernel]:
         cfg0 = _config(block_n, block_k, 1, warps, stages)
         if not allowed(cfg0, blocksize, x_fp32) or (lora and not lora_allowed(kernel, block_n)):
             continue
@@ -178,7 +193,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
             if split > 1 and (split - 1) * -(-K // block_k // split) * block_k >= K:
                 continue  # the last split would get no K
             t = gemv_estimate_s(N, K, rows, block_n, block_k, warps, split, instr, regs, blocksize,
-                                _DEPTH[kernel], lsu)
+                                _DEPTH[kernel], lsu, l1)
             trips = -(-(-(-K // block_k)) // split)
             # Ties (within 0.1%) go to the larger split while each program keeps
             # at least 8 trips: more warps per scheduler for the same estimate.
