@@ -64,12 +64,16 @@ Method:
   wavefronts (the ``smem`` count) go through the same data stage and add to
   them. Rate: ``L1_CLOCKS_PER_LINE`` = 1.8 SM clocks per line per SM, fitted
   on ncu's elapsed cycles of the two measured kernels (28672x8192, bf16,
-  blocksize 64, double quant): the M = 1 kernel 64x64 w1 SPLIT_K=8 (246 lines
-  per warp-trip x 448 warp-trips on the busiest SM, 196 k cycles: 1.78) and
-  the M = 16 kernel 128x64 w4 s3 SPLIT_K=4 (166 x 896, 273 k cycles: 1.84).
-  At the model's 1.98 GHz that is 100.2 us for the first (measured 100.1) and
-  135 us for the second (measured 152: that run's SM clock was 1.79 GHz, at
-  which the same cycles are 150 us).
+  blocksize 64, double quant): the M = 1 kernel 64x64 w1 SPLIT_K=8 (241.6
+  lines per warp-trip x 448 warp-trips on the busiest SM = 108 k lines in
+  196 k cycles: 1.81) and the M = 16 kernel 128x64 w4 s3 SPLIT_K=4 (171.8 x
+  896 = 154 k lines in 273 k cycles: 1.77). At the model's 1.98 GHz that is
+  98.4 us for the first (ncu 100.1, graph replay 97.3) and 140 us for the
+  second (ncu 152.1, graph 150.1: that run's SM clock was 1.79 GHz, at which
+  the same lines take 155 us). The H200 sweep's other large-shape tiles
+  (8192x8192 and 28672x8192, splits >= 2, 2 or more warps per scheduler) fall
+  within -12..+10 % of the L1 time alone, except the 256-row tensor-core tile
+  (2 warps per scheduler: measured up to 1.3x it).
 
 Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
 28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
@@ -493,14 +497,24 @@ def _scale_access(rows: int, blocks: int, instructions: float, K: int, blocksize
     warp-instruction: the stored scale (uint8 code, or fp32 absmax; a row's
     are K / blocksize entries apart); with double quantization the nested
     absmax2 (one fp32 per 256 blocks) and the code2 gather (a 256-entry fp32
-    table, 1 KB = 8 lines: the 32 lanes' codes fall in up to 8 of them)."""
+    table, 1 KB = 8 lines; :func:`code2_lines`)."""
     per_row = K // blocksize
     if not double_quant:
         return [Access("absmax", instructions, _span_lines(rows, 4 * blocks, 4 * per_row))]
     nested = max(1, math.ceil(((rows - 1) * per_row + blocks) / 256 * 4 / LINE_BYTES))
     return [Access("absmax", instructions, _span_lines(rows, blocks, per_row)),
             Access("absmax2", instructions, nested),
-            Access("code2", instructions, min(8, rows * blocks))]
+            Access("code2", instructions, code2_lines(rows * blocks))]
+
+
+def code2_lines(codes: int) -> float:
+    """Expected distinct lines of the 1 KB code2 table that ``codes`` block
+    codes fall in: 6 * (1 - 0.9 ** codes), fitted on quantized N(0, 0.02)
+    weights (1024x8192, blocksize 64, double quant: 4.92 lines for the 16
+    codes of 4 rows x 4 blocks, 5.87 for 32 rows of one block); the codes
+    crowd into about 6 of the 8 lines. Real layers may spread wider (at most
+    8)."""
+    return round(min(8.0, codes, 6 * (1 - 0.9 ** codes)), 3)
 
 
 def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
@@ -542,8 +556,30 @@ def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant
             Access("x", x_instr, max(1.0, x_lines))]
 
 
+def _fma_lines(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool, elem: int,
+               M: int) -> list:
+    """_nf4_gemv_fma_kernel from 2026-12-04b ("lines"): LPR = BLOCK_K / 32
+    lanes per row, each on a 16-byte piece (4 words), consecutive lanes on
+    consecutive pieces: one warp load reads RPL = 32 / LPR rows x BLOCK_K / 2
+    contiguous bytes (at BLOCK_K 256: 4 rows x 128 B, 4 lines), one per row
+    a lane holds (RPLANE = BLOCK_N / RPL); the stored scales in the same
+    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks); x's
+    16-byte pieces per lane, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
+    touching the chunk of every piece (the trip's BLOCK_K x elem bytes)."""
+    bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+    lpr = bk // 32
+    rpl = 32 // lpr
+    rows_per_lane = bn // rpl
+    x_instr = 4 * max(1, 8 * elem // 16) * M
+    return [Access("words", rows_per_lane, _span_lines(rpl, bk // 2, K // 2)),
+            *_scale_access(rpl, max(1, bk // blocksize), rows_per_lane, K, blocksize,
+                           double_quant),
+            Access("x", x_instr, min(lpr, math.ceil(bk * elem / LINE_BYTES)))]
+
+
 ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
-          ("_nf4_gemv_dot_kernel", "row_per_lane"): _dot_row_per_lane}
+          ("_nf4_gemv_dot_kernel", "row_per_lane"): _dot_row_per_lane,
+          ("_nf4_gemv_fma_kernel", "lines"): _fma_lines}
 
 
 def access_lines(kernel: str, layout: str, kw: dict, warps: int, K: int, blocksize: int,
