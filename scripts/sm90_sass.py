@@ -70,10 +70,11 @@ Method:
   896 = 154 k lines in 273 k cycles: 1.77). At the model's 1.98 GHz that is
   98.4 us for the first (ncu 100.1, graph replay 97.3) and 140 us for the
   second (ncu 152.1, graph 150.1: that run's SM clock was 1.79 GHz, at which
-  the same lines take 155 us). The H200 sweep's other large-shape tiles
-  (8192x8192 and 28672x8192, splits >= 2, 2 or more warps per scheduler) fall
-  within -12..+10 % of the L1 time alone, except the 256-row tensor-core tile
-  (2 warps per scheduler: measured up to 1.3x it).
+  the same lines take 155 us). Over the whole H200 sweep at 8192x8192 and
+  28672x8192 (64 tile/split points) the model is within -11..+15 % on 40; it
+  under-estimates the rest by 1.17-2.2x (1-2 warps per scheduler: small splits,
+  the 256-row tensor-core and 128-row FMA tiles), which the config picker
+  covers with its measured 3-warp issue rate (tuned_sm90).
 
 Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
 28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
