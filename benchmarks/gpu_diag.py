@@ -146,7 +146,8 @@ def sweep(out) -> None:
                 for split in splits:
                     if split > tuned_sm90._max_split(kernel, block_n):
                         continue
-                    cfg = tuned_sm90._config(block_n, 64, split, warps, stages)
+                    cfg = tuned_sm90._config(block_n, tuned_sm90._block_k(kernel, 64), split, warps,
+                                             stages)
                     gemv_mod.gemv_config = lambda *a, cfg=cfg, **k: cfg
                     row = {"part": "sweep", "kernel": kernel, "N": N, "K": K, "M": M, "BLOCK_N": block_n,
                            "SPLIT_K": split, "warps": warps, "stages": stages}

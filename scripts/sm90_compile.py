@@ -185,7 +185,7 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
         cfg_label = (f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
                      f"SPLIT_K={kw['SPLIT_K']}")
         # Only what the launcher and the autotune pruner can run.
-        for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32")]:
+        for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32", kernel)]:
             for dq in dq_opts:
                 with_lora = lora_opt and tuned_sm90.lora_allowed(kernel, kw["BLOCK_N"])
                 for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if with_lora else []):

@@ -41,11 +41,40 @@ Method:
   x 700 ns / 132 SMs = 23 KB; a trip costs latency / depth); the load/store
   unit (one instruction per clock per SM: global, shared, shuffle, atomic);
   shared memory (one 128-byte wavefront per clock per SM, no bank conflicts
-  assumed). ``bound_over_floor`` is the largest, ``binding`` names it. The
+  assumed); the L1/TEX lines (below). ``bound_over_floor`` is the largest,
+  ``binding`` names it. The
   pipeline depth is 1 + the trips a kernel prefetches in registers (declared
   by its module, ``PREFETCH_TRIPS``) + ``num_stages - 1`` when the loop has
   asynchronous copies (LDGSTS). Not counted: the code outside the main loop
   (the split epilogue's partial sums among it) and L2 effects.
+* The L1/TEX bound (``l1``; the H200 run of 2026-12-04 found both GEMVs bound
+  there: ncu L1/TEX throughput 84-85 %, DRAM 18-26 %, issue 30-40 %). A warp's
+  global load is served by the L1/TEX unit one 128-byte line at a time (one
+  tag lookup and one data-stage wavefront per distinct line the 32 lanes
+  touch; a coalesced 512-byte LDG.128 is 4 lines, the old GEMVs' 16-byte-
+  per-row loads 16-32). Lines, not 32-byte sectors: the data stage moves up to
+  128 bytes per wavefront, so a coalesced load's 16 sectors take 4 wavefronts,
+  and in the scattered loads each lane's piece lies in one sector of its own
+  line, where both counts agree. SASS has no addresses, so the lines come from
+  a per-kernel description of each global load's pattern
+  (:func:`access_lines`, the one place; a kernel module names its layout in
+  ``L1_LAYOUT``), checked against the loop's LDG/LDGSTS count
+  (``l1_access_check``); a kernel without a description counts its loads as
+  coalesced (ceil(bytes / 128) lines each: a lower bound). Shared-memory
+  wavefronts (the ``smem`` count) go through the same data stage and add to
+  them. Rate: ``L1_CLOCKS_PER_LINE`` = 1.8 SM clocks per line per SM, fitted
+  on ncu's elapsed cycles of the two measured kernels (28672x8192, bf16,
+  blocksize 64, double quant): the M = 1 kernel 64x64 w1 SPLIT_K=8 (241.6
+  lines per warp-trip x 448 warp-trips on the busiest SM = 108 k lines in
+  196 k cycles: 1.81) and the M = 16 kernel 128x64 w4 s3 SPLIT_K=4 (171.8 x
+  896 = 154 k lines in 273 k cycles: 1.77). At the model's 1.98 GHz that is
+  98.4 us for the first (ncu 100.1, graph replay 97.3) and 140 us for the
+  second (ncu 152.1, graph 150.1: that run's SM clock was 1.79 GHz, at which
+  the same lines take 155 us). Over the whole H200 sweep at 8192x8192 and
+  28672x8192 (64 tile/split points) the model is within -11..+15 % on 40; it
+  under-estimates the rest by 1.17-2.2x (1-2 warps per scheduler: small splits,
+  the 256-row tensor-core and 128-row FMA tiles), which the config picker
+  covers with its measured 3-warp issue rate (tuned_sm90).
 
 Training mode (``--train``; M = 64, 256, 4096, 8192 on 4096x4096, 8192x8192,
 28672x8192, forward ``x[M, K] @ W^T`` and grad-input ``grad_y[M, N] @ W``):
@@ -105,6 +134,8 @@ SCHEDULERS = 4
 CLOCK_HZ = 1.98e9
 HBM_BYTES_PER_S = 4.3e12
 SMEM_BYTES_PER_CLOCK = 128
+LINE_BYTES = 128                    # an L1/TEX cache line, one data-stage wavefront
+L1_CLOCKS_PER_LINE = 1.8            # fitted on the H200's ncu cycles (module docstring)
 ISSUE_PER_S = SMS * SCHEDULERS * CLOCK_HZ      # warp-instructions / s
 LSU_PER_S = SMS * CLOCK_HZ                      # warp-instructions / s
 SMEM_PER_S = SMS * CLOCK_HZ * SMEM_BYTES_PER_CLOCK  # bytes / s
@@ -265,13 +296,17 @@ def count(body: list[Instr]) -> dict:
     classes: Counter = Counter()
     widths: Counter = Counter()
     opcodes: Counter = Counter()
-    smem = wavefronts = lsu = 0
+    smem = wavefronts = lsu = global_loads = coalesced_lines = 0
     for ins in body:
         cls = instr_class(ins)
         classes[cls] += 1
         opcodes[ins.opcode] += 1
         if cls in ("LDG", "LDGSTS", "LDS", "STS", "STG"):
             widths[f"{cls}.{access_bits(ins)}"] += 1
+        if cls in ("LDG", "LDGSTS"):
+            global_loads += 1
+        if cls in ("LDG", "LDGSTS", "STG", "atomic"):  # as if coalesced: the fewest lines
+            coalesced_lines += max(1, math.ceil(access_bits(ins) * 32 // 8 / LINE_BYTES))
         if cls in LSU_CLASSES:
             lsu += 1
         b = smem_bytes(ins)
@@ -282,7 +317,8 @@ def count(body: list[Instr]) -> dict:
             wavefronts += math.ceil(b / SMEM_BYTES_PER_CLOCK)
     return {"instructions": len(body), "classes": dict(classes), "widths": dict(widths),
             "opcodes": dict(opcodes.most_common()), "smem_bytes": smem,
-            "smem_wavefronts": wavefronts, "lsu": lsu}
+            "smem_wavefronts": wavefronts, "lsu": lsu, "global_loads": global_loads,
+            "coalesced_lines": coalesced_lines}
 
 
 # --------------------------------------------------------------------------- the model
@@ -330,9 +366,10 @@ class Launch:
     loop_load_bytes: int    # global bytes loaded per trip, per program
     pipeline_depth: int     # trips of loads in flight per program
     floor_s: float          # the kernel's HBM floor (its bytes at HBM_BYTES_PER_S)
+    loop_l1_lines: float = 0.0  # L1/TEX lines per trip, per warp (l1_lines_per_trip)
 
 
-BOUNDS = ("issue", "issue_per_scheduler", "latency", "lsu", "smem")
+BOUNDS = ("issue", "issue_per_scheduler", "latency", "lsu", "smem", "l1")
 
 
 def programs_per_sm(registers: int, warps: int, shared: int) -> int:
@@ -360,7 +397,9 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
       program trips x latency / depth, per wave; against the floor, which
       needs HBM_BYTES_PER_S x latency / SMS (about 23 KB at 700 ns) per SM;
     * ``lsu``: one load/store-unit instruction per clock per SM;
-    * ``smem``: one 128-byte wavefront per clock per SM.
+    * ``smem``: one 128-byte wavefront per clock per SM;
+    * ``l1``: the L1/TEX data stage, L1_CLOCKS_PER_LINE clocks per line
+      (global lines and shared wavefronts, ``loop_l1_lines``).
     ``bound_over_floor`` is the largest and ``binding`` names it. The
     epilogue and the code outside the main loop are not counted."""
     if launch.programs < 1 or launch.trips < 1 or launch.floor_s <= 0:
@@ -387,6 +426,7 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
         "latency": waves * launch.trips * latency_s / launch.pipeline_depth,
         "lsu": work * launch.loop_lsu / CLOCK_HZ,
         "smem": work * launch.loop_smem_wavefronts / CLOCK_HZ,
+        "l1": work * launch.loop_l1_lines * L1_CLOCKS_PER_LINE / CLOCK_HZ,
     }
     over = {k: round(t / launch.floor_s, 3) for k, t in times.items()}
     binding = max(BOUNDS, key=lambda k: over[k])
@@ -398,7 +438,8 @@ def bound_model(launch: Launch, latency_s: float = LATENCY_S) -> dict:
             "bytes_needed_in_flight_per_sm": round(HBM_BYTES_PER_S * latency_s / SMS),
             "latency_ns": round(latency_s * 1e9),
             **{f"{k}_over_floor": v for k, v in over.items()},
-            "bound_over_floor": over[binding], "binding": binding}
+            "bound_over_floor": over[binding], "binding": binding,
+            "estimate_us": round(max(times[binding], launch.floor_s) * 1e6, 2)}
 
 
 def pipeline_depth(body: list[Instr], num_stages: int, prefetch: int = 0) -> int:
@@ -421,6 +462,158 @@ def global_load_bytes(body: list[Instr], warps: int) -> int:
     (Triton emits one per trip; ptxas did not unroll these loops)."""
     return sum(access_bits(i) // 8 * 32 * warps for i in body
                if instr_class(i) in ("LDG", "LDGSTS"))
+
+
+# --------------------------------------------------------------------------- L1/TEX lines
+# Global loads reach the L1/TEX unit as warp-instructions; each costs one
+# data-stage wavefront per distinct 128-byte line its 32 lanes touch (module
+# docstring). The SASS has no addresses, so each kernel's load pattern is
+# described here, in one place, from the kernel's code and Triton's layout of
+# each tile (TTGIR ``#blocked`` encodings, Triton 3.6); the kernel's module
+# names the layout it uses in ``L1_LAYOUT`` (absent: "row_per_lane", the GEMVs
+# up to 2026-12-04). ``access_lines`` returns the description;
+# ``l1_lines_per_trip`` adds it up and checks the count of its loads against
+# the loop's LDG/LDGSTS instructions.
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """One kind of global load of a kernel's main loop, per warp and trip."""
+
+    operand: str          # "words", "absmax", "absmax2", "code2", "x"
+    instructions: float   # warp-instructions per warp per trip
+    lines: float          # distinct 128-byte lines one such instruction touches
+
+
+def _span_lines(rows: int, span: int, stride: int) -> int:
+    """Lines that ``rows`` runs of ``span`` contiguous bytes, ``stride`` bytes
+    apart, touch (runs aligned to their span: a run never straddles a line
+    when span <= 128)."""
+    if stride >= LINE_BYTES or rows == 1:
+        return rows * max(1, math.ceil(span / LINE_BYTES))
+    return max(1, math.ceil(((rows - 1) * stride + span) / LINE_BYTES))
+
+
+def _scale_access(rows: int, blocks: int, instructions: float, K: int, blocksize: int,
+                  double_quant: bool) -> list:
+    """The block scales of ``rows`` rows x ``blocks`` consecutive blocks per
+    warp-instruction: the stored scale (uint8 code, or fp32 absmax; a row's
+    are K / blocksize entries apart); with double quantization the nested
+    absmax2 (one fp32 per 256 blocks) and the code2 gather (a 256-entry fp32
+    table, 1 KB = 8 lines; :func:`code2_lines`)."""
+    per_row = K // blocksize
+    if not double_quant:
+        return [Access("absmax", instructions, _span_lines(rows, 4 * blocks, 4 * per_row))]
+    nested = max(1, math.ceil(((rows - 1) * per_row + blocks) / 256 * 4 / LINE_BYTES))
+    return [Access("absmax", instructions, _span_lines(rows, blocks, per_row)),
+            Access("absmax2", instructions, nested),
+            Access("code2", instructions, code2_lines(rows * blocks))]
+
+
+def code2_lines(codes: int) -> float:
+    """Expected distinct lines of the 1 KB code2 table that ``codes`` block
+    codes fall in: 6 * (1 - 0.9 ** codes), fitted on quantized N(0, 0.02)
+    weights (1024x8192, blocksize 64, double quant: 4.92 lines for the 16
+    codes of 4 rows x 4 blocks, 5.87 for 32 rows of one block); the codes
+    crowd into about 6 of the 8 lines. Real layers may spread wider (at most
+    8)."""
+    return round(min(8.0, codes, 6 * (1 - 0.9 ** codes)), 3)
+
+
+def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
+                      elem: int, M: int) -> list:
+    """_nf4_gemv_fma_kernel up to 2026-12-04: a lane holds BLOCK_N / 32 whole
+    rows; per 32-column run a 128-bit load per row (4 words), so one
+    warp-instruction reads 16 bytes of each of 32 rows (K / 2 bytes apart:
+    32 lines); one scale per row (32 rows per instruction); x's run as one
+    element per lane (then broadcast through shared memory, in the smem
+    count)."""
+    bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+    per_lane = bn // 32
+    return [Access("words", bk // 32 * per_lane, _span_lines(32, 16, K // 2)),
+            *_scale_access(32, 1, per_lane, K, blocksize, double_quant),
+            Access("x", bk // 32 * M, _span_lines(1, 32 * elem, 0))]
+
+
+def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
+                      elem: int, M: int) -> list:
+    """_nf4_gemv_dot_kernel up to 2026-12-04: the words tile [BLOCK_K / 8,
+    BLOCK_N] is blocked sizePerThread [4, 1], threadsPerWarp [BLOCK_K / 32,
+    32 * 32 / BLOCK_K]: 16 bytes per lane, a row's BLOCK_K / 2 bytes across
+    BLOCK_K / 32 lanes, so one instruction reads 32 * 32 / BLOCK_K rows (one
+    line each); x^T [BLOCK_K, 16] as 16-byte pieces along K, each row of x
+    (K * elem bytes apart) its own lines. The scales: one row per lane when a
+    warp has 32 rows or more; else (the 64-row tile) Triton loads them in the
+    wgmma accumulator's row layout, two rows per lane, 8 rows per
+    instruction."""
+    bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+    rows_per_instr = 32 * 32 // bk
+    rows_per_warp = max(1, bn // warps)
+    x_instr = max(1, math.ceil(16 * bk * elem / 512 / warps))
+    x_lines = min(M, 16) * math.ceil(bk * elem / LINE_BYTES) / warps / x_instr
+    scale_rows = 32 if rows_per_warp >= 32 else 8
+    return [Access("words", max(1, rows_per_warp // rows_per_instr),
+                   _span_lines(min(rows_per_instr, rows_per_warp), bk // 2, K // 2)),
+            *_scale_access(scale_rows, 1, rows_per_warp // scale_rows, K, blocksize,
+                           double_quant),
+            Access("x", x_instr, max(1.0, x_lines))]
+
+
+def _fma_lines(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool, elem: int,
+               M: int) -> list:
+    """_nf4_gemv_fma_kernel from 2026-12-04b ("lines"): LPR = BLOCK_K / 32
+    lanes per row, each on a 16-byte piece (4 words), consecutive lanes on
+    consecutive pieces: one warp load reads RPL = 32 / LPR rows x BLOCK_K / 2
+    contiguous bytes (at BLOCK_K 256: 4 rows x 128 B, 4 lines), one per row
+    a lane holds (RPLANE = BLOCK_N / RPL); the stored scales in the same
+    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks); x's
+    16-byte pieces per lane, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
+    touching the chunk of every piece (the trip's BLOCK_K x elem bytes)."""
+    bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+    lpr = bk // 32
+    rpl = 32 // lpr
+    rows_per_lane = bn // rpl
+    x_instr = 4 * max(1, 8 * elem // 16) * M
+    return [Access("words", rows_per_lane, _span_lines(rpl, bk // 2, K // 2)),
+            *_scale_access(rpl, max(1, bk // blocksize), rows_per_lane, K, blocksize,
+                           double_quant),
+            Access("x", x_instr, min(lpr, math.ceil(bk * elem / LINE_BYTES)))]
+
+
+ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
+          ("_nf4_gemv_dot_kernel", "row_per_lane"): _dot_row_per_lane,
+          ("_nf4_gemv_fma_kernel", "lines"): _fma_lines}
+
+
+def access_lines(kernel: str, layout: str, kw: dict, warps: int, K: int, blocksize: int,
+                 double_quant: bool, elem: int, M: int) -> list | None:
+    """The described global loads of ``kernel``'s main loop (None: no
+    description, the loads count as coalesced)."""
+    fn = ACCESS.get((kernel, layout))
+    return None if fn is None else fn(kw, warps, K, blocksize, double_quant, elem, M)
+
+
+def l1_lines_per_trip(loop: dict, accesses: list | None) -> dict:
+    """Lines per warp and trip through the L1/TEX data stage: the described
+    global loads (else the loop's loads as if coalesced) plus the shared-memory
+    wavefronts; ``l1_access_check`` compares the described loads' count with
+    the loop's LDG/LDGSTS instructions."""
+    if accesses is None:
+        glob, check = float(loop["coalesced_lines"]), "no description: loads counted as coalesced"
+    else:
+        glob = sum(a.instructions * a.lines for a in accesses)
+        described = sum(a.instructions for a in accesses)
+        check = ("ok" if abs(described - loop["global_loads"]) < 1e-6 else
+                 f"described {described:g} global loads per warp-trip, the loop has "
+                 f"{loop['global_loads']}")
+    return {"l1_global_lines": round(glob, 3), "l1_lines": round(glob + loop["smem_wavefronts"], 3),
+            "l1_access_check": check,
+            "l1_accesses": ([dataclasses.asdict(a) for a in accesses] if accesses else [])}
+
+
+def _layout(v) -> str:
+    """The load layout ``v``'s kernel module declares (``L1_LAYOUT``)."""
+    import importlib
+
+    return getattr(importlib.import_module(v.module), "L1_LAYOUT", {}).get(v.kernel, "row_per_lane")
 
 
 # --------------------------------------------------------------------------- what runs
@@ -559,6 +752,7 @@ def profile_variant(v: "sc.Variant", whole: bool = False) -> dict:
             "spill_stores": usage["spill_stores"], "shared": int(c.metadata.shared),
             "kernel_instructions": len(instrs),
             "loops": [b - a + 1 for a, b in loops(instrs, labels)],
+            "layout": _layout(v),
             "loop": count(body), "loop_global_load_bytes": global_load_bytes(body, v.num_warps),
             "pipeline_depth": 1 if whole else pipeline_depth(body, v.num_stages, _prefetch(v)),
             "loop_source_lines": {str(k): n for k, n in lines.most_common(12)}}
@@ -590,14 +784,20 @@ def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: s
     p = programs(cfg, case)
     floor_s = case.N * case.K * fb / HBM_BYTES_PER_S
     per_weight = bounds(prof["loop"], prof["num_warps"], weights, fb)
+    accesses = None if deq else access_lines(
+        kernel, prof.get("layout", "row_per_lane"), cfg.kwargs, prof["num_warps"], case.K,
+        case.blocksize, case.double_quant, _DTYPE_BYTES[case.dtype], case.M)
+    l1 = l1_lines_per_trip(prof["loop"], accesses)
     model = bound_model(Launch(
         registers=prof["registers"], shared=prof["shared"], warps=prof["num_warps"], programs=p,
         trips=trips(cfg, case), loop_instructions=prof["loop"]["instructions"],
         loop_lsu=prof["loop"]["lsu"], loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
         loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=prof["pipeline_depth"],
-        floor_s=floor_s))
+        floor_s=floor_s, loop_l1_lines=l1["l1_lines"]))
     out.update({k: per_weight[k] for k in ("thread_instr_per_weight", "lsu_instr_per_weight",
                                            "smem_bytes_per_weight")})
+    out.update(l1, l1_lines_per_weight=round(l1["l1_lines"] * prof["num_warps"] / weights, 5),
+               layout=prof.get("layout"))
     out.update(model, weights_per_trip=weights, trips=trips(cfg, case),
                loop_instructions=prof["loop"]["instructions"],
                num_warps=prof["num_warps"], num_stages=prof.get("num_stages"),
@@ -859,7 +1059,8 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
         programs=math.ceil(math.ceil(weights / 2) / _dequantize_pairs()), trips=1,
         loop_instructions=prof["loop"]["instructions"], loop_lsu=prof["loop"]["lsu"],
         loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
-        loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=1, floor_s=deq_floor_s)))
+        loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=1, floor_s=deq_floor_s,
+        loop_l1_lines=l1_lines_per_trip(prof["loop"], None)["l1_lines"])))
     deq_s = deq_floor_s * max(1.0, b["bound_over_floor"])
     flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
     cublas_s = max(flops_s, (weights + case.M * (case.N + case.K)) * elem / HBM_BYTES_PER_S)
@@ -947,7 +1148,8 @@ def environment(commands: list[str]) -> dict:
             "model": {"sms": SMS, "schedulers": SCHEDULERS, "clock_hz": CLOCK_HZ,
                       "hbm_bytes_per_s": HBM_BYTES_PER_S,
                       "smem_bytes_per_clock_per_sm": SMEM_BYTES_PER_CLOCK,
-                      "lsu_instr_per_clock_per_sm": 1}}
+                      "lsu_instr_per_clock_per_sm": 1,
+                      "l1_clocks_per_line_per_sm": L1_CLOCKS_PER_LINE, "line_bytes": LINE_BYTES}}
 
 
 _COLUMNS = [("kernel", "kernel"), ("triton", "triton"), ("N", "N"), ("K", "K"), ("M", "M"),
@@ -957,7 +1159,9 @@ _COLUMNS = [("kernel", "kernel"), ("triton", "triton"), ("N", "N"), ("K", "K"), 
             ("warps_per_scheduler", "warps/sched"), ("bytes_in_flight_per_sm", "B in flight/SM"),
             ("issue_over_floor", "issue"), ("issue_per_scheduler_over_floor", "issue/sched"),
             ("latency_over_floor", "latency"), ("lsu_over_floor", "LSU"),
-            ("smem_over_floor", "smem"), ("bound_over_floor", "bound"), ("binding", "binds")]
+            ("smem_over_floor", "smem"), ("l1_lines_per_weight", "L1 lines/wt"),
+            ("l1_over_floor", "L1"), ("bound_over_floor", "bound"), ("binding", "binds"),
+            ("estimate_us", "est. us")]
 
 
 def markdown(report: dict) -> str:
@@ -967,8 +1171,11 @@ def markdown(report: dict) -> str:
            "at 4.3 TB/s; the dequantize also writes x's dtype): issue over all 4 schedulers, "
            "issue per scheduler (the resident warps dealt to 4 schedulers), memory latency "
            "(Little's law, 700 ns, bytes in flight per SM = resident programs x the loop's "
-           "loads x pipeline depth), LSU, shared memory; `bound` is the largest and `binds` "
-           "names it (`bound_model`).", ""]
+           "loads x pipeline depth), LSU, shared memory, L1/TEX (the distinct 128-byte lines "
+           "of each global load, from the kernel's described load pattern, plus the "
+           "shared-memory wavefronts, at 1.8 SM clocks per line, fitted on the H200's ncu "
+           "cycles); `bound` is the largest and `binds` names it (`bound_model`); `est. us`: "
+           "the binding bound's time (at least the floor; split partial sums not counted).", ""]
     for env in report["environments"]:
         out.append(f"- Triton {env['triton']}, commit {env['git_commit']}, {env['date']}, "
                    f"{env['machine']}: `" + "`; `".join(env["commands"]) + "`")

@@ -210,6 +210,30 @@ def test_gemv_matches_reference(backend, device, case):
         assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
 
 
+# The FMA GEMV (M = 1) reads 256 columns per trip: K = 64, 192, 320 leave a
+# trip of 1-3 of its 4 blocks (64) or 2-6 of 8 (32), N not a multiple of
+# its rows; the interpreter's split of 2 leaves the second split no trip (K =
+# 64, 192) or a partial one (320). With and without double quantization,
+# each x dtype, and a bias.
+@pytest.mark.parametrize("K, bs", [(64, 64), (192, 64), (320, 64), (192, 32), (320, 32),
+                                   (64, 32), (576, 64)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_fma_gemv_partial_trips(backend, device, K, bs, dtype):
+    N = 37
+    qw = _weight(N, K, bs, K % 128 == 64, device)
+    x = torch.randn(1, K).to(dtype).to(device)
+    bias = torch.randn(N).to(dtype).to(device)
+    ref = x.cpu().double() @ _dense(qw).t() + bias.cpu().double()
+    with qt.force_backend(backend):
+        before = ops_matmul.launches.copy()
+        y = qt.nf4_matmul(x, qw, bias)
+        ran = ops_matmul.launches - before
+    _assert_close(y, ref, dtype)
+    if backend == "triton":
+        assert ran == {"gemv": 1}
+        assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
+
+
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     """The same values in an offset, strided view (every other element of a
     buffer twice as large), or for a 0-d tensor an expanded view."""
@@ -273,8 +297,10 @@ def test_gemv_config_fills_the_grid_and_respects_the_blocksize(kernel):
     for N, K, bs in [(4096, 4096, 64), (1024, 4096, 64), (28672, 8192, 64), (8192, 28672, 32),
                      (96, 64, 32)]:
         cfg = tuned_sm90.gemv_config(kernel, N, K, bs)
-        assert cfg.kwargs["BLOCK_K"] <= bs and tuned_sm90.allowed(cfg, bs, False)
-        assert cfg.kwargs["SPLIT_K"] * cfg.kwargs["BLOCK_K"] <= K, (N, K, _tile_gemv(cfg))
+        assert tuned_sm90.allowed(cfg, bs, False, kernel)
+        assert cfg.kwargs["BLOCK_K"] <= bs or kernel == "fma"
+        # Every split gets at least one K tile (the last one may be partial).
+        assert cfg.kwargs["SPLIT_K"] <= -(-K // cfg.kwargs["BLOCK_K"]), (N, K, _tile_gemv(cfg))
 
 
 def _tile_gemv(cfg) -> str:

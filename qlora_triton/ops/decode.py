@@ -7,8 +7,8 @@ Element ``(n, k)`` of W [N, K] is flat index ``n * K + k``: byte ``idx // 2`` (h
 nibble first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` every
 row starts on a 32-bit word, and a K tile of ``BLOCK_K <= blocksize`` columns
 lies in one block of each row: the word helpers read int32 words and decode them
-with a register codebook (one shuffle per weight, one scale per row segment).
-Otherwise :func:`nf4_w_tile` finds every element's byte and block.
+with a register codebook (one shuffle per weight, one scale per row segment;
+:func:`nf4_x_pieces`: a scale per 32-column piece, any blocksize). Otherwise :func:`nf4_w_tile` finds every element's byte and block.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def nf4_lookup(table, nibble):
     """``code[nibble]`` for a 2-D int tensor of nibbles, from the register table
     of :func:`nf4_code_table` (``tl.gather``: a shuffle on the GPU, no memory
     access)."""
-    src = tl.broadcast_to(table[None, :], (nibble.shape[0], 32))
-    return tl.gather(src, nibble, 1)
+    if len(nibble.shape) == 3:  # [R, W, lanes]: the gather along the lanes
+        out = tl.gather(tl.broadcast_to(table[None, None, :], (nibble.shape[0], nibble.shape[1], 32)),
+                        nibble, 2)
+    else:
+        out = tl.gather(tl.broadcast_to(table[None, :], (nibble.shape[0], 32)), nibble, 1)
+    return out
 
 
 @triton.jit
@@ -140,31 +144,33 @@ def nf4_x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absm
 
 
 @triton.jit
-def nf4_x_words(table, words, x):
-    """``sum_k W[n, k] * x[m, k]`` over 8 * KW columns, before the block scale:
-    ``words`` [KW, BLOCK_N] uint32 (see nf4_decode_words), ``x`` [ROWS, KW, 8]
-    -> fp32 [ROWS, BLOCK_N]."""
+def nf4_x_pieces(table, words, x):
+    """``sum_k W[n, k] * x[m, k]`` over each lane's 32-column piece: ``words``
+    [R, 4, 32] uint32 (R rows per lane, the piece's 4 words, 32 lanes; see
+    nf4_decode_words), ``x`` [ROWS, 32, 4, 8] (row of x, lane, word, column
+    within the word) -> fp32 [ROWS, R, 32], before the block scale (a piece
+    lies in one block). The codebook gather runs along the lane axis (one
+    shuffle per weight); the sums stay in the lane."""
     ROWS: tl.constexpr = x.shape[0]
-    KW: tl.constexpr = x.shape[1]
-    # x[:, w, i] for i = 0..7 as [ROWS, KW] tensors: tl.split halves the last
-    # axis of i = 4a + 2b + c, so c (i % 2) comes off first.
-    even, odd = tl.split(tl.reshape(x, (ROWS, KW, 2, 2, 2)))
+    x = tl.permute(x, (0, 2, 1, 3))
+    even, odd = tl.split(tl.reshape(x, (ROWS, 4, 32, 2, 2, 2)))
     e0, e1 = tl.split(even)
     o0, o1 = tl.split(odd)
     x0, x4 = tl.split(e0)
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_decode_words(table, words)
-    p = c0[None] * x0.to(tl.float32)[:, :, None]
-    p += c1[None] * x1.to(tl.float32)[:, :, None]
-    p += c2[None] * x2.to(tl.float32)[:, :, None]
-    p += c3[None] * x3.to(tl.float32)[:, :, None]
-    p += c4[None] * x4.to(tl.float32)[:, :, None]
-    p += c5[None] * x5.to(tl.float32)[:, :, None]
-    p += c6[None] * x6.to(tl.float32)[:, :, None]
-    p += c7[None] * x7.to(tl.float32)[:, :, None]
-    return tl.sum(p, axis=1)
+    # Each code is looked up right before its product (nf4_decode_words'
+    # order of nibbles), so that one code tensor is live at a time.
+    p = nf4_lookup(table, (words >> 4) & 15)[None] * x0.to(tl.float32)[:, None]
+    p += nf4_lookup(table, words & 15)[None] * x1.to(tl.float32)[:, None]
+    p += nf4_lookup(table, (words >> 12) & 15)[None] * x2.to(tl.float32)[:, None]
+    p += nf4_lookup(table, (words >> 8) & 15)[None] * x3.to(tl.float32)[:, None]
+    p += nf4_lookup(table, (words >> 20) & 15)[None] * x4.to(tl.float32)[:, None]
+    p += nf4_lookup(table, (words >> 16) & 15)[None] * x5.to(tl.float32)[:, None]
+    p += nf4_lookup(table, words >> 28)[None] * x6.to(tl.float32)[:, None]
+    p += nf4_lookup(table, (words >> 24) & 15)[None] * x7.to(tl.float32)[:, None]
+    return tl.sum(p, axis=2)
 
 
 @triton.jit

@@ -4,7 +4,9 @@ scales at HBM bandwidth), K split across programs when the layer is narrow.
 
 * ``_nf4_gemv_fma_kernel`` (M = 1, no tensor cores) and ``_nf4_gemv_dot_kernel``
   (2 <= M <= 16, tensor cores) for ``K % blocksize == 0``: int32 words, the
-  register codebook, one scale per row segment; split epilogue of :mod:`.split`.
+  register codebook, split epilogue of :mod:`.split`. The FMA kernel reads
+  whole 128-byte lines of each row per trip (a scale per 32-column piece);
+  the tensor-core one 32 bytes per row (one scale per row segment).
 * ``_nf4_gemv_kernel`` for any other K: per-element decode, fp32 atomics into a
   zeroed output.
 
@@ -21,7 +23,7 @@ import triton.language as tl
 from ..backend import INTERPRET, dot_in_fp32
 from ..weight import NF4Weight
 from .decode import (nf4_code_table, nf4_scale, nf4_scale_of, nf4_scale_raw, nf4_w_words_tile,
-                     nf4_x_words, nf4_x_wt)
+                     nf4_x_pieces, nf4_x_wt)
 from .launch import dot_precision, launch
 from .split import split_counter, split_epilogue
 from .tuned_sm90 import (GEMV_FMA_MAX_M, autotune_enabled, general_config, general_configs,
@@ -30,6 +32,9 @@ from .tuned_sm90 import (GEMV_FMA_MAX_M, autotune_enabled, general_config, gener
 # Trips of loads each kernel issues ahead of its decode in registers (read by
 # the static profile, scripts/sm90_sass.py, as part of its pipeline depth).
 PREFETCH_TRIPS = {"_nf4_gemv_fma_kernel": 1}
+# How each kernel's loop lays its global loads over the lanes, named for the
+# static profile's L1/TEX description (scripts/sm90_sass.py, access_lines).
+L1_LAYOUT = {"_nf4_gemv_fma_kernel": "lines"}
 
 
 @triton.jit
@@ -94,70 +99,91 @@ def _nf4_gemv_fma_kernel(
     HAS_LORA: tl.constexpr,     # add scaling * h @ lora_B.T (the LoRA update, folded)
     ROWS: tl.constexpr,         # power of two >= M
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    BLOCK_K: tl.constexpr,      # a multiple of 32 (any blocksize)
     SPLIT_K: tl.constexpr,
 ):
     # The decode GEMV without tensor cores, for K % BLOCKSIZE == 0: one program
-    # of one warp per BLOCK_N rows of W over all of K, so every row sum is
-    # finished in registers and stored once in x's dtype (one launch). Per
-    # weight: a shift and mask, a shuffle into the register codebook and one
-    # FFMA per row of x; the block scale multiplies a row's partial sum once
-    # per block (sm90_sass profile: benchmarks/results/sm90-sass-*).
+    # of one warp per BLOCK_N rows of W over its split of K, every row sum
+    # finished in registers. Load layout ("lines", L1_LAYOUT): a lane reads a
+    # 16-byte piece (4 words, 32 columns) of a row, consecutive lanes the
+    # consecutive pieces of the same row, so at BLOCK_K = 256 a 128-bit warp
+    # load covers 4 rows x 128 contiguous bytes, 4 whole lines (one lane per
+    # row touched 32 lines per load: the H200 found that layout bound by
+    # L1/TEX wavefronts). A piece lies in one block (blocksize >= 32): its 32
+    # products are summed in the lane and scaled by its block's scale (loaded
+    # per row and piece, in the same lanes), and each lane keeps its pieces'
+    # sums until the loop ends; then a row's lanes are added once. Per weight:
+    # a shift and mask, a shuffle into the register codebook and one FFMA.
     # Grid (N tiles, SPLIT_K): a narrow layer splits K so that every SM gets
     # programs; the last program of a row tile to finish adds the others'
     # partial sums (still one launch, no zero fill, no atomics on y).
     # Software pipelined: the next trip's words and stored scales are loaded
-    # before this trip's decode (PREFETCH_TRIPS), so each program keeps two
-    # trips of loads in flight; the config gives every SM enough one-warp
-    # programs to cover the rest of the memory latency (tuned_sm90).
+    # before this trip's decode (PREFETCH_TRIPS).
+    # Lanes and registers: LPR = BLOCK_K / 32 lanes per row, RPL = 32 / LPR
+    # rows across the warp, RPLANE = BLOCK_N / RPL rows per lane (BLOCK_N a
+    # multiple of RPL). The loads are [4, 32, RPLANE] (word of the piece,
+    # lane, the lane's row) and [32, RPLANE]: Triton's coalescing gives each
+    # lane its piece's 4 words as one 128-bit load and spreads the lane axis
+    # over the 32 lanes (the axes after the contiguous one tie on contiguity
+    # and Triton takes them in axis order; sm90_sass checks the loads it
+    # emits). Everything after them is permuted to [..., RPLANE, (4,) 32], the
+    # lane axis last as in Triton's default layout (the same lanes, registers
+    # reordered only): the codebook gather runs along the lanes (one shuffle
+    # per weight), and every product, scale and sum until the loop ends stays
+    # in its lane.
+    LPR: tl.constexpr = BLOCK_K // 32
+    RPL: tl.constexpr = 32 // LPR
+    RPLANE: tl.constexpr = BLOCK_N // RPL
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    lane = tl.arange(0, 32)
+    rq = tl.arange(0, RPLANE)
+    rn = pid_n * BLOCK_N + rq[None, :] * RPL + (lane // LPR)[:, None]   # [32, RPLANE]
+    col = 32 * (lane % LPR)                                              # [32]: the piece
     row_ok = rn < N
     rm = tl.arange(0, ROWS)
     rw = tl.arange(0, 4)
     table = nf4_code_table(code_ptr)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, RPLANE, 32), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    # A trip is BLOCK_K // 32 runs of 4 words (32 columns) per row; K % 32 ==
-    # 0, so a run is all in or all out, and the masks are built constant along
-    # it so the loads stay 128-bit. Masked words read 0 (code -1.0): their x
-    # is 0, or their row is not stored.
-    w_ptrs = words_ptr + rn[None, :] * stride_wn + rw[:, None]
-    w0 = tl.load(w_ptrs + k_start // 8, mask=row_ok[None, :] & (rw * 0 + k_start < k_end)[:, None],
-                 other=0)
-    if BLOCK_K == 64:
-        w1 = tl.load(w_ptrs + k_start // 8 + 4,
-                     mask=row_ok[None, :] & (rw * 0 + k_start + 32 < k_end)[:, None], other=0)
-    raw = nf4_scale_raw(absmax_ptr, rn * (K // BLOCKSIZE) + k_start // BLOCKSIZE,
-                        row_ok & (rn * 0 + k_start < k_end), DOUBLE_QUANT)
+    # K % 32 == 0: a piece is all in or all out, so its mask is constant along
+    # its 4 words and the loads stay 128-bit. Masked words read 0 (code -1.0):
+    # their x is 0, or their row is not stored; masked scales read 0.
+    w_ptrs = words_ptr + rw[:, None, None] + (rn * stride_wn + col[:, None] // 8)[None]
+    s_rows = rn * (K // BLOCKSIZE)
+    w0 = tl.load(w_ptrs + k_start // 8,
+                 mask=(row_ok & (k_start + col < k_end)[:, None])[None], other=0)
+    raw = nf4_scale_raw(absmax_ptr, s_rows + ((k_start + col) // BLOCKSIZE)[:, None],
+                        row_ok & (k_start + col < k_end)[:, None], DOUBLE_QUANT)
+    # x of each lane's piece, [ROWS, 32, 4, 8] (row of x, lane, word, column;
+    # the lane axis ahead of the word axis for the same coalescing reason).
+    x_off = (rm[:, None, None, None] * stride_xm
+             + (col[None, :, None, None] + 8 * rw[None, None, :, None]
+                + tl.arange(0, 8)[None, None, None, :]) * stride_xk)
+    x_ok = rm[:, None, None, None] < M
     for k0 in range(k_start, k_end, BLOCK_K):
         k1 = k0 + BLOCK_K
-        n0 = tl.load(w_ptrs + k1 // 8, mask=row_ok[None, :] & (rw * 0 + k1 < k_end)[:, None],
+        n0 = tl.load(w_ptrs + k1 // 8, mask=(row_ok & (k1 + col < k_end)[:, None])[None],
                      other=0)
-        if BLOCK_K == 64:
-            n1 = tl.load(w_ptrs + k1 // 8 + 4,
-                         mask=row_ok[None, :] & (rw * 0 + k1 + 32 < k_end)[:, None], other=0)
-        next_raw = nf4_scale_raw(absmax_ptr, rn * (K // BLOCKSIZE) + k1 // BLOCKSIZE,
-                                 row_ok & (rn * 0 + k1 < k_end), DOUBLE_QUANT)
-        rk = k0 + 8 * rw[None, :, None] + tl.arange(0, 8)[None, None, :]
-        x = tl.load(x_ptr + rm[:, None, None] * stride_xm + rk * stride_xk,
-                    mask=(rm[:, None, None] < M) & (rk < k_end), other=0.0)
-        part = nf4_x_words(table, w0.to(tl.uint32, bitcast=True), x)
-        if BLOCK_K == 64:
-            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + (rk + 32) * stride_xk,
-                        mask=(rm[:, None, None] < M) & (rk + 32 < k_end), other=0.0)
-            part += nf4_x_words(table, w1.to(tl.uint32, bitcast=True), x)
-            w1 = n1
-        # BLOCK_K <= BLOCKSIZE: the K tile lies in one block of each row.
+        next_raw = nf4_scale_raw(absmax_ptr, s_rows + ((k1 + col) // BLOCKSIZE)[:, None],
+                                 row_ok & (k1 + col < k_end)[:, None], DOUBLE_QUANT)
+        x = tl.load(x_ptr + k0 * stride_xk + x_off,
+                    mask=x_ok & (k0 + col < k_end)[None, :, None, None], other=0.0)
+        part = nf4_x_pieces(table, tl.permute(w0.to(tl.uint32, bitcast=True), (2, 0, 1)), x)
+        piece_ok = row_ok & (k0 + col < k_end)[:, None]
         scale = nf4_scale_of(raw, absmax2_ptr, code2_ptr, offset_ptr,
-                             rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT,
+                             s_rows + ((k0 + col) // BLOCKSIZE)[:, None], piece_ok, DOUBLE_QUANT,
                              BLOCKSIZE2)
-        acc += scale[None, :] * part
+        acc += tl.trans(scale)[None] * part
         w0 = n0
         raw = next_raw
+    # Row sums: a row's LPR lanes (adjacent) added once, after the loop; the
+    # row of (r, lane) is r * RPL + lane // LPR.
+    acc = tl.reshape(tl.sum(tl.reshape(acc, (ROWS, RPLANE, RPL, LPR)), axis=3), (ROWS, BLOCK_N))
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
     if HAS_LORA:
         if pid_k == 0:  # one split adds the update
             acc += scaling * _lora_rows(h_ptr, lora_b_ptr, rm, rn, M, N, R, stride_hm, stride_bn,

@@ -42,29 +42,40 @@ GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
 # The word GEMVs' tiles per kernel: (BLOCK_N, warps, stages, thread-instructions
-# per weight, registers, load/store-unit thread-instructions per weight), from
-# the static profile (Triton 3.6, bf16, blocksize
-# 64, double quant; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
+# per weight, registers, load/store-unit thread-instructions per weight, L1/TEX
+# lines per weight), from the static profile (Triton 3.6, bf16, blocksize
+# 64, double quant, K = 8192; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
 # The FMA kernel loads the next trip's words and stored scales in registers
 # itself (ops/gemv.PREFETCH_TRIPS, num_stages 1); the dot kernel leaves that to
 # Triton's pipeliner (num_stages >= 2: asynchronous copies of the words).
 # * "fma" (M = 1): one warp per program, because the codebook lookup is a
-#   shuffle within the warp that holds the rows (more warps made Triton move
-#   the nibbles through shared memory to reach the gather's layout); a lane
-#   holds BLOCK_N / 32 rows, which share x's conversion to fp32.
+#   shuffle within the warp; BLOCK_K = 256: a lane reads a 16-byte piece of a
+#   row, 8 lanes a row's 128 bytes, so a warp load is 4 whole lines (the
+#   H200 found the old lane-per-row loads, 32 lines each, bound by L1/TEX);
+#   a lane holds BLOCK_N / 4 rows. Figures of the 2026-12-04b kernel
+#   (sm90-decode-2026-12-04b; registers of bf16 x).
 # * "dot" (2 <= M <= 16): W tile decoded in registers as the wgmma's A
-#   operand, x^T (16 columns) the B operand in shared memory.
+#   operand, x^T (16 columns) the B operand in shared memory; its loads are
+#   still 16 rows x 32 bytes (16 lines) each (not reworked yet).
 # Triton 3.9 lowers the same code differently: its gather layout gives a lane
 # as many table entries as it holds rows, so a lookup becomes 2+ shuffles and
-# selects, and the wide tiles spill there. Other versions than 3.6 (the GPU
-# machine's) get the tiles that neither spill nor multiply the shuffles.
-_TILES_36 = {"fma": [(128, 1, 1, 5.06, 254, 1.13), (64, 1, 1, 5.6, 160, 1.2),
-                     (32, 1, 1, 6.6, 96, 1.3)],
-             "dot": [(256, 4, 2, 5.0, 200, 1.49), (128, 4, 3, 5.7, 136, 1.52),
-                     (64, 4, 3, 7.6, 96, 1.6)]}
-_TILES_OTHER = {"fma": [(32, 1, 1, 6.4, 64, 1.3)], "dot": [(64, 4, 3, 12.9, 96, 2.7)]}
-# K columns per trip (at most; min(this, blocksize)).
-_BLOCK_K = {"fma": 64, "dot": 64}
+# selects, the wide tiles spill there, and the FMA kernel's x goes through
+# shared memory. Other versions than 3.6 (the GPU machine's) get the tiles
+# that neither spill nor multiply the shuffles.
+_TILES_36 = {"fma": [(16, 1, 1, 5.43, 127, 1.16, 0.0175), (32, 1, 1, 5.09, 254, 1.14, 0.0155),
+                     (8, 1, 1, 6.14, 72, 1.19, 0.0214)],
+             "dot": [(256, 4, 2, 5.0, 200, 1.49, 0.083), (128, 4, 3, 5.7, 136, 1.52, 0.085),
+                     (64, 4, 3, 7.6, 96, 1.6, 0.0996)]}
+_TILES_OTHER = {"fma": [(16, 1, 1, 8.1, 229, 1.79, 0.0614), (8, 1, 1, 11.5, 80, 2.97, 0.0448)],
+                "dot": [(64, 4, 3, 12.9, 96, 2.7, 0.0996)]}
+# K columns per trip: the FMA GEMV reads 128 contiguous bytes of each row per
+# trip whatever the blocksize (a scale per 32-column piece; ops/gemv.py); the
+# tensor-core one at most min(64, blocksize) (one scale per row segment).
+_BLOCK_K = {"fma": 256, "dot": 64}
+
+
+def _block_k(kernel: str, blocksize: int) -> int:
+    return _BLOCK_K[kernel] if kernel == "fma" else min(_BLOCK_K[kernel], blocksize)
 _TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
 # Any split of K up to 32 (not only powers of two): the one that deals the
 # grid's warps most evenly to the 528 schedulers.
@@ -81,6 +92,10 @@ def _max_split(kernel: str, block_n: int) -> int:
 _CLOCK_HZ = 1.98e9
 _HBM_BYTES_PER_S = 4.3e12
 _LATENCY_S = 700e-9
+# L1/TEX: SM clocks per 128-byte line a warp's load touches (global lines and
+# shared-memory wavefronts), fitted on the H200's ncu cycles of the 64x64 FMA
+# and 128x64 tensor-core GEMVs at 28672x8192 (sm90_sass.L1_CLOCKS_PER_LINE).
+_L1_CLOCKS_PER_LINE = 1.8
 _DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (prefetch, or 2 stages)
 # Calibration from the first GPU run (H200, Triton 3.6, bf16, graph-replayed
 # sweep of every tile and split at 4096x4096, 8192x8192 and 28672x8192;
@@ -99,15 +114,19 @@ def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
     """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
     (:func:`prune_gemv` drops K tiles wider than the weight's blocksize);
     ``lora``: only the tiles :func:`lora_allowed`."""
-    return tuple(_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel] for k in (32, 64)
-                 if k <= _BLOCK_K[kernel] and not (lora and not lora_allowed(kernel, t[0]))
+    return tuple(_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel]
+                 for k in (_BLOCK_K[kernel] // 2, _BLOCK_K[kernel])
+                 if not (lora and not lora_allowed(kernel, t[0]))
                  for s in (1, 2, 4, 8, 16) if s <= _max_split(kernel, t[0]))
 
 
-def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool) -> bool:
-    """Whether a GEMV config may run: BLOCK_K <= blocksize (one block per row
-    segment of a K tile), and no 256-row tile for fp32 x (its dot spills at
-    255 registers, sm90_compile)."""
+def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool, kernel: str = "dot") -> bool:
+    """Whether a config of GEMV ``kernel`` may run: the tensor-core one needs
+    BLOCK_K <= blocksize (one block per row segment of a K tile) and no
+    256-row tile for fp32 x (its dot spills at 255 registers, sm90_compile);
+    the FMA one takes any (a scale per 32-column piece)."""
+    if kernel == "fma":  # a scale per 32-column piece: any blocksize
+        return True
     return cfg.kwargs["BLOCK_K"] <= blocksize and not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
 
 
@@ -115,16 +134,20 @@ def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
     """Autotune pruner: the configs :func:`allowed` for this launch."""
     args = {**named_args, **kwargs}
     x_fp32 = args["x_ptr"].dtype == torch.float32
-    return [c for c in configs if allowed(c, args["BLOCKSIZE"], x_fp32)]
+    kernel = "fma" if "ROWS" in args else "dot"  # only the FMA kernel has ROWS
+    return [c for c in configs if allowed(c, args["BLOCKSIZE"], x_fp32, kernel)]
 
 
 def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps: int,
                     split: int, instr_per_weight: float, registers: int,
-                    blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0) -> float:
+                    blocksize: int = 64, depth: int = 2, lsu_per_weight: float = 0.0,
+                    l1_per_weight: float = 0.0) -> float:
     """A GEMV launch's time on an H200 by the profile's bound model: the largest
     of the busiest scheduler's issue time (the busiest SM's warp-programs
     dealt to its schedulers, at full rate only with _WARPS_TO_HIDE_LATENCY
-    resident warps each), its load/store unit's time, the memory latency (each
+    resident warps each), its load/store unit's time, its L1/TEX time (the
+    lines its loads touch, _L1_CLOCKS_PER_LINE each: what bound both GEMVs on
+    the H200), the memory latency (each
     trip costs 700 ns over the pipeline depth) and the weight and scale bytes
     at HBM bandwidth; then, with a split, the fp32 partial sums written and
     read back, after the main loop (measured additive: 28672x8192 at M = 16
@@ -142,10 +165,18 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
     issue_rate = min(1.0, resident * warps / 4 / _WARPS_TO_HIDE_LATENCY)
     issue = per_scheduler * trips * per_warp_trip / _CLOCK_HZ / issue_rate
     lsu = busiest * trips * lsu_per_weight * block_n * block_k / 32 / _CLOCK_HZ
+    # The same issue rate gates the L1: its requests come from the schedulers'
+    # warps (H200 sweep, 28672x8192: the 256-row tensor-core tile, 2 warps per
+    # scheduler, took 176-185 us where its lines alone give 138-158 us; the
+    # 128-row FMA tile, also 2, took 101-104 us against 93: the factor ranks
+    # both below the 3-warp tiles, as measured, and over-charges the second).
+    l1 = (busiest * trips * l1_per_weight * block_n * block_k * _L1_CLOCKS_PER_LINE / _CLOCK_HZ
+          / issue_rate)
     latency = waves * trips * _LATENCY_S / depth
     scale_bytes = N * K / blocksize * (1 + 4 / 256)
     partial = 2 * 4 * split * rows * N if split > 1 else 0
-    return max(issue, latency, lsu, (N * K / 2 + scale_bytes) / _HBM_BYTES_PER_S) + partial / _HBM_BYTES_PER_S
+    return (max(issue, latency, lsu, l1, (N * K / 2 + scale_bytes) / _HBM_BYTES_PER_S)
+            + partial / _HBM_BYTES_PER_S)
 
 
 def lora_allowed(kernel: str, block_n: int) -> bool:
@@ -163,14 +194,14 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
     :func:`gemv_estimate_s` puts fastest, the first such in tile order
     (``lora``: among the tiles :func:`lora_allowed`).
     Compile-time estimates (sm90_sass), to be calibrated on the GPU."""
-    block_k = min(_BLOCK_K[kernel], blocksize)
+    block_k = _block_k(kernel, blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
         return _config(32 if kernel == "fma" else 64, block_k, 2, 1 if kernel == "fma" else 4, 1)
     rows = 1 if kernel == "fma" else 16
     best = None
-    for block_n, warps, stages, instr, regs, lsu in _TILES[kernel]:
+    for block_n, warps, stages, instr, regs, lsu, l1 in _TILES[kernel]:
         cfg0 = _config(block_n, block_k, 1, warps, stages)
-        if not allowed(cfg0, blocksize, x_fp32) or (lora and not lora_allowed(kernel, block_n)):
+        if not allowed(cfg0, blocksize, x_fp32, kernel) or (lora and not lora_allowed(kernel, block_n)):
             continue
         for split in _SPLITS:
             if split > _max_split(kernel, block_n):
@@ -178,7 +209,7 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
             if split > 1 and (split - 1) * -(-K // block_k // split) * block_k >= K:
                 continue  # the last split would get no K
             t = gemv_estimate_s(N, K, rows, block_n, block_k, warps, split, instr, regs, blocksize,
-                                _DEPTH[kernel], lsu)
+                                _DEPTH[kernel], lsu, l1)
             trips = -(-(-(-K // block_k)) // split)
             # Ties (within 0.1%) go to the larger split while each program keeps
             # at least 8 trips: more warps per scheduler for the same estimate.
