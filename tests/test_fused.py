@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import qlora_triton as qt
+from qlora_triton import backend as _backend
 from qlora_triton.fused.modules import FusedLoRALinear4bit, FusedLoRAMLP, FusedSingleLoRALinear4bit
 from qlora_triton.fused.ops import GELU_TANH, SILU, gated_act, gated_act_backward_
 
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.launches import count_blocks  # noqa: E402
+from benchmarks.launches import count_blocks, count_layer, rest_of_layer  # noqa: E402
 
 # Odd sizes on purpose: head_dim 10, intermediate 56 (blocks of 64 cross rows).
 COMMON = dict(vocab_size=53, hidden_size=40, intermediate_size=56, num_attention_heads=4,
@@ -377,3 +378,38 @@ def test_fused_blocks_launch_at_most_half_of_unfused():
     total = lambda c: c["qkv"]["total"] + c["mlp"]["total"]  # noqa: E731
     assert 2 * total(fused) <= total(unfused), (fused, unfused)
     assert fused["mlp"]["forward_ops"]["triton.gated_act_kernel"] == 1
+    # o_proj alone: one cast back instead of two, the scale in the products' alpha
+    assert fused["o_proj"]["forward"] == unfused["o_proj"]["forward"]
+    assert fused["o_proj"]["backward"] == unfused["o_proj"]["backward"] - 3
+
+
+@pytest.mark.skipif(not _backend.INTERPRET, reason="the CPU count runs our launchers under TRITON_INTERPRET=1")
+def test_whole_layer_launches_at_most_half_of_unfused():
+    """The Done-when count for the whole layer (CPU tensors, kernels stubbed,
+    attention on the fused sdpa kernel as on a GPU; benchmarks/launches.py):
+    fused with Liger-Kernel's RMSNorm and RoPE (the GPU path) against
+    unfused without, and what each part contributes. Liger's launches are
+    counted through its own autograd Functions, forward and backward, and
+    its patch of transformers' module does not outlive the count."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    width = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4)
+    counts = {}
+    for provider, liger in (("qlora_triton_fused", True), ("qlora_triton", False), ("qlora_triton", True)):
+        layer = count_layer(provider, width, "cpu", tokens=2048, r=4, liger=liger)
+        blocks = count_blocks(provider, width, "cpu", tokens=2048, r=4, liger=liger)
+        rest = rest_of_layer(layer, blocks)  # attention and the residual adds, nothing else
+        assert rest["forward_ops"] == {"aten._scaled_dot_product_flash_attention_for_cpu": 1, "aten.add": 2}
+        assert rest["backward_ops"] == {"aten._scaled_dot_product_flash_attention_for_cpu_backward": 1,
+                                        "aten.add": 2}
+        counts[provider, liger] = layer, blocks
+        assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+    fused, unfused = counts["qlora_triton_fused", True][0], counts["qlora_triton", False][0]
+    assert 2 * fused["total"] <= unfused["total"], (fused["total"], unfused["total"])
+    norms_rope = counts["qlora_triton_fused", True][1]["norms_rope"]
+    assert norms_rope["forward_ops"]["triton.liger.rms_norm_forward_kernel"] == 2
+    assert norms_rope["forward_ops"]["triton.liger.triton_rope"] == 1
+    assert norms_rope["backward_ops"]["triton.liger.rms_norm_backward_kernel"] == 2
+    assert norms_rope["backward_ops"]["triton.liger.triton_rope"] == 1
