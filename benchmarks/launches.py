@@ -400,6 +400,12 @@ def main(argv=None) -> int:
             meta.update(bitsandbytes=bitsandbytes.__version__, peft=peft.__version__)
         except ImportError:
             pass
+        try:
+            from importlib.metadata import version
+
+            meta["liger_kernel"] = version("liger-kernel")
+        except ImportError:
+            pass
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out) / "launches.json", {"meta": meta, "runs": runs})
     return 0
