@@ -7,9 +7,12 @@ A *kernel-launching op* (the unit of ``benchmarks/bench_host.py`` and
   schema's outputs alias an input), metadata ops (``detach``, ``alias`` ...)
   and allocations without a fill (``empty*``): on CUDA each of the rest
   launches at least one kernel (a copy, a fill, a GEMM);
-* a Triton kernel launch of ``qlora_triton`` (a ``JITFunction.run``, or
+* a Triton kernel launch of ``qlora_triton`` or of Liger-Kernel
+  (``liger_kernel.*``: its RMSNorm and RoPE) (a ``JITFunction.run``, or
   ``InterpretedFunction.run`` under TRITON_INTERPRET=1, with ``warmup=False``:
-  the one call every launch path ends in, autotuned or not).
+  the one call every launch path ends in, autotuned or not). Liger's kernels
+  do not run under the interpreter (:func:`qlora_triton.backend.use_liger`):
+  there they are counted and never run, as ours are with ``run_kernels=False``.
 
 A ``qlora_triton::*`` op is not counted itself: its implementation runs with
 counting still on, so the fills, casts and Triton kernels inside it are what
@@ -23,7 +26,9 @@ same shapes would launch, with the strategy the GPU would choose.
 
 ``python -m benchmarks.launches`` counts one decoder layer, forward +
 backward, of a 7B-shaped LLaMA at 1 x 2048 tokens: qlora_triton fused
-(:func:`qlora_triton.fuse`), unfused, and PEFT + bitsandbytes (see
+(:func:`qlora_triton.fuse`), unfused, and PEFT + bitsandbytes, each with
+transformers' own RMSNorm and RoPE and with Liger-Kernel's (applied by
+:func:`qlora_triton.liger.liger_patch`, the call the CUDA path makes; see
 :func:`main`).
 """
 
@@ -79,9 +84,14 @@ class _CountAten(TorchDispatchMode):
 
 
 def _kernel_name(kernel) -> str | None:
+    """``<kernel>`` for ours, ``liger.<kernel>`` for Liger-Kernel's, else None (not counted)."""
     fn = kernel.fn
     module = getattr(fn, "__module__", "") or ""
-    return fn.__name__.strip("_") if module.startswith("qlora_triton") else None
+    if module.startswith("qlora_triton"):
+        return fn.__name__.strip("_")
+    if module.startswith("liger_kernel"):
+        return "liger." + fn.__name__.strip("_")
+    return None
 
 
 @contextlib.contextmanager
@@ -97,7 +107,7 @@ def _patched_launches(counts: collections.Counter | None, run_kernels: bool) -> 
                 return real(self, *args, grid=grid, warmup=warmup, **kwargs)
             if counts is not None:
                 counts["triton." + name] += 1
-            if run_kernels:
+            if run_kernels and not (name.startswith("liger.") and isinstance(self, InterpretedFunction)):
                 # The interpreter's own tensor work is not a launch.
                 with _disable_current_modes():
                     return real(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -167,13 +177,19 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=3
 # bitsandbytes dequantizes then multiplies at every M > 1, and our strategy
 # table picks "dequant" from M = 1024 for small and large layers alike.
 NARROW = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8)
+# The parts of a layer counted alone (count_blocks); the layer's launches
+# outside them are attention and the two residual adds (count_layer's "rest").
+BLOCKS = ("qkv", "mlp", "o_proj", "norms_rope")
 
 
-def _layer_model(provider: str, width: dict, device: str, r: int):
+def _layer_model(provider: str, width: dict, device: str, r: int, liger: bool = False):
     """A one-layer LlamaForCausalLM with bf16 compute and LoRA r on all seven
-    projections, as ``provider`` builds it."""
+    projections, as ``provider`` builds it; with ``liger``, patched by
+    Liger-Kernel as :func:`qlora_triton.liger.apply_liger` patches a model on
+    CUDA (call it inside :func:`qlora_triton.liger.modeling_modules_kept`)."""
     from qlora_triton.finetune.model import LLAMA_LINEARS, ModelShape
     from qlora_triton.finetune.presets import build_quantized_llama
+    from qlora_triton.liger import liger_patch
 
     shape = ModelShape(**width, num_hidden_layers=1, vocab_size=256, max_position_embeddings=4096)
     if provider in ("qlora_triton", "qlora_triton_fused"):
@@ -183,81 +199,152 @@ def _layer_model(provider: str, width: dict, device: str, r: int):
         for name, param in model.named_parameters():  # fp32 adapters on every device (as PEFT keeps them)
             if ".lora_" in name:
                 param.data = param.data.float()
-        return qt.fuse(model) if provider == "qlora_triton_fused" else model
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from qlora_triton.finetune.model import llama_config
-    from transformers import LlamaForCausalLM
+        model = qt.fuse(model) if provider == "qlora_triton_fused" else model
+    else:
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+        from qlora_triton.finetune.model import llama_config
+        from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(llama_config(shape)).to(torch.bfloat16)
-    layer = model.model.layers[0]
-    for name, module in list(layer.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
-                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                         blocksize=64, compress_statistics=True)
-            parent, _, attr = name.rpartition(".")
-            setattr(layer.get_submodule(parent), attr, q.to(device))  # Params4bit quantizes on .to()
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                             target_modules=list(LLAMA_LINEARS)))
-    return model.base_model.model
+        model = LlamaForCausalLM(llama_config(shape)).to(torch.bfloat16)
+        layer = model.model.layers[0]
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS:
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                             blocksize=64, compress_statistics=True)
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent), attr, q.to(device))  # Params4bit quantizes on .to()
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules=list(LLAMA_LINEARS)))
+        model = model.base_model.model
+    if liger:
+        liger_patch(model)
+    return model
 
 
-def count_layer(provider: str, width: dict, device: str, tokens: int = 2048, r: int = 16) -> dict:
-    """Kernel-launching ops of one decoder layer's forward and backward
-    (input gradient on, as inside a stack; no checkpointing), bf16."""
-    from qlora_triton.strategy import assume_gpu_kind
-
-    torch.manual_seed(0)
-    model = _layer_model(provider, width, device, r)
-    layer = model.model.layers[0]
-    x = torch.randn(1, tokens, width["hidden_size"], device=device, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(tokens, device=device)[None]
-    cos_sin = model.model.rotary_emb(x, positions)
-    cos_sin = tuple(t.to(torch.bfloat16) for t in cos_sin)
-    grad = torch.randn_like(x)
-    stub = provider != "peft_bitsandbytes" and device == "cpu"
-    # The GPU's strategy (sm_90 table) on any device; our kernels are not run on
-    # the CPU (only counted): the launchers' own torch ops run for real.
-    with assume_gpu_kind("sm_90"):
-        with count_launches(run_kernels=not stub) as forward:
-            y = layer(x, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
-            y = y[0] if isinstance(y, tuple) else y
-        with count_launches(run_kernels=not stub) as backward:
-            y.backward(grad)
+def _summary(forward: collections.Counter, backward: collections.Counter) -> dict:
     return {"forward": sum(forward.values()), "backward": sum(backward.values()),
             "total": sum(forward.values()) + sum(backward.values()),
             "forward_ops": dict(sorted(forward.items())), "backward_ops": dict(sorted(backward.items()))}
 
 
-def count_blocks(provider: str, width: dict, device: str, tokens: int = 2048, r: int = 16) -> dict:
-    """The same count for the parts :func:`qlora_triton.fuse` replaces: the
-    MLP module, and q, k, v applied to one input, forward and backward."""
+def _stubbed(provider: str, device: str) -> bool:
+    """Whether our Triton kernels are counted without running (bitsandbytes
+    runs for real; Liger's kernels never run under the interpreter)."""
+    return provider != "peft_bitsandbytes" and device == "cpu"
+
+
+def count_layer(provider: str, width: dict, device: str, tokens: int = 2048, r: int = 16,
+                liger: bool = False) -> dict:
+    """Kernel-launching ops of one decoder layer's forward and backward
+    (input gradient on, as inside a stack; no checkpointing), bf16."""
+    from qlora_triton.liger import modeling_modules_kept
     from qlora_triton.strategy import assume_gpu_kind
 
     torch.manual_seed(0)
-    model = _layer_model(provider, width, device, r)
-    layer = model.model.layers[0]
-    attn = layer.self_attn
-    x = torch.randn(1, tokens, width["hidden_size"], device=device, dtype=torch.bfloat16, requires_grad=True)
-    stub = provider != "peft_bitsandbytes" and device == "cpu"
-    out = {}
-    with assume_gpu_kind("sm_90"):
-        for block, run in (("qkv", lambda: [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]),
-                           ("mlp", lambda: [layer.mlp(x)])):
-            outs = run()
-            grads = [torch.randn_like(o) for o in outs]
-            x.grad = None
+    with modeling_modules_kept():
+        model = _layer_model(provider, width, device, r, liger)
+        layer = model.model.layers[0]
+        x = torch.randn(1, tokens, width["hidden_size"], device=device, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(tokens, device=device)[None]
+        cos_sin = model.model.rotary_emb(x, positions)
+        cos_sin = tuple(t.to(torch.bfloat16) for t in cos_sin)
+        grad = torch.randn_like(x)
+        stub = _stubbed(provider, device)
+        # The GPU's strategy (sm_90 table) on any device; our kernels are not run on
+        # the CPU (only counted): the launchers' own torch ops run for real.
+        with assume_gpu_kind("sm_90"):
             with count_launches(run_kernels=not stub) as forward:
-                outs = run()
+                y = layer(x, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+                y = y[0] if isinstance(y, tuple) else y
             with count_launches(run_kernels=not stub) as backward:
-                torch.autograd.backward(outs, grads)
-            out[block] = {"forward": sum(forward.values()), "backward": sum(backward.values()),
-                          "total": sum(forward.values()) + sum(backward.values()),
-                          "forward_ops": dict(sorted(forward.items())),
-                          "backward_ops": dict(sorted(backward.items()))}
+                y.backward(grad)
+    return _summary(forward, backward)
+
+
+def count_blocks(provider: str, width: dict, device: str, tokens: int = 2048, r: int = 16,
+                 liger: bool = False) -> dict:
+    """The same count for parts of the layer, each alone, forward and
+    backward, on inputs laid out as inside the layer: ``qkv`` (q, k, v on one
+    input: what :func:`qlora_triton.fuse` fuses), ``mlp``, ``o_proj``, and
+    ``norms_rope`` (both RMSNorms, and RoPE on q and k as the attention block
+    makes them: the outputs of q_proj and k_proj, as laid out (fused: columns
+    of one tensor), viewed as heads; gradients in the layout attention's
+    backward gives)."""
+    from transformers.models.llama import modeling_llama
+
+    from qlora_triton.liger import modeling_modules_kept
+    from qlora_triton.strategy import assume_gpu_kind
+
+    torch.manual_seed(0)
+    out = {}
+    with modeling_modules_kept():
+        model = _layer_model(provider, width, device, r, liger)
+        layer = model.model.layers[0]
+        attn = layer.self_attn
+        hidden, head_dim = width["hidden_size"], attn.head_dim
+        bf16 = dict(device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, tokens, hidden, **bf16, requires_grad=True)
+        z = torch.randn(1, tokens, attn.o_proj.in_features, **bf16, requires_grad=True)  # attention's output
+        n1, n2 = (torch.randn(1, tokens, hidden, **bf16, requires_grad=True) for _ in range(2))
+        positions = torch.arange(tokens, device=device)[None]
+        cos, sin = (t.to(torch.bfloat16) for t in model.model.rotary_emb(x, positions))
+        stub = _stubbed(provider, device)
+        with torch.no_grad(), _patched_launches(None, run_kernels=not stub):
+            q0, k0 = attn.q_proj(x), attn.k_proj(x)  # as attention views them (fused: columns of one tensor)
+        q, k = (t.detach().requires_grad_() for t in (q0, k0))  # (detach keeps the strides)
+
+        def heads(t):  # the attention block's view: its backward copies a gradient it cannot view back
+            return t.view(1, tokens, -1, head_dim).transpose(1, 2)
+
+        def rope_grad(t):  # attention's backward gives [1, T, heads, head_dim] storage
+            return torch.randn(t.shape[0], t.shape[2], t.shape[1], t.shape[3], **bf16).transpose(1, 2)
+
+        def trained(*modules):
+            return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+        # (outputs, what their gradients go to); the gradients are returned
+        # (autograd.grad), not accumulated into leaves as .grad: inside the
+        # layer these inputs are no leaves, and a leaf's accumulation copies a
+        # gradient it cannot take over (Liger's RMSNorm writes its input
+        # gradient over the output gradient, which the caller still holds).
+        runs = {
+            "qkv": lambda: ([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)],
+                            [x, *trained(attn.q_proj, attn.k_proj, attn.v_proj)]),
+            "mlp": lambda: ([layer.mlp(x)], [x, *trained(layer.mlp)]),
+            "o_proj": lambda: ([attn.o_proj(z)], [z, *trained(attn.o_proj)]),
+            # the module's global at call time: Liger's function once it is patched
+            "norms_rope": lambda: ([layer.input_layernorm(n1), layer.post_attention_layernorm(n2),
+                                    *modeling_llama.apply_rotary_pos_emb(heads(q), heads(k), cos, sin)],
+                                   [n1, n2, q, k, *trained(layer.input_layernorm, layer.post_attention_layernorm)]),
+        }
+        with assume_gpu_kind("sm_90"), _patched_launches(None, run_kernels=not stub):  # (warm-ups too)
+            for block, run in runs.items():
+                outs, _ = run()
+                grads = [rope_grad(o) if o.dim() == 4 else torch.randn_like(o) for o in outs]
+                with count_launches(run_kernels=not stub) as forward:
+                    outs, inputs = run()
+                with count_launches(run_kernels=not stub) as backward:
+                    torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+                out[block] = _summary(forward, backward)
     return out
+
+
+def rest_of_layer(layer: dict, blocks: dict) -> dict:
+    """The layer's launches outside ``blocks`` (by op name: attention, the
+    residual adds); a negative entry would mean a block counted alone launches
+    more than it does inside the layer."""
+    rest = {}
+    for part in ("forward", "backward"):
+        ops = collections.Counter(layer[f"{part}_ops"])
+        for name in BLOCKS:
+            ops.subtract(blocks[name][f"{part}_ops"])
+        rest[part] = sum(ops.values())
+        rest[f"{part}_ops"] = {op: n for op, n in sorted(ops.items()) if n}
+    rest["total"] = rest["forward"] + rest["backward"]
+    return rest
 
 
 def main(argv=None) -> int:
@@ -281,15 +368,17 @@ def main(argv=None) -> int:
     for provider in PROVIDERS:
         places = [("cpu", NARROW)] + ([("meta", LLAMA_7B)] if provider != "peft_bitsandbytes" else [])
         for device, width in places:  # (bitsandbytes has no meta path)
-            blocks = count_blocks(provider, width, device, args.tokens, args.r)
-            layer = count_layer(provider, width, device, args.tokens, args.r)
-            runs.append(dict(provider=provider, device=device, width=width, layer=layer, **blocks))
-    print(f"{'provider':20s} {'device':6s} {'hidden':>6s} | {'q/k/v':>5s} {'mlp':>4s} {'both':>5s} | "
-          f"{'layer fwd':>9s} {'bwd':>4s} {'total':>5s}")
+            for liger in (False, True):
+                blocks = count_blocks(provider, width, device, args.tokens, args.r, liger)
+                layer = count_layer(provider, width, device, args.tokens, args.r, liger)
+                runs.append(dict(provider=provider, liger=liger, device=device, width=width, layer=layer,
+                                 rest=rest_of_layer(layer, blocks), **blocks))
+    print(f"{'provider':20s} {'liger':5s} {'device':6s} {'hidden':>6s} | {'q/k/v':>5s} {'mlp':>4s} {'o_proj':>6s} "
+          f"{'norms+rope':>10s} {'rest':>4s} | {'layer fwd':>9s} {'bwd':>4s} {'total':>5s}")
     for run in runs:
-        both = run["qkv"]["total"] + run["mlp"]["total"]
-        print(f"{run['provider']:20s} {run['device']:6s} {run['width']['hidden_size']:6d} | "
-              f"{run['qkv']['total']:5d} {run['mlp']['total']:4d} {both:5d} | {run['layer']['forward']:9d} "
+        print(f"{run['provider']:20s} {str(run['liger']):5s} {run['device']:6s} {run['width']['hidden_size']:6d} | "
+              f"{run['qkv']['total']:5d} {run['mlp']['total']:4d} {run['o_proj']['total']:6d} "
+              f"{run['norms_rope']['total']:10d} {run['rest']['total']:4d} | {run['layer']['forward']:9d} "
               f"{run['layer']['backward']:4d} {run['layer']['total']:5d}")
     if args.out:
         from pathlib import Path
@@ -309,6 +398,12 @@ def main(argv=None) -> int:
             import peft
 
             meta.update(bitsandbytes=bitsandbytes.__version__, peft=peft.__version__)
+        except ImportError:
+            pass
+        try:
+            from importlib.metadata import version
+
+            meta["liger_kernel"] = version("liger-kernel")
         except ImportError:
             pass
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ model gets:
   layers on NF4 weights). Note that Liger patches the transformers modeling
   module as well as the instance (its RoPE function is a module-level
   replacement), so every model of that family built afterwards in the process
-  uses Liger's RoPE.
+  uses Liger's RoPE (:func:`modeling_modules_kept` puts the module back, for
+  the launch counter and tests).
 * ``"torch"`` (CPU, meta, ``force_backend("torch")``): transformers' own norm
   and RoPE, and the loss of a labelled forward through
   :func:`qlora_triton.linear_cross_entropy.causal_lm_loss`, chunked so the
@@ -24,8 +25,11 @@ not to hold them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import types
+from typing import Iterator
 
 import torch
 
@@ -66,6 +70,40 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def liger_patch(base) -> None:
+    """Liger-Kernel's own patching of ``base`` (a transformers causal LM), as
+    :func:`apply_liger` applies it on CUDA: RMSNorm, RoPE and the fused linear
+    cross-entropy on, SwiGLU off. It does not ask :func:`qlora_triton.backend.use_liger`;
+    besides :func:`apply_liger`, only the launch counter (``benchmarks/launches.py``,
+    Liger's Triton launches stubbed and counted) calls it on other devices.
+    It patches the family's modeling module too (see the module docstring)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=base, rms_norm=True, rope=True, swiglu=False,
+                                    cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+@contextlib.contextmanager
+def modeling_modules_kept() -> Iterator[None]:
+    """Inside the block, :func:`liger_patch` patches models as usual; after it,
+    transformers' modeling modules (``transformers.models.*``: the RoPE
+    function, the RMSNorm class that Liger replaces there) are as they were
+    before, so that models built later in the process are unpatched. The
+    models patched inside keep Liger's modules; a model built inside gets
+    Liger's classes. For the launch counter and tests, which patch and
+    compare in one process."""
+    saved = {name: dict(vars(module)) for name, module in list(sys.modules.items())
+             if name.startswith("transformers.models.") and module is not None}
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            namespace = vars(sys.modules[name])
+            for key in [k for k in namespace if k not in before]:
+                del namespace[key]
+            namespace.update(before)
+
+
 def apply_liger(model, device: torch.device | str | None = None) -> str:
     """Give ``model`` (a transformers causal LM, or a PeftModel around one) the
     Liger kernels on CUDA, or the chunked-loss torch path elsewhere; returns
@@ -80,10 +118,7 @@ def apply_liger(model, device: torch.device | str | None = None) -> str:
         raise ValueError("model: final_logit_softcapping is set; the chunked cross-entropy does not cap logits")
     dev = torch.device(device) if device is not None else head.weight.device
     if backend.use_liger(dev):
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=base, rms_norm=True, rope=True, swiglu=False,
-                                        cross_entropy=False, fused_linear_cross_entropy=True)
+        liger_patch(base)
         path = "liger"
     else:
         base.forward = types.MethodType(_chunked_loss_forward, base)

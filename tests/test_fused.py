@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import qlora_triton as qt
-from qlora_triton.fused.modules import FusedLoRALinear4bit, FusedLoRAMLP
+from qlora_triton import backend as _backend
+from qlora_triton.fused.modules import FusedLoRALinear4bit, FusedLoRAMLP, FusedSingleLoRALinear4bit
 from qlora_triton.fused.ops import GELU_TANH, SILU, gated_act, gated_act_backward_
 
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.launches import count_blocks  # noqa: E402
+from benchmarks.launches import count_blocks, count_layer, rest_of_layer  # noqa: E402
 
 # Odd sizes on purpose: head_dim 10, intermediate 56 (blocks of 64 cross rows).
 COMMON = dict(vocab_size=53, hidden_size=40, intermediate_size=56, num_attention_heads=4,
@@ -116,6 +117,7 @@ def test_fused_model_matches_unfused_fp32(backend, device, family):
         qt.fuse(model)
         layer = model.model.layers[0]
         assert isinstance(layer.mlp, FusedLoRAMLP) and type(layer.self_attn.q_proj) is FusedLoRALinear4bit
+        assert type(layer.self_attn.o_proj) is FusedSingleLoRALinear4bit
         _check(_loss_and_grads(model, inputs), unfused, 1e-5)
 
 
@@ -130,22 +132,89 @@ def test_fused_blocks_under_the_small_m_strategies(backend, device, strategy, to
         _check(_loss_and_grads(model, inputs), unfused, 1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("strategy,M", [("dequant", 15), ("gemv", 1)])
+def test_single_projection_matches_the_lora_layer(backend, device, bias, strategy, M):
+    """o_proj's Function (fused/single.py) against the LoRALinear4bit it
+    replaces, fp32 (1e-5): output and the gradients of a strided input,
+    A, B and the bias; then with only some of them wanted; and without a
+    gradient to flow, the layer's own forward (bit for bit)."""
+    import copy
+
+    torch.manual_seed(1)
+    layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(40, 24, bias=bias, device=device), r=4, lora_alpha=12)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0.0, 0.3)
+    fused = copy.deepcopy(layer)
+    fused.__class__ = FusedSingleLoRALinear4bit
+    wide = torch.randn(M, 3, 50, device=device)
+    seed = torch.randn(M, 3, 24, device=device)
+
+    def run(module, frozen=()):
+        x = wide[..., 5:45].detach().requires_grad_()  # strided rows
+        for p in module.parameters():
+            p.grad = None
+        for name in frozen:
+            module.get_parameter(name).requires_grad_(False)
+        y = module(x)
+        y.backward(seed)
+        for name in frozen:
+            module.get_parameter(name).requires_grad_(True)
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        return y.detach(), x.grad, grads
+
+    with qt.force_strategy(strategy):
+        for frozen in ((), ("lora_A.weight",), ("lora_B.weight",)):
+            (y1, gx1, g1), (y0, gx0, g0) = run(fused, frozen), run(layer, frozen)
+            assert _rel(y1, y0) <= 1e-5 and _rel(gx1, gx0) <= 1e-5
+            assert g1.keys() == g0.keys() and all(_rel(g1[n], g0[n]) <= 1e-5 for n in g0), (frozen, g1.keys())
+            assert all(g1[n].dtype == torch.float32 for n in g1)
+        with torch.no_grad():
+            assert torch.equal(fused(wide[..., 5:45]), layer(wide[..., 5:45]))
+
+
+def test_output_projection_is_fused_only_where_it_can_be():
+    """o_proj is fused when it is a LoRALinear4bit without dropout; a dense
+    layer, one without an adapter (Linear4bit) or one with dropout stays as it
+    is, and the q/k/v and MLP blocks are fused all the same."""
+    config = transformers.LlamaConfig(**COMMON)
+    model = transformers.LlamaForCausalLM(config)
+    qt.replace_linear(model, r=2, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                  "down_proj"], progress=False)
+    attn = model.model.layers[0].self_attn
+    assert type(attn.o_proj) is torch.nn.Linear  # not a target: left dense
+    qt.fuse(model)
+    assert type(attn.o_proj) is torch.nn.Linear and type(attn.q_proj) is FusedLoRALinear4bit
+    qt.unfuse(model)
+    attn.o_proj = qt.Linear4bit.from_linear(attn.o_proj)
+    qt.fuse(model)
+    assert type(attn.o_proj) is qt.Linear4bit and type(attn.q_proj) is FusedLoRALinear4bit
+    model = transformers.LlamaForCausalLM(config)
+    qt.replace_linear(model, r=2, progress=False)
+    attn = model.model.layers[0].self_attn
+    attn.o_proj.lora_dropout = 0.1
+    qt.fuse(model)
+    assert type(attn.o_proj) is qt.LoRALinear4bit and isinstance(model.model.layers[0].mlp, FusedLoRAMLP)
+
+
 def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])  # SiLU, GELU-tanh
 def test_fused_blocks_bf16_match_the_fp32_layers(backend, device, family):
-    """DESIGN's bf16 tolerance (1e-2) per block: the fused MLP and q/k/v in
-    bf16 against the unfused layers computing in fp32 (output, input gradient
-    and every LoRA gradient)."""
+    """DESIGN's bf16 tolerance (1e-2) per block: the fused MLP, q/k/v and
+    o_proj in bf16 against the unfused layers computing in fp32 (output, input
+    gradient and every LoRA gradient)."""
     model = _model(family, torch.bfloat16).to(device)
     layer = model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     x = torch.randn(3, 5, 40, device=device)
-    blocks = {"qkv": lambda t: [attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)], "mlp": lambda t: [mlp(t)]}
+    blocks = {"qkv": lambda t: [attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)], "mlp": lambda t: [mlp(t)],
+              "o_proj": lambda t: [attn.o_proj(t)]}
     params = {"qkv": [p for n in ("q_proj", "k_proj", "v_proj") for p in getattr(attn, n).parameters()
-                      if p.requires_grad], "mlp": [p for p in mlp.parameters() if p.requires_grad]}
+                      if p.requires_grad], "mlp": [p for p in mlp.parameters() if p.requires_grad],
+              "o_proj": [p for p in attn.o_proj.parameters() if p.requires_grad]}
 
     def run(block, t):
         t = t.detach().requires_grad_()
@@ -266,6 +335,7 @@ def test_fuse_is_idempotent_and_keeps_the_state_dict():
         fused = _loss_and_grads(model, inputs)
         qt.unfuse(model)
         assert type(model.model.layers[0].self_attn.q_proj) is qt.LoRALinear4bit
+        assert type(model.model.layers[0].self_attn.o_proj) is qt.LoRALinear4bit
         assert type(model.model.layers[0].mlp).__name__ == "Qwen2MLP"
         assert model.state_dict().keys() == before.keys()
         _check(_loss_and_grads(model, inputs), fused, 1e-5)
@@ -308,3 +378,38 @@ def test_fused_blocks_launch_at_most_half_of_unfused():
     total = lambda c: c["qkv"]["total"] + c["mlp"]["total"]  # noqa: E731
     assert 2 * total(fused) <= total(unfused), (fused, unfused)
     assert fused["mlp"]["forward_ops"]["triton.gated_act_kernel"] == 1
+    # o_proj alone: one cast back instead of two, the scale in the products' alpha
+    assert fused["o_proj"]["forward"] == unfused["o_proj"]["forward"]
+    assert fused["o_proj"]["backward"] == unfused["o_proj"]["backward"] - 3
+
+
+@pytest.mark.skipif(not _backend.INTERPRET, reason="the CPU count runs our launchers under TRITON_INTERPRET=1")
+def test_whole_layer_launches_at_most_half_of_unfused():
+    """The Done-when count for the whole layer (CPU tensors, kernels stubbed,
+    attention on the fused sdpa kernel as on a GPU; benchmarks/launches.py):
+    fused with Liger-Kernel's RMSNorm and RoPE (the GPU path) against
+    unfused without, and what each part contributes. Liger's launches are
+    counted through its own autograd Functions, forward and backward, and
+    its patch of transformers' module does not outlive the count."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    width = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4)
+    counts = {}
+    for provider, liger in (("qlora_triton_fused", True), ("qlora_triton", False), ("qlora_triton", True)):
+        layer = count_layer(provider, width, "cpu", tokens=2048, r=4, liger=liger)
+        blocks = count_blocks(provider, width, "cpu", tokens=2048, r=4, liger=liger)
+        rest = rest_of_layer(layer, blocks)  # attention and the residual adds, nothing else
+        assert rest["forward_ops"] == {"aten._scaled_dot_product_flash_attention_for_cpu": 1, "aten.add": 2}
+        assert rest["backward_ops"] == {"aten._scaled_dot_product_flash_attention_for_cpu_backward": 1,
+                                        "aten.add": 2}
+        counts[provider, liger] = layer, blocks
+        assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+    fused, unfused = counts["qlora_triton_fused", True][0], counts["qlora_triton", False][0]
+    assert 2 * fused["total"] <= unfused["total"], (fused["total"], unfused["total"])
+    norms_rope = counts["qlora_triton_fused", True][1]["norms_rope"]
+    assert norms_rope["forward_ops"]["triton.liger.rms_norm_forward_kernel"] == 2
+    assert norms_rope["forward_ops"]["triton.liger.triton_rope"] == 1
+    assert norms_rope["backward_ops"]["triton.liger.rms_norm_backward_kernel"] == 2
+    assert norms_rope["backward_ops"]["triton.liger.triton_rope"] == 1

@@ -1,5 +1,6 @@
-"""``fuse(model)`` / ``unfuse(model)``: the decoder blocks' MLP and q/k/v as
-fused autograd Functions, found by the model's structure, not its class names.
+"""``fuse(model)`` / ``unfuse(model)``: the decoder blocks' MLP, q/k/v and
+output projection as fused autograd Functions, found by the model's structure,
+not its class names.
 
 A model is supported when it has attention blocks (modules with ``q_proj``,
 ``k_proj``, ``v_proj`` children) and, as many, gated MLPs (modules whose
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..linear import Linear4bit, LoRALinear4bit
-from .modules import FUSED_CLASS, FusedLoRAMLP, QKVGroup
+from .modules import FUSED_CLASS, FusedLoRAMLP, FusedSingleLoRALinear4bit, QKVGroup
 from .ops import GELU_TANH, SILU, gated_act_reference
 
 logger = logging.getLogger("qlora_triton")
@@ -30,6 +31,7 @@ logger = logging.getLogger("qlora_triton")
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma"
 _QKV = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_OUT = "o_proj"  # the attention block's output projection: fused alone (fused/single.py)
 # Names other families give their fused or ungated projections: said in the refusal.
 _OTHER_LAYOUTS = {
     "c_attn": "a fused c_attn projection (GPT-2 style Conv1D)",
@@ -85,12 +87,20 @@ def _group_problem(name: str, layers: list[nn.Module]) -> str | None:
     return None
 
 
+def _single_fusable(module) -> bool:
+    """Whether an attention block's ``o_proj`` runs as a fused single
+    projection: a ``LoRALinear4bit`` without dropout (a ``Linear4bit`` has no
+    adapter to fuse with; a dense or dropout layer stays as it is)."""
+    return type(module) is LoRALinear4bit and module.lora_dropout == 0
+
+
 def _find(model: nn.Module):
-    """``(mlps, attentions, problems, (n_mlp, n_attention))``: gated MLPs to fuse
-    as (parent, attribute, module, act), attention blocks to fuse as (name, q,
-    k, v), why others cannot be fused, and how many of each the model has
-    (fused already, to fuse, or not fusable)."""
-    mlps, attentions, problems, n_mlp, n_attention = [], [], [], 0, 0
+    """``(mlps, attentions, singles, problems, (n_mlp, n_attention))``: gated
+    MLPs to fuse as (parent, attribute, module, act), attention blocks to fuse
+    as (name, q, k, v), output projections to fuse alone, why others cannot
+    be fused, and how many MLPs and attention blocks the model has (fused
+    already, to fuse, or not fusable)."""
+    mlps, attentions, singles, problems, n_mlp, n_attention = [], [], [], [], 0, 0
     for name, module in model.named_modules():
         children = dict(module.named_children())
         if isinstance(module, FusedLoRAMLP):
@@ -120,6 +130,8 @@ def _find(model: nn.Module):
                     mlps.append((model.get_submodule(parent), attr, module, act))
         if all(n in children for n in _QKV):
             n_attention += 1
+            if _single_fusable(children.get(_OUT)):
+                singles.append(children[_OUT])
             layers = [children[n] for n in _QKV]
             if all(type(m) in FUSED_CLASS.values() for m in layers):
                 continue  # fused already
@@ -128,7 +140,7 @@ def _find(model: nn.Module):
                 problems.append(problem)
             else:
                 attentions.append((name, *layers))
-    return mlps, attentions, problems, (n_mlp, n_attention)
+    return mlps, attentions, singles, problems, (n_mlp, n_attention)
 
 
 def _refusal(model: nn.Module, reason: str) -> ValueError:
@@ -143,7 +155,9 @@ def _refusal(model: nn.Module, reason: str) -> ValueError:
 def fuse(model: nn.Module) -> nn.Module:
     """Run the decoder blocks of ``model`` through fused autograd Functions, in
     place: each gated MLP as one (:mod:`qlora_triton.fused.mlp`), each
-    attention block's q, k and v as one (:mod:`qlora_triton.fused.qkv`).
+    attention block's q, k and v as one (:mod:`qlora_triton.fused.qkv`), and
+    its ``o_proj``, where it is a ``LoRALinear4bit`` without dropout, as one
+    with the fewest ops (:mod:`qlora_triton.fused.single`).
     Parameters, their names, the state dict and the adapters stay as they
     are; :func:`unfuse` undoes it. Idempotent: blocks fused already are kept.
 
@@ -153,7 +167,7 @@ def fuse(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    mlps, attentions, problems, counts = _find(model)
+    mlps, attentions, singles, problems, counts = _find(model)
     total_mlp, total_attn = counts
     if total_mlp == 0 or total_attn == 0:  # the layout first, then what is wrong inside it
         missing = "gated MLP (gate_proj/up_proj/down_proj)" if total_mlp == 0 else \
@@ -172,8 +186,11 @@ def fuse(model: nn.Module) -> nn.Module:
         for m in (q, k, v):
             m.__class__ = FUSED_CLASS[type(m)]
             m._qkv_group = group
-    if mlps or attentions:
-        logger.info("qt.fuse: fused %d MLPs and %d q/k/v blocks", len(mlps), len(attentions))
+    for m in singles:
+        m.__class__ = FusedSingleLoRALinear4bit
+    if mlps or attentions or singles:
+        logger.info("qt.fuse: fused %d MLPs, %d q/k/v blocks and %d output projections", len(mlps),
+                    len(attentions), len(singles))
     return model
 
 
@@ -190,4 +207,6 @@ def unfuse(model: nn.Module) -> nn.Module:
         if group is not None and type(module) in FUSED_CLASS.values():
             module.__class__ = next(c for c, f in FUSED_CLASS.items() if f is type(module))
             del module._qkv_group
+        elif type(module) is FusedSingleLoRALinear4bit:
+            module.__class__ = LoRALinear4bit
     return model

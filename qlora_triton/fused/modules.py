@@ -13,6 +13,10 @@
   attention module itself is not touched, so every family's own attention
   code (RoPE, q/k norms, sliding windows, caches, transformers' attention
   functions) runs as it is.
+* The block's output projection (``o_proj``) gets the class
+  :class:`FusedSingleLoRALinear4bit`, whose ``forward`` runs
+  :class:`qlora_triton.fused.single.LoRASingleFunction` when a gradient can
+  flow, and the layer's own forward (with its eval-mode cast cache) when not.
 
 Dtypes follow :class:`qlora_triton.linear.Linear4bit`: the compute dtype of
 the first projection (autocast's dtype under autocast), outputs in the
@@ -30,6 +34,7 @@ from ..linear import Linear4bit, LoRALinear4bit
 from .mlp import lora_mlp
 from .projection import projection
 from .qkv import lora_qkv
+from .single import lora_single
 
 
 def _compute(layer: Linear4bit, x: torch.Tensor):
@@ -112,3 +117,20 @@ class FusedLinear4bit(_QKVMember, Linear4bit):
 
 
 FUSED_CLASS = {LoRALinear4bit: FusedLoRALinear4bit, Linear4bit: FusedLinear4bit}
+
+
+class FusedSingleLoRALinear4bit(LoRALinear4bit):
+    """A ``LoRALinear4bit`` that is a fused block's output projection
+    (``o_proj``): one :class:`qlora_triton.fused.single.LoRASingleFunction`
+    in training; without a gradient to flow, the layer's own forward (whose
+    eval-mode cast cache a decode step relies on)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad
+                                             or self.lora_B.weight.requires_grad
+                                             or (self.bias is not None and self.bias.requires_grad))):
+            return super().forward(x)
+        xc, dtype, out_dtype, ctx = _compute(self, x)
+        with ctx:
+            y = lora_single(xc, projection(self, dtype))
+        return y if y.dtype == out_dtype else y.to(out_dtype)
