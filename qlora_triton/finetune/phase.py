@@ -18,7 +18,10 @@ The 16-bit phase runs first and writes its freshly initialised adapter in
 PEFT's format; the QLoRA phase loads it with ``qt.load_adapter``, so both start
 from the same A (and B = 0). Adapters are fp32 in both (PEFT's default
 ``autocast_adapter_dtype=True`` and ``LoRALinear4bit``'s ``lora_dtype``), the
-base compute bf16 in both.
+base compute bf16 in both. On a CPU without native bf16, both phases run
+inside ``bf16_matmul.Bf16MatmulInFp32`` (``config["bf16_matmul"] == "fp32"``):
+their bf16 matmuls and attention take bf16 operands, compute in fp32 and
+round the result to bf16, as a bf16 GEMM with fp32 accumulation does.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .bf16_matmul import Bf16MatmulInFp32
 from .memory import PeakMemory
 from .optimizer import paged_adamw
 
@@ -98,7 +102,9 @@ def run_phase(spec: dict) -> dict:
     model = load_model(spec["model_dir"], torch.bfloat16, device)
     targets = lora_targets(model)
     backend = qt.force_backend(spec["backend"]) if spec["backend"] else contextlib.nullcontext()
-    with backend:
+    # both phases alike: bf16 CPU matmuls in fp32 where the CPU has no native bf16 (bf16_matmul.py)
+    widen = Bf16MatmulInFp32() if config.get("bf16_matmul") == "fp32" else contextlib.nullcontext()
+    with backend, widen:
         build = build_lora16 if method == "lora16" else build_qlora
         model, optimizer = build(model, config, targets, spec["init_adapter"])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -111,7 +117,9 @@ def run_phase(spec: dict) -> dict:
         if method == "qlora" and config.get("save_adapter"):
             qt.save_adapter(model, config["save_adapter"])
     result.update(method=method, title=title, targets=targets, trainable_params=trainable,
-                  weight_bytes=weight_bytes, memory=memory.result())
+                  weight_bytes=weight_bytes, memory=memory.result(),
+                  bf16_matmul=config.get("bf16_matmul", "native"),
+                  widened_ops=dict(widen.counts) if isinstance(widen, Bf16MatmulInFp32) else {})
     return result
 
 

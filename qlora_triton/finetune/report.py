@@ -8,8 +8,11 @@
 * ``phases``: ``lora16`` and ``qlora``, each with ``train_loss`` (per step),
   ``eval_steps`` / ``eval_loss`` (held-out task-2 loss), ``initial_eval_loss``,
   ``final_eval_loss``, ``tokens_per_s``, ``train_seconds``,
-  ``trainable_params``, ``weight_bytes`` and ``memory`` (``kind``,
-  ``peak_bytes``, ``baseline_bytes``, ``delta_bytes``; see ``memory.py``);
+  ``trainable_params``, ``weight_bytes``, ``memory`` (``kind``,
+  ``peak_bytes``, ``baseline_bytes``, ``delta_bytes``; see ``memory.py``),
+  ``bf16_matmul`` (``native``, or ``fp32``: the phase's bf16 matmuls and
+  attention computed in fp32, see ``bf16_matmul.py``) and ``widened_ops``
+  (how many calls of each op it widened);
 * ``comparison``: ``eval_loss_ratio`` (QLoRA / 16-bit), ``within_5_percent``,
   ``weight_bytes_ratio`` and ``peak_memory_ratio`` (QLoRA / 16-bit);
 * ``wall_seconds``, ``plot`` (file name of the PNG in the same folder).
@@ -24,10 +27,12 @@ from pathlib import Path
 
 import torch
 
+from . import bf16_matmul
+
 SUMMARY_KEYS = ("config", "environment", "pretrain", "phases", "comparison", "wall_seconds", "plot")
 PHASE_KEYS = ("method", "title", "train_loss", "eval_steps", "eval_loss", "initial_eval_loss",
               "final_eval_loss", "tokens_per_s", "train_seconds", "tokens", "trainable_params",
-              "weight_bytes", "memory", "targets")
+              "weight_bytes", "memory", "targets", "bf16_matmul", "widened_ops")
 COMPARISON_KEYS = ("eval_loss_ratio", "within_5_percent", "weight_bytes_ratio", "peak_memory_ratio")
 
 
@@ -115,6 +120,7 @@ def _mib(n: float) -> str:
 def table(summary: dict) -> str:
     """The side-by-side table printed at the end of the run."""
     l, q = summary["phases"]["lora16"], summary["phases"]["qlora"]
+    config = summary["config"]
     cuda = l["memory"]["kind"].startswith("cuda")
     rows = [
         ("", "16-bit LoRA", "QLoRA (NF4)"),
@@ -130,6 +136,8 @@ def table(summary: dict) -> str:
         rows.append(("peak RSS of the phase process", _mib(l["memory"]["peak_bytes"]), _mib(q["memory"]["peak_bytes"])))
         rows.append(("  of which added by the phase", _mib(l["memory"]["delta_bytes"]), _mib(q["memory"]["delta_bytes"])))
     rows.append(("trainable params", f"{l['trainable_params']:,}", f"{q['trainable_params']:,}"))
+    shape = [f"{len(p['train_loss'])} x {config['batch_size']} x {config['seq_len']}" for p in (l, q)]
+    rows.append(("steps x sequences x tokens", *shape))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
     c = summary["comparison"]
@@ -137,6 +145,7 @@ def table(summary: dict) -> str:
     lines.append("")
     lines.append(f"QLoRA / 16-bit LoRA final eval loss: {c['eval_loss_ratio']:.4f} ({verdict} 5%); "
                  f"weights {c['weight_bytes_ratio']:.2f}x; wall time {summary['wall_seconds']:.0f} s")
+    lines.append(bf16_matmul.describe(config.get("bf16_matmul", "native")) + ".")
     if not cuda:
         lines.append("CPU memory: peak RSS includes Python and the libraries; 'added by the phase' is the "
                      "RSS growth after the imports. The NF4 reference path dequantizes one weight at a time "

@@ -51,6 +51,9 @@ class FinetuneConfig:
     device: str | None = None
     seed: int = 0
     backend: str = "auto"             # auto | triton | torch (the NF4 ops' backend)
+    # auto | native | fp32: how both phases run bf16 matmuls; resolve() turns auto into
+    # fp32 on a CPU without native bf16, native elsewhere (bf16_matmul.py)
+    bf16_matmul: str = "auto"
     eval_every: int | None = None
     quiet: bool = False
     # QLoRA phase options (speedups.py): None = the default (fused blocks where the
@@ -93,8 +96,9 @@ class FinetuneConfig:
             raise ValueError(f"lr and alpha must be positive, got lr={self.lr!r}, alpha={self.alpha!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected auto, triton or torch, got {self.backend!r}")
-        from . import speedups
+        from . import bf16_matmul, speedups
 
+        self.bf16_matmul = bf16_matmul.resolve(self.bf16_matmul, device)
         chosen = speedups.resolve(self.fuse, self.liger, self.offload)
         self.fuse, self.liger, self.offload = chosen.fuse, chosen.liger, chosen.offload
         self.check_paths()
