@@ -165,3 +165,36 @@ def test_preset_refuses_options_it_does_not_use(option, capsys):
     assert cli_main(["finetune", "--preset", "tiny", *option]) == 2
     err = capsys.readouterr().err
     assert "--preset" in err and option[0] in err
+
+
+def test_phase_processes_start_early_and_end_when_not_used(tmp_path, monkeypatch):
+    # run() starts both phase processes before pre-training (their imports overlap it);
+    # when the run fails before a phase is handed over, the waiting process exits unused.
+    from qlora_triton.finetune import train as T
+
+    started = []
+
+    class Recorded(T.PhaseProcess):
+        def __init__(self, method, out):
+            super().__init__(method, out)
+            started.append(self)
+
+    def failing_prepare(config, out):
+        raise ValueError("prepare failed on purpose")
+
+    monkeypatch.setattr(T, "PhaseProcess", Recorded)
+    monkeypatch.setattr(T, "prepare", failing_prepare)
+    config = FinetuneConfig(device="cpu", output_dir=str(tmp_path / "run"), quiet=True, size=dict(TEST_SIZE))
+    with pytest.raises(ValueError, match="on purpose"):
+        run(config)
+    assert [w.method for w in started] == list(T.METHODS)
+    for worker in started:
+        assert worker.proc.returncode == 0  # ended (cancel waited for it), not killed
+        assert not worker.result_path.exists() and not worker.spec_path.exists()
+
+
+def test_phase_main_usage():
+    from qlora_triton.finetune import phase
+
+    assert phase.main(["only-one-argument"]) == 2
+    assert phase.main(["--wait", "qlora", "spec.json"]) == 2

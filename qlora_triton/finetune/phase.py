@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,19 @@ def apply_speedups(model, config: dict) -> None:
     apply(model, chosen)
 
 
+def preload(method: str) -> None:
+    """Import what the phase loads lazily, before its memory baseline is taken
+    (so that 'delta' is the model's and the training's, not the libraries'),
+    and, in a process started early (``--wait``), while the parent pre-trains."""
+    from . import data, model, train  # noqa: F401
+    import qlora_triton as qt
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    qt.nf4_codebook()
+    if method == "lora16":
+        import peft  # noqa: F401
+
+
 def run_phase(spec: dict) -> dict:
     from . import data as data_mod
     from .model import load_model, lora_targets, tensor_bytes
@@ -86,12 +100,7 @@ def run_phase(spec: dict) -> dict:
 
     config, method = spec["config"], spec["method"]
     device = torch.device(config["device"])
-    # Import what either phase loads lazily before the baseline is taken, so
-    # that 'delta' is the model's and the training's, not libraries'.
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    qt.nf4_codebook()
-    if method == "lora16":
-        import peft  # noqa: F401
+    preload(method)
     memory = PeakMemory(device)
     memory.start()
 
@@ -123,10 +132,21 @@ def run_phase(spec: dict) -> dict:
     return result
 
 
+USAGE = "usage: python -m qlora_triton.finetune.phase [--wait METHOD] SPEC.json OUT.json"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``SPEC OUT``: run the phase SPEC describes. ``--wait METHOD SPEC OUT``: import
+    what METHOD needs, then wait for a line on stdin before reading SPEC (which
+    need not exist until then); end of input instead: exit without running."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m qlora_triton.finetune.phase SPEC.json OUT.json", file=sys.stderr)
+    if argv[:1] == ["--wait"] and len(argv) == 4:
+        _, method, *argv = argv
+        preload(method)
+        if not sys.stdin.readline():  # the parent gave up before handing the phase over
+            return 0
+    if len(argv) != 2 or argv[0].startswith("--"):
+        print(USAGE, file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     result = run_phase(spec)
@@ -135,4 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The result is on disk: skip the interpreter's teardown of torch and transformers
+    # (about a second on 2 CPU cores), which the parent would otherwise wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
