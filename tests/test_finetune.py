@@ -88,6 +88,7 @@ def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
     assert summary["comparison"]["eval_loss_ratio"] == pytest.approx(q["final_eval_loss"] / l["final_eval_loss"])
     table = report.table(on_disk)
     assert "20 x 8 x 32" in table and bf16_matmul.describe(on_disk["config"]["bf16_matmul"]) in table
+    assert "Pre-training (fp32, task 1): 15 x 8 x 32" in table
 
 
 def test_preset_tiny_on_cpu(tmp_path):

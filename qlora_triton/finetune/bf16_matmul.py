@@ -51,7 +51,8 @@ ATTENTION_OPS = frozenset(_ATTENTION)
 
 def native_bf16_supported() -> bool:
     """Whether torch's CPU build has native bf16 kernels here (oneDNN's own
-    check: AVX-512 with bf16, or AMX)."""
+    check, ``torch.ops.mkldnn._is_mkldnn_bf16_supported``: CPUs with AVX-512
+    pass it)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN

@@ -147,6 +147,11 @@ def table(summary: dict) -> str:
     lines.append("")
     lines.append(f"QLoRA / 16-bit LoRA final eval loss: {c['eval_loss_ratio']:.4f} ({verdict} 5%); "
                  f"weights {c['weight_bytes_ratio']:.2f}x; wall time {summary['wall_seconds']:.0f} s")
+    pre = summary.get("pretrain")
+    if pre:
+        lines.append(f"Pre-training (fp32, task 1): {len(pre['train_loss'])} x {config['batch_size']} x "
+                     f"{config['seq_len']} in {pre['seconds']:.0f} s; held-out task-1 loss "
+                     f"{pre['eval_loss'][0]:.2f} -> {pre['eval_loss'][-1]:.2f}.")
     lines.append(bf16_matmul.describe(config.get("bf16_matmul", "native")) + ".")
     if not cuda:
         lines.append("CPU memory: peak RSS includes Python and the libraries; 'added by the phase' is the "
