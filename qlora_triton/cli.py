@@ -34,6 +34,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("auto", "triton", "torch"),
                    help="NF4 ops: auto (default) = Triton on CUDA, the torch reference on the CPU")
+    p.add_argument("--bf16-matmul", choices=("auto", "native", "fp32"),
+                   help="how both fine-tuning phases run bf16 matmuls and attention: auto (default) = fp32 "
+                        "on a CPU without native bf16 (bf16 operands, fp32 accumulation, bf16 result), "
+                        "native elsewhere; native = torch's bf16 kernels")
     p.add_argument("--preset", choices=("tiny", "7b", "13b", "33b", "65b", "70b"),
                    help="instead: build a LLaMA-shaped NF4 model of this size (LLaMA-1; 70b: LLaMA-2) "
                         "and time a few LoRA steps")
@@ -64,7 +68,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 # Options of the fine-tune that a --preset run has no use for (it builds a random-weight
 # model of the preset's shape, on the default backend of its device).
-PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend")
+PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend", "bf16_matmul")
 # Options that only --preset takes.
 PRESET_ONLY = ("estimate", "rank_memory", "memory_only", "estimate_step")
 

@@ -18,7 +18,7 @@ import torch
 from qlora_triton.cli import main as cli_main
 from qlora_triton.finetune import FinetuneConfig, run, run_preset
 from qlora_triton.finetune import data as D
-from qlora_triton.finetune import presets
+from qlora_triton.finetune import bf16_matmul, presets, report
 from qlora_triton.finetune.report import COMPARISON_KEYS, PHASE_KEYS, SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,19 @@ def test_reduced_run_lowers_loss_and_summary_is_complete(tmp_path):
         # Fine-tuning must clearly lower the held-out task-2 loss.
         assert phase["final_eval_loss"] < 0.95 * phase["initial_eval_loss"], method
         assert phase["tokens_per_s"] > 0 and phase["memory"]["peak_bytes"] > 0
+        # both phases ran their bf16 matmuls the one way the run resolved (bf16_matmul.py)
+        assert phase["bf16_matmul"] == on_disk["config"]["bf16_matmul"] == bf16_matmul.resolve("auto", "cpu")
+        if phase["bf16_matmul"] == "fp32":
+            assert phase["widened_ops"].get("aten.mm.default", 0) > 0, method
+        else:
+            assert phase["widened_ops"] == {}, method
     q, l = on_disk["phases"]["qlora"], on_disk["phases"]["lora16"]
     assert q["trainable_params"] == l["trainable_params"]  # the same LoRA on the same layers
     assert q["weight_bytes"] < l["weight_bytes"]
     assert summary["comparison"]["eval_loss_ratio"] == pytest.approx(q["final_eval_loss"] / l["final_eval_loss"])
+    table = report.table(on_disk)
+    assert "20 x 8 x 32" in table and bf16_matmul.describe(on_disk["config"]["bf16_matmul"]) in table
+    assert "Pre-training (fp32, task 1): 15 x 8 x 32" in table
 
 
 def test_preset_tiny_on_cpu(tmp_path):
@@ -108,6 +117,8 @@ def test_bad_options_are_named():
         FinetuneConfig(device="cpu", steps=0).resolve()
     with pytest.raises(ValueError, match="dropout"):
         FinetuneConfig(device="cpu", dropout=1.5).resolve()
+    with pytest.raises(ValueError, match="bf16_matmul"):
+        FinetuneConfig(device="cpu", bf16_matmul="fast").resolve()
 
 
 def test_cli_help(capsys):
@@ -140,14 +151,51 @@ def test_cli_passes_given_options_and_keeps_defaults(monkeypatch):
     assert cli_main(["finetune", "--device", "cpu", "--output-dir", "o", "--lr", "0.03", "--r", "4"]) == 0
     config = seen["config"]
     assert (config.lr, config.r, config.dropout, config.backend) == (0.03, 4, 0.0, "auto")
+    assert config.bf16_matmul == "auto"
+    assert cli_main(["finetune", "--device", "cpu", "--bf16-matmul", "native"]) == 0
+    assert seen["config"].bf16_matmul == "native"
     assert cli_main(["finetune", "--preset", "tiny", "--lr", "0.001", "--steps", "3"]) == 0
     name, kwargs = seen["preset"]
     assert (name, kwargs["lr"], kwargs["steps"]) == ("tiny", 0.001, 3)
 
 
 @pytest.mark.parametrize("option", [["--data", "x.txt"], ["--model", "m"], ["--dropout", "0.1"],
-                                    ["--pretrain-steps", "5"], ["--save-adapter"], ["--backend", "torch"]])
+                                    ["--pretrain-steps", "5"], ["--save-adapter"], ["--backend", "torch"],
+                                    ["--bf16-matmul", "fp32"]])
 def test_preset_refuses_options_it_does_not_use(option, capsys):
     assert cli_main(["finetune", "--preset", "tiny", *option]) == 2
     err = capsys.readouterr().err
     assert "--preset" in err and option[0] in err
+
+
+def test_phase_processes_start_early_and_end_when_not_used(tmp_path, monkeypatch):
+    # run() starts both phase processes before pre-training (their imports overlap it);
+    # when the run fails before a phase is handed over, the waiting process exits unused.
+    from qlora_triton.finetune import train as T
+
+    started = []
+
+    class Recorded(T.PhaseProcess):
+        def __init__(self, method, out):
+            super().__init__(method, out)
+            started.append(self)
+
+    def failing_prepare(config, out):
+        raise ValueError("prepare failed on purpose")
+
+    monkeypatch.setattr(T, "PhaseProcess", Recorded)
+    monkeypatch.setattr(T, "prepare", failing_prepare)
+    config = FinetuneConfig(device="cpu", output_dir=str(tmp_path / "run"), quiet=True, size=dict(TEST_SIZE))
+    with pytest.raises(ValueError, match="on purpose"):
+        run(config)
+    assert [w.method for w in started] == list(T.METHODS)
+    for worker in started:
+        assert worker.proc.returncode == 0  # ended (cancel waited for it), not killed
+        assert not worker.result_path.exists() and not worker.spec_path.exists()
+
+
+def test_phase_main_usage():
+    from qlora_triton.finetune import phase
+
+    assert phase.main(["only-one-argument"]) == 2
+    assert phase.main(["--wait", "qlora", "spec.json"]) == 2

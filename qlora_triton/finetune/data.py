@@ -10,8 +10,8 @@ a seeded ``random.Random``, so every run sees the same text.
   (``was``, ``by``, ``at``), new verb forms (participles) and a new word order.
   The pre-trained model already spells the nouns and adjectives, so the task is
   related; the new template is what fine-tuning has to learn, and it does:
-  on the default CPU run the held-out loss falls from about 3.0 to about 1.15
-  in 120 LoRA steps.
+  on the default CPU run (2026-12-04) the held-out loss falls from about 2.45
+  to about 1.2 in 100 LoRA steps.
 
 The text is tokenized per character over printable ASCII, so the bundled
 model can also read a user's ``--data`` file. A Hugging Face model folder

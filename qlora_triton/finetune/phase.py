@@ -18,18 +18,23 @@ The 16-bit phase runs first and writes its freshly initialised adapter in
 PEFT's format; the QLoRA phase loads it with ``qt.load_adapter``, so both start
 from the same A (and B = 0). Adapters are fp32 in both (PEFT's default
 ``autocast_adapter_dtype=True`` and ``LoRALinear4bit``'s ``lora_dtype``), the
-base compute bf16 in both.
+base compute bf16 in both. On a CPU without native bf16, both phases run
+inside ``bf16_matmul.Bf16MatmulInFp32`` (``config["bf16_matmul"] == "fp32"``):
+their bf16 matmuls and attention take bf16 operands, compute in fp32 and
+round the result to bf16, as a bf16 GEMM with fp32 accumulation does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from .bf16_matmul import Bf16MatmulInFp32
 from .memory import PeakMemory
 from .optimizer import paged_adamw
 
@@ -74,6 +79,19 @@ def apply_speedups(model, config: dict) -> None:
     apply(model, chosen)
 
 
+def preload(method: str) -> None:
+    """Import what the phase loads lazily, before its memory baseline is taken
+    (so that 'delta' is the model's and the training's, not the libraries'),
+    and, in a process started early (``--wait``), while the parent pre-trains."""
+    from . import data, model, train  # noqa: F401
+    import qlora_triton as qt
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    qt.nf4_codebook()
+    if method == "lora16":
+        import peft  # noqa: F401
+
+
 def run_phase(spec: dict) -> dict:
     from . import data as data_mod
     from .model import load_model, lora_targets, tensor_bytes
@@ -82,12 +100,7 @@ def run_phase(spec: dict) -> dict:
 
     config, method = spec["config"], spec["method"]
     device = torch.device(config["device"])
-    # Import what either phase loads lazily before the baseline is taken, so
-    # that 'delta' is the model's and the training's, not libraries'.
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    qt.nf4_codebook()
-    if method == "lora16":
-        import peft  # noqa: F401
+    preload(method)
     memory = PeakMemory(device)
     memory.start()
 
@@ -98,7 +111,9 @@ def run_phase(spec: dict) -> dict:
     model = load_model(spec["model_dir"], torch.bfloat16, device)
     targets = lora_targets(model)
     backend = qt.force_backend(spec["backend"]) if spec["backend"] else contextlib.nullcontext()
-    with backend:
+    # both phases alike: bf16 CPU matmuls in fp32 where the CPU has no native bf16 (bf16_matmul.py)
+    widen = Bf16MatmulInFp32() if config.get("bf16_matmul") == "fp32" else contextlib.nullcontext()
+    with backend, widen:
         build = build_lora16 if method == "lora16" else build_qlora
         model, optimizer = build(model, config, targets, spec["init_adapter"])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -111,14 +126,27 @@ def run_phase(spec: dict) -> dict:
         if method == "qlora" and config.get("save_adapter"):
             qt.save_adapter(model, config["save_adapter"])
     result.update(method=method, title=title, targets=targets, trainable_params=trainable,
-                  weight_bytes=weight_bytes, memory=memory.result())
+                  weight_bytes=weight_bytes, memory=memory.result(),
+                  bf16_matmul=config.get("bf16_matmul", "native"),
+                  widened_ops=dict(widen.counts) if isinstance(widen, Bf16MatmulInFp32) else {})
     return result
 
 
+USAGE = "usage: python -m qlora_triton.finetune.phase [--wait METHOD] SPEC.json OUT.json"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``SPEC OUT``: run the phase SPEC describes. ``--wait METHOD SPEC OUT``: import
+    what METHOD needs, then wait for a line on stdin before reading SPEC (which
+    need not exist until then); end of input instead: exit without running."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m qlora_triton.finetune.phase SPEC.json OUT.json", file=sys.stderr)
+    if argv[:1] == ["--wait"] and len(argv) == 4:
+        _, method, *argv = argv
+        preload(method)
+        if not sys.stdin.readline():  # the parent gave up before handing the phase over
+            return 0
+    if len(argv) != 2 or argv[0].startswith("--"):
+        print(USAGE, file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     result = run_phase(spec)
@@ -127,4 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The result is on disk: skip the interpreter's teardown of torch and transformers
+    # (about a second on 2 CPU cores), which the parent would otherwise wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -8,8 +8,11 @@
 * ``phases``: ``lora16`` and ``qlora``, each with ``train_loss`` (per step),
   ``eval_steps`` / ``eval_loss`` (held-out task-2 loss), ``initial_eval_loss``,
   ``final_eval_loss``, ``tokens_per_s``, ``train_seconds``,
-  ``trainable_params``, ``weight_bytes`` and ``memory`` (``kind``,
-  ``peak_bytes``, ``baseline_bytes``, ``delta_bytes``; see ``memory.py``);
+  ``trainable_params``, ``weight_bytes``, ``memory`` (``kind``,
+  ``peak_bytes``, ``baseline_bytes``, ``delta_bytes``; see ``memory.py``),
+  ``bf16_matmul`` (``native``, or ``fp32``: the phase's bf16 matmuls and
+  attention computed in fp32, see ``bf16_matmul.py``) and ``widened_ops``
+  (how many calls of each op it widened);
 * ``comparison``: ``eval_loss_ratio`` (QLoRA / 16-bit), ``within_5_percent``,
   ``weight_bytes_ratio`` and ``peak_memory_ratio`` (QLoRA / 16-bit);
 * ``wall_seconds``, ``plot`` (file name of the PNG in the same folder).
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from dataclasses import asdict
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from . import bf16_matmul
+
 SUMMARY_KEYS = ("config", "environment", "pretrain", "phases", "comparison", "wall_seconds", "plot")
 PHASE_KEYS = ("method", "title", "train_loss", "eval_steps", "eval_loss", "initial_eval_loss",
               "final_eval_loss", "tokens_per_s", "train_seconds", "tokens", "trainable_params",
-              "weight_bytes", "memory", "targets")
+              "weight_bytes", "memory", "targets", "bf16_matmul", "widened_ops")
 COMPARISON_KEYS = ("eval_loss_ratio", "within_5_percent", "weight_bytes_ratio", "peak_memory_ratio")
 
 
@@ -36,11 +42,12 @@ def _environment(device: str) -> dict:
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "device": device, "device_name": "cpu", "cpu_threads": torch.get_num_threads()}
-    try:
-        import peft
-        env["peft"] = peft.__version__
-    except ImportError:
+    try:  # the installed version, without importing PEFT here (1.5-2 s on 2 CPU cores)
+        env["peft"] = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
         env["peft"] = None
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["cpu_native_bf16"] = bf16_matmul.native_bf16_supported()
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -115,6 +122,7 @@ def _mib(n: float) -> str:
 def table(summary: dict) -> str:
     """The side-by-side table printed at the end of the run."""
     l, q = summary["phases"]["lora16"], summary["phases"]["qlora"]
+    config = summary["config"]
     cuda = l["memory"]["kind"].startswith("cuda")
     rows = [
         ("", "16-bit LoRA", "QLoRA (NF4)"),
@@ -130,6 +138,8 @@ def table(summary: dict) -> str:
         rows.append(("peak RSS of the phase process", _mib(l["memory"]["peak_bytes"]), _mib(q["memory"]["peak_bytes"])))
         rows.append(("  of which added by the phase", _mib(l["memory"]["delta_bytes"]), _mib(q["memory"]["delta_bytes"])))
     rows.append(("trainable params", f"{l['trainable_params']:,}", f"{q['trainable_params']:,}"))
+    shape = [f"{len(p['train_loss'])} x {config['batch_size']} x {config['seq_len']}" for p in (l, q)]
+    rows.append(("steps x sequences x tokens", *shape))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
     c = summary["comparison"]
@@ -137,6 +147,12 @@ def table(summary: dict) -> str:
     lines.append("")
     lines.append(f"QLoRA / 16-bit LoRA final eval loss: {c['eval_loss_ratio']:.4f} ({verdict} 5%); "
                  f"weights {c['weight_bytes_ratio']:.2f}x; wall time {summary['wall_seconds']:.0f} s")
+    pre = summary.get("pretrain")
+    if pre:
+        lines.append(f"Pre-training (fp32, task 1): {len(pre['train_loss'])} x {config['batch_size']} x "
+                     f"{config['seq_len']} in {pre['seconds']:.0f} s; held-out task-1 loss "
+                     f"{pre['eval_loss'][0]:.2f} -> {pre['eval_loss'][-1]:.2f}.")
+    lines.append(bf16_matmul.describe(config.get("bf16_matmul", "native")) + ".")
     if not cuda:
         lines.append("CPU memory: peak RSS includes Python and the libraries; 'added by the phase' is the "
                      "RSS growth after the imports. The NF4 reference path dequantizes one weight at a time "

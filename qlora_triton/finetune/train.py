@@ -5,7 +5,8 @@
 1. build (or load) the model and the data; pre-train the bundled model in
    fp32 on task 1 and save it to ``<output>/pretrained``;
 2. one Python process per fine-tuning phase (``phase.py``), so that each
-   phase's peak memory is its own: first 16-bit LoRA, then QLoRA, on the same
+   phase's peak memory is its own (started at the beginning, so that their
+   imports overlap the pre-training): first 16-bit LoRA, then QLoRA, on the same
    base weights, the same initial adapter, the same batches in the same order,
    and the same LoRA and optimizer settings;
 3. the summary JSON, the loss plot and the side-by-side table (``report.py``).
@@ -51,6 +52,9 @@ class FinetuneConfig:
     device: str | None = None
     seed: int = 0
     backend: str = "auto"             # auto | triton | torch (the NF4 ops' backend)
+    # auto | native | fp32: how both phases run bf16 matmuls; resolve() turns auto into
+    # fp32 on a CPU without native bf16, native elsewhere (bf16_matmul.py)
+    bf16_matmul: str = "auto"
     eval_every: int | None = None
     quiet: bool = False
     # QLoRA phase options (speedups.py): None = the default (fused blocks where the
@@ -93,8 +97,9 @@ class FinetuneConfig:
             raise ValueError(f"lr and alpha must be positive, got lr={self.lr!r}, alpha={self.alpha!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected auto, triton or torch, got {self.backend!r}")
-        from . import speedups
+        from . import bf16_matmul, speedups
 
+        self.bf16_matmul = bf16_matmul.resolve(self.bf16_matmul, device)
         chosen = speedups.resolve(self.fuse, self.liger, self.offload)
         self.fuse, self.liger, self.offload = chosen.fuse, chosen.liger, chosen.offload
         self.check_paths()
@@ -236,10 +241,8 @@ def prepare(config: FinetuneConfig, out: Path) -> dict:
     return info
 
 
-def run_phase_process(method: str, spec: dict, out: Path) -> dict:
-    """One fine-tuning phase in a fresh Python process; returns its JSON result."""
-    spec_path, result_path = out / f"{method}.spec.json", out / f"{method}.json"
-    spec_path.write_text(json.dumps({**spec, "method": method}))
+def phase_env() -> dict:
+    """The environment of a phase process."""
     env = dict(os.environ)
     # The child must import this same package (a checkout that is not installed too).
     package_root = str(Path(__file__).resolve().parents[2])
@@ -247,11 +250,53 @@ def run_phase_process(method: str, spec: dict, out: Path) -> dict:
     # Idle OpenMP threads sleep instead of spinning: measured here with another
     # job on the 2 cores, a training step ran 13x faster (0.37 -> 4.8 it/s).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "qlora_triton.finetune.phase", str(spec_path), str(result_path)],
-                          env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {method} phase failed (exit status {proc.returncode}); its output is above")
-    return json.loads(result_path.read_text())
+    return env
+
+
+class PhaseProcess:
+    """One fine-tuning phase in its own Python process (``phase.py``), started
+    before it is needed: the child imports torch, transformers, PEFT and the
+    package (5-10 s on 2 CPU cores) while this process pre-trains, then waits
+    for :meth:`run` to hand it the spec on stdin. Its peak memory stays its
+    own: it loads no model before then."""
+
+    def __init__(self, method: str, out: Path) -> None:
+        self.method = method
+        self.spec_path, self.result_path = out / f"{method}.spec.json", out / f"{method}.json"
+        self.proc = subprocess.Popen([sys.executable, "-m", "qlora_triton.finetune.phase", "--wait", method,
+                                      str(self.spec_path), str(self.result_path)],
+                                     stdin=subprocess.PIPE, env=phase_env())
+
+    def run(self, spec: dict) -> dict:
+        """Hand the phase over and wait for its JSON result."""
+        self.spec_path.write_text(json.dumps({**spec, "method": self.method}))
+        try:
+            self.proc.stdin.write(b"run\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died while importing: its traceback is above
+            pass
+        returncode = self.proc.wait()
+        if returncode != 0:
+            raise RuntimeError(f"the {self.method} phase failed (exit status {returncode}); its output is above")
+        return json.loads(self.result_path.read_text())
+
+    def cancel(self) -> None:
+        """End a child that will not be given its phase (end of input: it exits)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_phase_process(method: str, spec: dict, out: Path) -> dict:
+    """One fine-tuning phase in a fresh Python process; returns its JSON result."""
+    return PhaseProcess(method, out).run(spec)
 
 
 def run(config: FinetuneConfig) -> dict:
@@ -262,11 +307,17 @@ def run(config: FinetuneConfig) -> dict:
     config.resolve()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info = prepare(config, out)
-    spec = {"config": asdict(config), "model_dir": info["model_dir"], "data_path": str(out / "data.pt"),
-            "init_adapter": str(out / "init_adapter"),
-            "backend": pick_backend(config)}
-    phases = {method: run_phase_process(method, spec, out) for method in METHODS}
+    # The phase processes start now: their imports overlap the pre-training.
+    workers = {method: PhaseProcess(method, out) for method in METHODS}
+    try:
+        info = prepare(config, out)
+        spec = {"config": asdict(config), "model_dir": info["model_dir"], "data_path": str(out / "data.pt"),
+                "init_adapter": str(out / "init_adapter"),
+                "backend": pick_backend(config)}
+        phases = {method: workers[method].run(spec) for method in METHODS}
+    finally:
+        for worker in workers.values():
+            worker.cancel()
     summary = report.summarize(config, info, phases, wall_seconds=time.perf_counter() - t_start)
     report.write(summary, out)
     if not config.quiet:
