@@ -161,12 +161,14 @@ def sweep(out) -> None:
             torch.cuda.empty_cache()
 
 
+def free() -> int:
+    """Free device memory as the driver reports it, after the queued work."""
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
 def paged(out) -> None:
     from qlora_triton import paged as paged_mod
-
-    def free() -> int:
-        torch.cuda.synchronize()
-        return torch.cuda.mem_get_info()[0]
 
     n = 256 << 20
     row = {"part": "paged", "free_start": free()}
@@ -205,10 +207,6 @@ def managed_accounting(out) -> None:
     """What ``mem_get_info`` counts of a managed allocation: at allocation, on
     first touch, after eviction, after prefetch (512 MiB, far under free memory)."""
     from qlora_triton import paged as paged_mod
-
-    def free() -> int:
-        torch.cuda.synchronize()
-        return torch.cuda.mem_get_info()[0]
 
     row = {"part": "managed_accounting", "free_start": free(), "reserved_start": torch.cuda.memory_reserved()}
     t = paged_mod.managed_empty((128 << 20,), torch.float32, "cuda")

@@ -72,11 +72,14 @@ _TILES_OTHER = {"fma": [(16, 1, 1, 8.1, 229, 1.79, 0.0614), (8, 1, 1, 11.5, 80, 
 # trip whatever the blocksize (a scale per 32-column piece; ops/gemv.py); the
 # tensor-core one at most min(64, blocksize) (one scale per row segment).
 _BLOCK_K = {"fma": 256, "dot": 64}
+_TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
 
 
 def _block_k(kernel: str, blocksize: int) -> int:
+    """K columns per trip of GEMV ``kernel`` on weights of ``blocksize``."""
     return _BLOCK_K[kernel] if kernel == "fma" else min(_BLOCK_K[kernel], blocksize)
-_TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
+
+
 # Any split of K up to 32 (not only powers of two): the one that deals the
 # grid's warps most evenly to the 528 schedulers.
 _SPLITS = range(1, 33)
@@ -125,7 +128,7 @@ def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool, kernel: str = "dot
     BLOCK_K <= blocksize (one block per row segment of a K tile) and no
     256-row tile for fp32 x (its dot spills at 255 registers, sm90_compile);
     the FMA one takes any (a scale per 32-column piece)."""
-    if kernel == "fma":  # a scale per 32-column piece: any blocksize
+    if kernel == "fma":
         return True
     return cfg.kwargs["BLOCK_K"] <= blocksize and not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
 
@@ -190,7 +193,7 @@ def lora_allowed(kernel: str, block_n: int) -> bool:
 def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
                 interpret: bool = False, lora: bool = False) -> triton.Config:
     """GEMV ``kernel``'s config for an [N, K] weight: the tile and K split
-    (BLOCK_K = min(64, blocksize); at least one K tile per split) that
+    (BLOCK_K from :func:`_block_k`; at least one K tile per split) that
     :func:`gemv_estimate_s` puts fastest, the first such in tile order
     (``lora``: among the tiles :func:`lora_allowed`).
     Compile-time estimates (sm90_sass), to be calibrated on the GPU."""
