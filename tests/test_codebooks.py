@@ -15,6 +15,18 @@ def test_nf4_codebook_equals_bitsandbytes(bnb):
     assert torch.equal(code, bnb.functional.get_4bit_type("nf4", device="cpu"))
 
 
+def test_nf4_codebook_is_scipy_normal_quantiles():
+    # The construction in scipy.stats' own words: quantiles of float32 probabilities,
+    # 8 positive, 7 negative, 0, normalized by the largest.
+    from scipy.stats import norm
+
+    top = 0.9677083
+    pos = norm.ppf(torch.linspace(top, 0.5, 9)[:-1].numpy()).tolist()
+    neg = (-norm.ppf(torch.linspace(top, 0.5, 8)[:-1].numpy())).tolist()
+    values = torch.tensor(pos + [0.0] + neg, dtype=torch.float32).sort().values
+    assert torch.equal(qt.nf4_codebook(), values / values.max())
+
+
 def test_nf4_codebook_shape_of_the_distribution():
     code = qt.nf4_codebook()
     assert code[0] == -1.0 and code[-1] == 1.0 and code[7] == 0.0
