@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import qlora_triton as qt
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -21,12 +22,6 @@ def tiny_llama():
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def rel_err(out, ref):
-    err = float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-    assert err == err, "NaN in the output"
-    return err
 
 
 def trained_like(model):

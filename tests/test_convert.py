@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import qlora_triton as qt
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +21,6 @@ def tiny_llama(tie=False):
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(config)
-
-
-def rel_err(out, ref):
-    err = float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-    assert err == err, "NaN in the output"
-    return err
 
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -286,7 +281,6 @@ def test_our_linear4bit_gets_adapters_without_requantization():
 
 def test_bitsandbytes_layers_keep_their_bytes(bnb, monkeypatch):
     model = tiny_llama().eval()
-    tokens = torch.randint(0, 128, (2, 9))
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and name != "lm_head":
             q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,

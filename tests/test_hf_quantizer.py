@@ -18,6 +18,7 @@ import qlora_triton as qt
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
+from helpers import logits, rel_err, tokens
 
 SMALL = dict(num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
 ARCHS = {
@@ -52,23 +53,8 @@ def dense_folder(tmp_path_factory):
     return make
 
 
-def tokens():
-    return torch.randint(0, 128, (2, 11))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
 def nf4_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, qt.Linear4bit)}
-
-
-def rel_err(out, ref):
-    err = float((out.double() - ref.double()).norm() / ref.double().norm())
-    assert err == err, "NaN"
-    return err
 
 
 @pytest.mark.parametrize("arch, chunk", [(arch, None) for arch in ARCHS] + [("llama", 1024)])

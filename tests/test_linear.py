@@ -9,14 +9,9 @@ import pytest
 import torch
 
 import qlora_triton as qt
+from helpers import rel_err
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(out, ref):
-    err = float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-    assert err == err, "NaN in the output"
-    return err
 
 
 def ref_forward(layer, x):

@@ -9,14 +9,9 @@ import torch.utils.checkpoint
 
 import qlora_triton as qt
 from qlora_triton import lora
+from helpers import rel_err
 
 TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-    assert err == err, "NaN in the output"
-    return err
 
 
 def make_layer(k, n, r=5, bias=True, dropout=0.0, rslora=False, alpha=16, dtype=torch.float32,

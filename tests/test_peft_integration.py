@@ -9,6 +9,7 @@ from torch import nn
 
 import qlora_triton as qt
 import qlora_triton.lora as lora_mod
+from helpers import logits, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -48,11 +49,6 @@ def llama_folder(tmp_path_factory):
 
 def load_nf4(folder, **kwargs):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=qt.NF4Config(), **kwargs)
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def test_peft_layer_equals_lora_linear4bit(fused_calls):
@@ -191,13 +187,7 @@ def test_peft_refuses_our_already_adapted_layers():
 def test_sft_trainer_runs_on_an_nf4_model(llama_folder, tmp_path, fused_calls):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(100)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                                     eos_token="<eos>", unk_token="<unk>")
+    tokenizer = word_tokenizer()
     texts = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(12)) for i in range(16)]
     model = load_nf4(llama_folder)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,

@@ -25,6 +25,7 @@ import qlora_triton as qt
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file, save_file  # noqa: E402
+from helpers import logits, rel_err, tokens, word_tokenizer  # noqa: E402
 
 SMALL = dict(num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
 # hidden 64 / intermediate 128: every weight's columns a multiple of the blocksize,
@@ -62,21 +63,6 @@ def trained(model):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     return model
-
-
-def tokens():
-    return torch.randint(0, 128, (2, 11))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-def rel_err(out, ref):
-    err = float((out.double() - ref.double()).norm() / ref.double().norm())
-    assert err == err, "NaN"
-    return err
 
 
 def assert_same_state(model, again):
@@ -161,13 +147,7 @@ def test_peft_targets_our_layers(arch, targets, tmp_path):
 def test_sft_trainer_with_all_linear_then_save_and_reload(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(100)]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>",
-                                                     eos_token="<eos>", unk_token="<unk>")
+    tokenizer = word_tokenizer()
     texts = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(12)) for i in range(8)]
     model = nf4_folder("qwen2", tmp_path)
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
