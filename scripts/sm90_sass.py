@@ -519,7 +519,7 @@ def code2_lines(codes: int) -> float:
 
 
 def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
-                      elem: int, M: int) -> list:
+                      elem: int, M: int, version: str = "") -> list:
     """_nf4_gemv_fma_kernel up to 2026-12-04: a lane holds BLOCK_N / 32 whole
     rows; per 32-column run a 128-bit load per row (4 words), so one
     warp-instruction reads 16 bytes of each of 32 rows (K / 2 bytes apart:
@@ -534,7 +534,7 @@ def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant
 
 
 def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
-                      elem: int, M: int) -> list:
+                      elem: int, M: int, version: str = "") -> list:
     """_nf4_gemv_dot_kernel up to 2026-12-04: the words tile [BLOCK_K / 8,
     BLOCK_N] is blocked sizePerThread [4, 1], threadsPerWarp [BLOCK_K / 32,
     32 * 32 / BLOCK_K]: 16 bytes per lane, a row's BLOCK_K / 2 bytes across
@@ -558,24 +558,31 @@ def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant
 
 
 def _fma_lines(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool, elem: int,
-               M: int) -> list:
+               M: int, version: str = "") -> list:
     """_nf4_gemv_fma_kernel from 2026-12-04b ("lines"): LPR = BLOCK_K / 32
     lanes per row, each on a 16-byte piece (4 words), consecutive lanes on
     consecutive pieces: one warp load reads RPL = 32 / LPR rows x BLOCK_K / 2
     contiguous bytes (at BLOCK_K 256: 4 rows x 128 B, 4 lines), one per row
     a lane holds (RPLANE = BLOCK_N / RPL); the stored scales in the same
-    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks); x's
-    16-byte pieces per lane, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
-    touching the chunk of every piece (the trip's BLOCK_K x elem bytes)."""
+    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks). x, on the
+    profiled shapes' whole trips (EVEN_K, unmasked): Triton 3.6 loads each
+    lane's 16-byte pieces, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
+    touching the chunk of every piece (the trip's BLOCK_K x elem bytes);
+    later Tritons (3.9) load the trip's BLOCK_K columns once, 16 bytes per
+    lane (512 B, 4 lines, per load), and hand them to the lanes through
+    shared memory (in the smem count)."""
     bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
     lpr = bk // 32
     rpl = 32 // lpr
     rows_per_lane = bn // rpl
-    x_instr = 4 * max(1, 8 * elem // 16) * M
+    if version.startswith("3.6."):
+        x = Access("x", 4 * max(1, 8 * elem // 16) * M, min(lpr, math.ceil(bk * elem / LINE_BYTES)))
+    else:
+        x = Access("x", max(1, bk * elem // 512) * M, math.ceil(min(512, bk * elem) / LINE_BYTES))
     return [Access("words", rows_per_lane, _span_lines(rpl, bk // 2, K // 2)),
             *_scale_access(rpl, max(1, bk // blocksize), rows_per_lane, K, blocksize,
                            double_quant),
-            Access("x", x_instr, min(lpr, math.ceil(bk * elem / LINE_BYTES)))]
+            x]
 
 
 ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
@@ -584,11 +591,18 @@ ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
 
 
 def access_lines(kernel: str, layout: str, kw: dict, warps: int, K: int, blocksize: int,
-                 double_quant: bool, elem: int, M: int) -> list | None:
+                 double_quant: bool, elem: int, M: int, version: str | None = None) -> list | None:
     """The described global loads of ``kernel``'s main loop (None: no
-    description, the loads count as coalesced)."""
+    description, the loads count as coalesced), as Triton ``version`` (the
+    installed one by default) lowers them."""
     fn = ACCESS.get((kernel, layout))
-    return None if fn is None else fn(kw, warps, K, blocksize, double_quant, elem, M)
+    if fn is None:
+        return None
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return fn(kw, warps, K, blocksize, double_quant, elem, M, version)
 
 
 def l1_lines_per_trip(loop: dict, accesses: list | None) -> dict:

@@ -154,12 +154,18 @@ def test_access_descriptions_count_lines_per_warp_load():
                    "code2": (2, ss.code2_lines(32)), "x": (2, 1)}
     assert ss.code2_lines(1) == 0.6 and 5.7 < ss.code2_lines(32) < 6 and ss.code2_lines(16) < 5
     # The "lines" layout: 8 lanes per row, 4 rows x 128 B per load (4 lines);
-    # the scales 4 rows x 4 blocks (4 lines); x 512 B (4 lines) per load.
+    # the scales 4 rows x 4 blocks (4 lines); x 512 B (4 lines) per load,
+    # each lane's pieces on Triton 3.6 (4 loads), the trip's columns once on
+    # 3.9 (1 load of bf16, 2 of fp32).
     acc = ss.access_lines("_nf4_gemv_fma_kernel", "lines", {"BLOCK_N": 16, "BLOCK_K": 256},
-                          1, 8192, 64, True, 2, 1)
+                          1, 8192, 64, True, 2, 1, "3.6.0")
     got = {a.operand: (a.instructions, a.lines) for a in acc}
     assert got == {"words": (4, 4), "absmax": (4, 4), "absmax2": (4, 1),
                    "code2": (4, ss.code2_lines(16)), "x": (4, 4)}
+    for elem, loads in ((2, 1), (4, 2)):
+        acc39 = ss.access_lines("_nf4_gemv_fma_kernel", "lines", {"BLOCK_N": 16, "BLOCK_K": 256},
+                                1, 8192, 64, True, elem, 1, "3.9.0")
+        assert {a.operand: (a.instructions, a.lines) for a in acc39}["x"] == (loads, 4)
     # K = 4096: two rows' scales share a line.
     acc = ss.access_lines("_nf4_gemv_fma_kernel", "row_per_lane", {"BLOCK_N": 64, "BLOCK_K": 64},
                           1, 4096, 64, True, 2, 1)
