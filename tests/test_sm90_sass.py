@@ -177,6 +177,20 @@ def test_access_descriptions_count_lines_per_warp_load():
     assert l1["l1_access_check"] == "ok" and l1["l1_lines"] == l1["l1_global_lines"] + 34
     assert "the loop has 11" in ss.l1_lines_per_trip(dict(loop, global_loads=11), acc)["l1_access_check"]
     assert ss.l1_lines_per_trip(loop, None)["l1_lines"] == 12 + 34
+    # The dequantize kernel ("rows"), 256 rows of 64 per program, 4 warps: a
+    # warp's 2 KB of packed bytes (4 loads of 4 lines), its 4096 code gathers
+    # over 32 lanes (1 line each), 2 loads per scale kind and the offset, and
+    # its 8 KB of bf16 out (16 stores of 4 lines), checked against the STGs.
+    acc = ss.access_lines("_nf4_dequantize_kernel", "rows", {"ROWS": 256}, 4, 64, 64, True, 2, 0)
+    got = {a.operand: (a.instructions, a.lines, a.store) for a in acc}
+    assert got == {"words": (4, 4, False), "code": (128, 1, False), "absmax": (2, 1, False),
+                   "absmax2": (2, 1, False), "code2": (2, ss.code2_lines(32), False),
+                   "offset": (1, 1, False), "out": (16, 4, True)}
+    deq = {"global_loads": 139, "global_stores": 16, "coalesced_lines": 0, "smem_wavefronts": 0}
+    assert ss.l1_lines_per_trip(deq, acc)["l1_access_check"] == "ok"
+    lines = 16 + 128 + 2 + 2 + 1 + 64 + 2 * ss.code2_lines(32)
+    assert ss.l1_lines_per_trip(deq, acc)["l1_global_lines"] == pytest.approx(lines, abs=1e-3)
+    assert "and 15" in ss.l1_lines_per_trip(dict(deq, global_stores=15), acc)["l1_access_check"]
 
 
 def test_pipeline_depth_counts_staged_loads_and_declared_prefetch():
