@@ -60,7 +60,9 @@ Method:
   (:func:`access_lines`, the one place; a kernel module names its layout in
   ``L1_LAYOUT``), checked against the loop's LDG/LDGSTS count
   (``l1_access_check``); a kernel without a description counts its loads as
-  coalesced (ceil(bytes / 128) lines each: a lower bound). Shared-memory
+  coalesced (ceil(bytes / 128) lines each: a lower bound). Global stores
+  pass the same data stage: a description lists them too (``Access.store``,
+  checked against the STGs; the dequantize kernel's). Shared-memory
   wavefronts (the ``smem`` count) go through the same data stage and add to
   them. Rate: ``L1_CLOCKS_PER_LINE`` = 1.8 SM clocks per line per SM, fitted
   on ncu's elapsed cycles of the two measured kernels (28672x8192, bf16,

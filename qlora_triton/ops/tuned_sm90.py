@@ -35,9 +35,10 @@ def _config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -
 SMS = 132  # H100 SXM / H200
 
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
-# per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
-# at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
-# costs 5.1 at any M <= 16, so it takes M >= 2.
+# per weight. Profiled (Triton 3.6, bf16, issue 22's kernel): 4.6
+# thread-instructions per weight at M = 1 (32x256), 7.4 at M = 2 and 11.7 at
+# M = 4 (16x256); the register-decode tensor-core GEMV costs 5.1-5.7 at any
+# M <= 16, so it takes M >= 2.
 GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
