@@ -171,10 +171,13 @@ def _matmul_variants(kernel_name: str, family: str, configs, dtypes, aligned_opt
 
 
 def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_opts=(1,),
-                        blocksize: int = 64, lora_opt: bool = False) -> list[Variant]:
+                        blocksize: int = 64, lora_opt: bool = False,
+                        even_k_opts=(True,)) -> list[Variant]:
     """The aligned-path GEMVs, ``kernel`` "fma" (``ROWS`` rows of x) or "dot";
     they read the packed bytes as int32 words. ``lora_opt``: also each config
-    with the folded LoRA epilogue (and a bias)."""
+    with the folded LoRA epilogue (and a bias). ``even_k_opts``: the FMA
+    kernel's EVEN_K values (True: K a multiple of BLOCK_K, no masks, as on
+    the profiled shapes; False: the masked loop of partial trips)."""
     from qlora_triton.ops import tuned_sm90
 
     name = f"_nf4_gemv_{kernel}_kernel"
@@ -189,11 +192,12 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
             for dq in dq_opts:
                 with_lora = lora_opt and tuned_sm90.lora_allowed(kernel, kw["BLOCK_N"])
                 for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if with_lora else []):
-                    for rows in (rows_opts if kernel == "fma" else (16,)):
+                    for rows, even in ([(r, e) for r in rows_opts for e in even_k_opts]
+                                       if kernel == "fma" else [(16, True)]):
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
                                   HAS_BIAS=bias, HAS_LORA=lora, stride_xk=1, stride_b=1)
                         if kernel == "fma":
-                            ce.update(ROWS=rows)
+                            ce.update(ROWS=rows, EVEN_K=even)
                         else:
                             ce.update(DOT_FP32=False, DOT_PRECISION=_precision(dt))
                         types = dict(_scale_types(dq), words_ptr="*i32", x_ptr=DTYPES[dt],
@@ -208,7 +212,7 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
                                            *_MATMUL_POINTERS[1:]] if d in fn.arg_names]
                         label = (f"{cfg_label}" + (f" rows={rows}" if kernel == "fma" else "")
                                  + f" {dt} aligned bs={blocksize} dq={int(dq)} bias={int(bias)}"
-                                 + (" lora=1" if lora else ""))
+                                 + (" lora=1" if lora else "") + ("" if even else " even_k=0"))
                         out.append(Variant(f"gemv_{kernel}", label, KERNEL_MODULES[name], name,
                                            _sig(fn, types, ce), ce, div, cfg.num_warps,
                                            cfg.num_stages))
@@ -428,7 +432,8 @@ PROFILE_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (819
 def shipped_variants() -> list[Variant]:
     """What the launchers ship for the profiled decode shapes: each word GEMV's
     config (every dtype, double quant, with a bias, and with the LoRA fold where
-    the launcher folds it: the config it picks then),
+    the launcher folds it: the config it picks then; the FMA kernel with and
+    without EVEN_K),
     and the dequantize kernel (every dtype, blocksize 64, double quant on/off)."""
     from qlora_triton.ops import tuned_sm90
 
@@ -444,7 +449,8 @@ def shipped_variants() -> list[Variant]:
                         continue
                     seen.append(key)
                     dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
-                    out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True)
+                    out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True,
+                                               even_k_opts=(True, False))
     out += [dequantize_variant(dt, 64, dq) for dt in DTYPES for dq in (True, False)]
     return out
 

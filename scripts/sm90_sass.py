@@ -60,7 +60,9 @@ Method:
   (:func:`access_lines`, the one place; a kernel module names its layout in
   ``L1_LAYOUT``), checked against the loop's LDG/LDGSTS count
   (``l1_access_check``); a kernel without a description counts its loads as
-  coalesced (ceil(bytes / 128) lines each: a lower bound). Shared-memory
+  coalesced (ceil(bytes / 128) lines each: a lower bound). Global stores
+  pass the same data stage: a description lists them too (``Access.store``,
+  checked against the STGs; the dequantize kernel's). Shared-memory
   wavefronts (the ``smem`` count) go through the same data stage and add to
   them. Rate: ``L1_CLOCKS_PER_LINE`` = 1.8 SM clocks per line per SM, fitted
   on ncu's elapsed cycles of the two measured kernels (28672x8192, bf16,
@@ -296,7 +298,7 @@ def count(body: list[Instr]) -> dict:
     classes: Counter = Counter()
     widths: Counter = Counter()
     opcodes: Counter = Counter()
-    smem = wavefronts = lsu = global_loads = coalesced_lines = 0
+    smem = wavefronts = lsu = global_loads = global_stores = coalesced_lines = 0
     for ins in body:
         cls = instr_class(ins)
         classes[cls] += 1
@@ -305,6 +307,8 @@ def count(body: list[Instr]) -> dict:
             widths[f"{cls}.{access_bits(ins)}"] += 1
         if cls in ("LDG", "LDGSTS"):
             global_loads += 1
+        if cls == "STG":
+            global_stores += 1
         if cls in ("LDG", "LDGSTS", "STG", "atomic"):  # as if coalesced: the fewest lines
             coalesced_lines += max(1, math.ceil(access_bits(ins) * 32 // 8 / LINE_BYTES))
         if cls in LSU_CLASSES:
@@ -318,7 +322,7 @@ def count(body: list[Instr]) -> dict:
     return {"instructions": len(body), "classes": dict(classes), "widths": dict(widths),
             "opcodes": dict(opcodes.most_common()), "smem_bytes": smem,
             "smem_wavefronts": wavefronts, "lsu": lsu, "global_loads": global_loads,
-            "coalesced_lines": coalesced_lines}
+            "global_stores": global_stores, "coalesced_lines": coalesced_lines}
 
 
 # --------------------------------------------------------------------------- the model
@@ -476,11 +480,13 @@ def global_load_bytes(body: list[Instr], warps: int) -> int:
 # the loop's LDG/LDGSTS instructions.
 @dataclasses.dataclass(frozen=True)
 class Access:
-    """One kind of global load of a kernel's main loop, per warp and trip."""
+    """One kind of global load (or store) of a kernel's main loop, per warp
+    and trip."""
 
-    operand: str          # "words", "absmax", "absmax2", "code2", "x"
+    operand: str          # "words", "absmax", "absmax2", "code2", "x", "code", "out"
     instructions: float   # warp-instructions per warp per trip
     lines: float          # distinct 128-byte lines one such instruction touches
+    store: bool = False   # a global store (STG): through the same L1/TEX data stage
 
 
 def _span_lines(rows: int, span: int, stride: int) -> int:
@@ -519,7 +525,7 @@ def code2_lines(codes: int) -> float:
 
 
 def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
-                      elem: int, M: int) -> list:
+                      elem: int, M: int, version: str = "") -> list:
     """_nf4_gemv_fma_kernel up to 2026-12-04: a lane holds BLOCK_N / 32 whole
     rows; per 32-column run a 128-bit load per row (4 words), so one
     warp-instruction reads 16 bytes of each of 32 rows (K / 2 bytes apart:
@@ -534,7 +540,7 @@ def _fma_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant
 
 
 def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
-                      elem: int, M: int) -> list:
+                      elem: int, M: int, version: str = "") -> list:
     """_nf4_gemv_dot_kernel up to 2026-12-04: the words tile [BLOCK_K / 8,
     BLOCK_N] is blocked sizePerThread [4, 1], threadsPerWarp [BLOCK_K / 32,
     32 * 32 / BLOCK_K]: 16 bytes per lane, a row's BLOCK_K / 2 bytes across
@@ -558,52 +564,95 @@ def _dot_row_per_lane(kw: dict, warps: int, K: int, blocksize: int, double_quant
 
 
 def _fma_lines(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool, elem: int,
-               M: int) -> list:
+               M: int, version: str = "") -> list:
     """_nf4_gemv_fma_kernel from 2026-12-04b ("lines"): LPR = BLOCK_K / 32
     lanes per row, each on a 16-byte piece (4 words), consecutive lanes on
     consecutive pieces: one warp load reads RPL = 32 / LPR rows x BLOCK_K / 2
     contiguous bytes (at BLOCK_K 256: 4 rows x 128 B, 4 lines), one per row
     a lane holds (RPLANE = BLOCK_N / RPL); the stored scales in the same
-    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks); x's
-    16-byte pieces per lane, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
-    touching the chunk of every piece (the trip's BLOCK_K x elem bytes)."""
+    lanes, one per piece (RPL rows x BLOCK_K / blocksize blocks). x, on the
+    profiled shapes' whole trips (EVEN_K, unmasked): Triton 3.6 loads each
+    lane's 16-byte pieces, 4 (bf16/fp16) or 8 (fp32) loads per trip, each
+    touching the chunk of every piece (the trip's BLOCK_K x elem bytes);
+    later Tritons (3.9) load the trip's BLOCK_K columns once, 16 bytes per
+    lane (512 B, 4 lines, per load), and hand them to the lanes through
+    shared memory (in the smem count)."""
     bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
     lpr = bk // 32
     rpl = 32 // lpr
     rows_per_lane = bn // rpl
-    x_instr = 4 * max(1, 8 * elem // 16) * M
+    if version.startswith("3.6."):
+        x = Access("x", 4 * max(1, 8 * elem // 16) * M, min(lpr, math.ceil(bk * elem / LINE_BYTES)))
+    else:
+        x = Access("x", max(1, bk * elem // 512) * M, math.ceil(min(512, bk * elem) / LINE_BYTES))
     return [Access("words", rows_per_lane, _span_lines(rpl, bk // 2, K // 2)),
             *_scale_access(rpl, max(1, bk // blocksize), rows_per_lane, K, blocksize,
                            double_quant),
-            Access("x", x_instr, min(lpr, math.ceil(bk * elem / LINE_BYTES)))]
+            x]
+
+
+def _dequantize_rows(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool,
+                     elem: int, M: int, version: str = "") -> list:
+    """_nf4_dequantize_kernel ("rows"; no loop: the whole program is one
+    trip): ``kw["ROWS"]`` rows of ROW = min(64, blocksize) consecutive
+    elements, contiguous in memory, so the program's packed bytes and its
+    outputs are each one contiguous run, loaded and stored 16 bytes per lane
+    (512 B, 4 lines, per warp instruction). Each nibble's code is a gather
+    ``tl.load(code_ptr + nibble)``: one load per weight and lane, all 32 lanes
+    within the 64-byte codebook (1 line). One scale per row, 32 rows per
+    instruction (32 consecutive rows lie in at most 32 consecutive blocks: 1
+    line of uint8 codes or fp32 absmax; their nested absmax2, 1 line; the
+    code2 gather of 32 codes), and the double-quant offset (1 load, 1 line)."""
+    rows, row = kw["ROWS"], min(64, blocksize)
+    packed = rows * row // 2 // warps        # bytes per warp
+    scales = max(1, rows // (32 * warps))    # instructions per warp
+    acc = [Access("words", max(1, packed // 512), 4),
+           Access("code", 2 * packed / 32, 1)]
+    if double_quant:
+        acc += [Access("absmax", scales, 1), Access("absmax2", scales, 1),
+                Access("code2", scales, code2_lines(32)), Access("offset", 1, 1)]
+    else:
+        acc += [Access("absmax", scales, 1)]
+    return acc + [Access("out", max(1, 2 * packed * elem // 512), 4, store=True)]
 
 
 ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
           ("_nf4_gemv_dot_kernel", "row_per_lane"): _dot_row_per_lane,
-          ("_nf4_gemv_fma_kernel", "lines"): _fma_lines}
+          ("_nf4_gemv_fma_kernel", "lines"): _fma_lines,
+          ("_nf4_dequantize_kernel", "rows"): _dequantize_rows}
 
 
 def access_lines(kernel: str, layout: str, kw: dict, warps: int, K: int, blocksize: int,
-                 double_quant: bool, elem: int, M: int) -> list | None:
+                 double_quant: bool, elem: int, M: int, version: str | None = None) -> list | None:
     """The described global loads of ``kernel``'s main loop (None: no
-    description, the loads count as coalesced)."""
+    description, the loads count as coalesced), as Triton ``version`` (the
+    installed one by default) lowers them."""
     fn = ACCESS.get((kernel, layout))
-    return None if fn is None else fn(kw, warps, K, blocksize, double_quant, elem, M)
+    if fn is None:
+        return None
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return fn(kw, warps, K, blocksize, double_quant, elem, M, version)
 
 
 def l1_lines_per_trip(loop: dict, accesses: list | None) -> dict:
     """Lines per warp and trip through the L1/TEX data stage: the described
-    global loads (else the loop's loads as if coalesced) plus the shared-memory
-    wavefronts; ``l1_access_check`` compares the described loads' count with
-    the loop's LDG/LDGSTS instructions."""
+    global loads and stores (else the loop's loads and stores as if
+    coalesced) plus the shared-memory wavefronts; ``l1_access_check``
+    compares the described loads' and stores' counts with the loop's
+    LDG/LDGSTS and STG instructions."""
     if accesses is None:
         glob, check = float(loop["coalesced_lines"]), "no description: loads counted as coalesced"
     else:
         glob = sum(a.instructions * a.lines for a in accesses)
-        described = sum(a.instructions for a in accesses)
-        check = ("ok" if abs(described - loop["global_loads"]) < 1e-6 else
-                 f"described {described:g} global loads per warp-trip, the loop has "
-                 f"{loop['global_loads']}")
+        loads = sum(a.instructions for a in accesses if not a.store)
+        stores = sum(a.instructions for a in accesses if a.store)
+        have = loop.get("global_stores", 0)
+        check = ("ok" if abs(loads - loop["global_loads"]) < 1e-6 and abs(stores - have) < 1e-6
+                 else f"described {loads:g} global loads and {stores:g} stores per warp-trip, the "
+                 f"loop has {loop['global_loads']} and {have}")
     return {"l1_global_lines": round(glob, 3), "l1_lines": round(glob + loop["smem_wavefronts"], 3),
             "l1_access_check": check,
             "l1_accesses": ([dataclasses.asdict(a) for a in accesses] if accesses else [])}
@@ -721,6 +770,13 @@ def trips(cfg, case: Case) -> int:
     return math.ceil(math.ceil(case.K / kw["BLOCK_K"]) / kw.get("SPLIT_K", 1))
 
 
+def _dequantize_kw() -> dict:
+    """The dequantize kernel's launch meta-parameters (its access description's ``kw``)."""
+    from qlora_triton.ops import dequantize as dq_mod
+
+    return {"ROWS": dq_mod._ROWS}
+
+
 def _dequantize_pairs() -> int:
     """Packed bytes one dequantize program decodes (element pairs)."""
     from qlora_triton.ops import dequantize as dq_mod
@@ -784,9 +840,10 @@ def row(case: Case, family: str, kernel: str, cfg, prof: dict, triton_version: s
     p = programs(cfg, case)
     floor_s = case.N * case.K * fb / HBM_BYTES_PER_S
     per_weight = bounds(prof["loop"], prof["num_warps"], weights, fb)
-    accesses = None if deq else access_lines(
-        kernel, prof.get("layout", "row_per_lane"), cfg.kwargs, prof["num_warps"], case.K,
-        case.blocksize, case.double_quant, _DTYPE_BYTES[case.dtype], case.M)
+    accesses = access_lines(
+        kernel, prof.get("layout", "row_per_lane"), _dequantize_kw() if deq else cfg.kwargs,
+        prof["num_warps"], case.K, case.blocksize, case.double_quant, _DTYPE_BYTES[case.dtype],
+        case.M)
     l1 = l1_lines_per_trip(prof["loop"], accesses)
     model = bound_model(Launch(
         registers=prof["registers"], shared=prof["shared"], warps=prof["num_warps"], programs=p,
@@ -1060,7 +1117,9 @@ def dequantize_estimate(case: TrainCase, prof: dict) -> dict:
         loop_instructions=prof["loop"]["instructions"], loop_lsu=prof["loop"]["lsu"],
         loop_smem_wavefronts=prof["loop"]["smem_wavefronts"],
         loop_load_bytes=prof["loop_global_load_bytes"], pipeline_depth=1, floor_s=deq_floor_s,
-        loop_l1_lines=l1_lines_per_trip(prof["loop"], None)["l1_lines"])))
+        loop_l1_lines=l1_lines_per_trip(prof["loop"], access_lines(
+            "_nf4_dequantize_kernel", prof.get("layout", "row_per_lane"), _dequantize_kw(),
+            prof["num_warps"], case.K, case.blocksize, case.double_quant, elem, 0))["l1_lines"])))
     deq_s = deq_floor_s * max(1.0, b["bound_over_floor"])
     flops_s = 2 * case.M * case.N * case.K / TENSOR_FLOPS
     cublas_s = max(flops_s, (weights + case.M * (case.N + case.K)) * elem / HBM_BYTES_PER_S)

@@ -234,6 +234,29 @@ def test_fma_gemv_partial_trips(backend, device, K, bs, dtype):
         assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
 
 
+# K a multiple of the FMA GEMV's 256-column trip (EVEN_K: no masks; rows past
+# N read row N - 1, the prefetch past a split's end re-reads its last trip):
+# the interpreter's split of 2 leaves 2 + 1 trips (768) or 2 + 2 (1024);
+# blocks of 32 (8 per trip), 64, and 512 (wider than a trip).
+@pytest.mark.parametrize("K, bs", [(768, 64), (1024, 32), (1024, 512)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_fma_gemv_whole_trips(backend, device, K, bs, dtype):
+    N = 45
+    qw = _weight(N, K, bs, bs != 32, device)
+    x = _make_input(1, K, dtype, "strided", device)
+    bias = torch.randn(N).to(dtype).to(device)
+    ref = x.cpu().double() @ _dense(qw).t() + bias.cpu().double()
+    _poison_allocator()
+    with qt.force_backend(backend):
+        before = ops_matmul.launches.copy()
+        y = qt.nf4_matmul(x, qw, bias)
+        ran = ops_matmul.launches - before
+    _assert_close(y, ref, dtype)
+    if backend == "triton":
+        assert ran == {"gemv": 1}
+        assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
+
+
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     """The same values in an offset, strided view (every other element of a
     buffer twice as large), or for a 0-d tensor an expanded view."""

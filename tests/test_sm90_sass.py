@@ -154,12 +154,18 @@ def test_access_descriptions_count_lines_per_warp_load():
                    "code2": (2, ss.code2_lines(32)), "x": (2, 1)}
     assert ss.code2_lines(1) == 0.6 and 5.7 < ss.code2_lines(32) < 6 and ss.code2_lines(16) < 5
     # The "lines" layout: 8 lanes per row, 4 rows x 128 B per load (4 lines);
-    # the scales 4 rows x 4 blocks (4 lines); x 512 B (4 lines) per load.
+    # the scales 4 rows x 4 blocks (4 lines); x 512 B (4 lines) per load,
+    # each lane's pieces on Triton 3.6 (4 loads), the trip's columns once on
+    # 3.9 (1 load of bf16, 2 of fp32).
     acc = ss.access_lines("_nf4_gemv_fma_kernel", "lines", {"BLOCK_N": 16, "BLOCK_K": 256},
-                          1, 8192, 64, True, 2, 1)
+                          1, 8192, 64, True, 2, 1, "3.6.0")
     got = {a.operand: (a.instructions, a.lines) for a in acc}
     assert got == {"words": (4, 4), "absmax": (4, 4), "absmax2": (4, 1),
                    "code2": (4, ss.code2_lines(16)), "x": (4, 4)}
+    for elem, loads in ((2, 1), (4, 2)):
+        acc39 = ss.access_lines("_nf4_gemv_fma_kernel", "lines", {"BLOCK_N": 16, "BLOCK_K": 256},
+                                1, 8192, 64, True, elem, 1, "3.9.0")
+        assert {a.operand: (a.instructions, a.lines) for a in acc39}["x"] == (loads, 4)
     # K = 4096: two rows' scales share a line.
     acc = ss.access_lines("_nf4_gemv_fma_kernel", "row_per_lane", {"BLOCK_N": 64, "BLOCK_K": 64},
                           1, 4096, 64, True, 2, 1)
@@ -171,6 +177,20 @@ def test_access_descriptions_count_lines_per_warp_load():
     assert l1["l1_access_check"] == "ok" and l1["l1_lines"] == l1["l1_global_lines"] + 34
     assert "the loop has 11" in ss.l1_lines_per_trip(dict(loop, global_loads=11), acc)["l1_access_check"]
     assert ss.l1_lines_per_trip(loop, None)["l1_lines"] == 12 + 34
+    # The dequantize kernel ("rows"), 256 rows of 64 per program, 4 warps: a
+    # warp's 2 KB of packed bytes (4 loads of 4 lines), its 4096 code gathers
+    # over 32 lanes (1 line each), 2 loads per scale kind and the offset, and
+    # its 8 KB of bf16 out (16 stores of 4 lines), checked against the STGs.
+    acc = ss.access_lines("_nf4_dequantize_kernel", "rows", {"ROWS": 256}, 4, 64, 64, True, 2, 0)
+    got = {a.operand: (a.instructions, a.lines, a.store) for a in acc}
+    assert got == {"words": (4, 4, False), "code": (128, 1, False), "absmax": (2, 1, False),
+                   "absmax2": (2, 1, False), "code2": (2, ss.code2_lines(32), False),
+                   "offset": (1, 1, False), "out": (16, 4, True)}
+    deq = {"global_loads": 139, "global_stores": 16, "coalesced_lines": 0, "smem_wavefronts": 0}
+    assert ss.l1_lines_per_trip(deq, acc)["l1_access_check"] == "ok"
+    lines = 16 + 128 + 2 + 2 + 1 + 64 + 2 * ss.code2_lines(32)
+    assert ss.l1_lines_per_trip(deq, acc)["l1_global_lines"] == pytest.approx(lines, abs=1e-3)
+    assert "and 15" in ss.l1_lines_per_trip(dict(deq, global_stores=15), acc)["l1_access_check"]
 
 
 def test_pipeline_depth_counts_staged_loads_and_declared_prefetch():

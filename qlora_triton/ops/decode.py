@@ -144,33 +144,65 @@ def nf4_x_wt(x_ptr, stride_xm, stride_xk, packed_ptr, code_ptr, absmax_ptr, absm
 
 
 @triton.jit
-def nf4_x_pieces(table, words, x):
-    """``sum_k W[n, k] * x[m, k]`` over each lane's 32-column piece: ``words``
-    [R, 4, 32] uint32 (R rows per lane, the piece's 4 words, 32 lanes; see
-    nf4_decode_words), ``x`` [ROWS, 32, 4, 8] (row of x, lane, word, column
-    within the word) -> fp32 [ROWS, R, 32], before the block scale (a piece
-    lies in one block). The codebook gather runs along the lane axis (one
-    shuffle per weight); the sums stay in the lane."""
-    ROWS: tl.constexpr = x.shape[0]
-    x = tl.permute(x, (0, 2, 1, 3))
-    even, odd = tl.split(tl.reshape(x, (ROWS, 4, 32, 2, 2, 2)))
+def nf4_x_f32(x):
+    """``x`` in fp32; bf16 by its bits (a bf16 is the upper half of its fp32:
+    one shift or mask, where the cast takes a byte permute and a shift for a
+    register's upper bf16). Exact, NaN payloads and Inf included."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _nf4_x_word(table, word, xw, p):
+    """``p`` plus the 8 products of one word per lane: ``word`` [R, 32] uint32
+    (nf4_decode_words' nibble order), ``xw`` [ROWS, 32, 8] its columns of x,
+    ``p`` fp32 [ROWS, R, 32]. Each code is looked up right before its product,
+    so that one code tensor is live at a time."""
+    ROWS: tl.constexpr = xw.shape[0]
+    even, odd = tl.split(tl.reshape(xw, (ROWS, 32, 2, 2, 2)))
     e0, e1 = tl.split(even)
     o0, o1 = tl.split(odd)
     x0, x4 = tl.split(e0)
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    # Each code is looked up right before its product (nf4_decode_words'
-    # order of nibbles), so that one code tensor is live at a time.
-    p = nf4_lookup(table, (words >> 4) & 15)[None] * x0.to(tl.float32)[:, None]
-    p += nf4_lookup(table, words & 15)[None] * x1.to(tl.float32)[:, None]
-    p += nf4_lookup(table, (words >> 12) & 15)[None] * x2.to(tl.float32)[:, None]
-    p += nf4_lookup(table, (words >> 8) & 15)[None] * x3.to(tl.float32)[:, None]
-    p += nf4_lookup(table, (words >> 20) & 15)[None] * x4.to(tl.float32)[:, None]
-    p += nf4_lookup(table, (words >> 16) & 15)[None] * x5.to(tl.float32)[:, None]
-    p += nf4_lookup(table, words >> 28)[None] * x6.to(tl.float32)[:, None]
-    p += nf4_lookup(table, (words >> 24) & 15)[None] * x7.to(tl.float32)[:, None]
-    return tl.sum(p, axis=2)
+    p += nf4_lookup(table, (word >> 4) & 15)[None] * nf4_x_f32(x0)[:, None]
+    p += nf4_lookup(table, word & 15)[None] * nf4_x_f32(x1)[:, None]
+    p += nf4_lookup(table, (word >> 12) & 15)[None] * nf4_x_f32(x2)[:, None]
+    p += nf4_lookup(table, (word >> 8) & 15)[None] * nf4_x_f32(x3)[:, None]
+    p += nf4_lookup(table, (word >> 20) & 15)[None] * nf4_x_f32(x4)[:, None]
+    p += nf4_lookup(table, (word >> 16) & 15)[None] * nf4_x_f32(x5)[:, None]
+    p += nf4_lookup(table, word >> 28)[None] * nf4_x_f32(x6)[:, None]
+    p += nf4_lookup(table, (word >> 24) & 15)[None] * nf4_x_f32(x7)[:, None]
+    return p
+
+
+@triton.jit
+def nf4_x_pieces(table, words, x):
+    """``sum_k W[n, k] * x[m, k]`` over each lane's 32-column piece: ``words``
+    [R, 4, 32] uint32 (R rows per lane, the piece's 4 words, 32 lanes; see
+    nf4_decode_words), ``x`` [ROWS, 32, 4, 8] (row of x, lane, word, column
+    within the word) -> fp32 [ROWS, R, 32], before the block scale (a piece
+    lies in one block). The codebook gather runs along the lane axis (one
+    shuffle per weight); the sums stay in the lane, each one chain of 32
+    multiply-adds (the words split apart in registers, no adds across them)."""
+    ROWS: tl.constexpr = x.shape[0]
+    R: tl.constexpr = words.shape[0]
+    # The word axis last, split in two twice: word 2a + b.
+    wa, wb = tl.split(tl.reshape(tl.permute(words, (0, 2, 1)), (R, 32, 2, 2)))
+    w0, w2 = tl.split(wa)
+    w1, w3 = tl.split(wb)
+    xa, xb = tl.split(tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, 32, 8, 2, 2)))
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    # -0.0: the first add folds away (x + -0.0 == x), leaving one multiply.
+    p = tl.full((ROWS, R, 32), -0.0, tl.float32)
+    p = _nf4_x_word(table, w0, x0, p)
+    p = _nf4_x_word(table, w1, x1, p)
+    p = _nf4_x_word(table, w2, x2, p)
+    return _nf4_x_word(table, w3, x3, p)
 
 
 @triton.jit

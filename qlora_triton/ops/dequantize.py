@@ -19,6 +19,9 @@ from ..backend import INTERPRET
 # interpreter, which runs programs one at a time in Python.
 _ROWS = 8192 if INTERPRET else 256
 _NUM_WARPS = 4
+# How the kernel lays its global loads and stores over the lanes, named for the
+# static profile's L1/TEX description (scripts/sm90_sass.py, access_lines).
+L1_LAYOUT = {"_nf4_dequantize_kernel": "rows"}
 
 
 @triton.jit

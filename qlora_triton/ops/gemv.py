@@ -72,6 +72,40 @@ def _lora_cols(h_ptr, b_ptr, rm, rn, M, N, R, stride_hm, stride_bn, stride_br,
 
 
 @triton.jit
+def _fma_trip_loads(w_ptrs, absmax_ptr, s_base, k, k_end, col, row_ok, BLOCK_K: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The FMA GEMV's words [4, 32, RPLANE] and stored scales [32, RPLANE] of
+    the trip at column ``k``. EVEN_K: unmasked, ``k`` clamped to the split's
+    last trip. Otherwise masked per piece: a piece is all in or all out (K %
+    32 == 0), so the mask is constant along its 4 words and the load stays
+    128-bit; masked words read 0 (code -1.0: their x is 0, or their row is not
+    stored), masked scales 0."""
+    if EVEN_K:
+        # k_end is a multiple of BLOCK_K here; say so, or the loads lose
+        # their 128-bit width (Triton would only know 16 | K).
+        k = tl.multiple_of(tl.minimum(k, k_end - BLOCK_K), BLOCK_K)
+        words = tl.load(w_ptrs + k // 8)
+        raw = tl.load(absmax_ptr + s_base + k // BLOCKSIZE)
+    else:
+        ok = row_ok & (k + col < k_end)[:, None]
+        words = tl.load(w_ptrs + k // 8, mask=ok[None], other=0)
+        raw = nf4_scale_raw(absmax_ptr, s_base + k // BLOCKSIZE, ok, DOUBLE_QUANT)
+    return words, raw
+
+
+@triton.jit
+def _fma_scale(raw, absmax2_ptr, code2_ptr, offset, s_idx, DOUBLE_QUANT: tl.constexpr,
+               BLOCKSIZE2: tl.constexpr):
+    """nf4_scale_of for the unmasked FMA GEMV: ``offset`` loaded once, the
+    nested index of the (non-negative) block an unsigned shift."""
+    if DOUBLE_QUANT:
+        nested = tl.load(absmax2_ptr + s_idx.to(tl.uint32) // BLOCKSIZE2)
+        return tl.load(code2_ptr + raw.to(tl.int32)) * nested + offset
+    else:
+        return raw
+
+
+@triton.jit
 def _nf4_gemv_fma_kernel(
     # pointers
     x_ptr,          # [M, K] fp32/fp16/bf16 (any strides), M <= ROWS
@@ -98,6 +132,7 @@ def _nf4_gemv_fma_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,     # add scaling * h @ lora_B.T (the LoRA update, folded)
     ROWS: tl.constexpr,         # power of two >= M
+    EVEN_K: tl.constexpr,       # K % BLOCK_K == 0: every trip whole, no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,      # a multiple of 32 (any blocksize)
     SPLIT_K: tl.constexpr,
@@ -113,7 +148,12 @@ def _nf4_gemv_fma_kernel(
     # products are summed in the lane and scaled by its block's scale (loaded
     # per row and piece, in the same lanes), and each lane keeps its pieces'
     # sums until the loop ends; then a row's lanes are added once. Per weight:
-    # a shift and mask, a shuffle into the register codebook and one FFMA.
+    # a shift and mask, a shuffle into the register codebook and one FFMA (a
+    # piece's 32 products one chain; bf16 x widened by its bits, once per
+    # lane for all its rows). K a multiple of BLOCK_K (EVEN_K: every profiled
+    # layer) runs unmasked: rows past N and x's rows past M are clamped to
+    # real ones (their sums are not stored) and the prefetch past the split's
+    # end re-reads its last trip; otherwise each piece is masked.
     # Grid (N tiles, SPLIT_K): a narrow layer splits K so that every SM gets
     # programs; the last program of a row tile to finish adds the others'
     # partial sums (still one launch, no zero fill, no atomics on y).
@@ -148,34 +188,45 @@ def _nf4_gemv_fma_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    # K % 32 == 0: a piece is all in or all out, so its mask is constant along
-    # its 4 words and the loads stay 128-bit. Masked words read 0 (code -1.0):
-    # their x is 0, or their row is not stored; masked scales read 0.
-    w_ptrs = words_ptr + rw[:, None, None] + (rn * stride_wn + col[:, None] // 8)[None]
-    s_rows = rn * (K // BLOCKSIZE)
-    w0 = tl.load(w_ptrs + k_start // 8,
-                 mask=(row_ok & (k_start + col < k_end)[:, None])[None], other=0)
-    raw = nf4_scale_raw(absmax_ptr, s_rows + ((k_start + col) // BLOCKSIZE)[:, None],
-                        row_ok & (k_start + col < k_end)[:, None], DOUBLE_QUANT)
+    if EVEN_K:
+        # Every trip whole: no masks. Rows past N read row N - 1 and rows of
+        # x past M row M - 1 (finite values whose sums are never stored), and
+        # the prefetch past the split's end re-reads its last trip.
+        rn_ld = tl.minimum(rn, N - 1)
+        rm_ld = tl.minimum(rm, M - 1)
+    else:
+        rn_ld = rn
+        rm_ld = rm
+    # Trips start on multiples of BLOCK_K, so the block of a piece at column
+    # k + col is k // BLOCKSIZE + col // BLOCKSIZE (powers of two: a block
+    # wider than a trip holds all of it).
+    w_ptrs = words_ptr + rw[:, None, None] + (rn_ld * stride_wn + col[:, None] // 8)[None]
+    s_base = rn_ld * (K // BLOCKSIZE) + (col // BLOCKSIZE)[:, None]
+    w0, raw = _fma_trip_loads(w_ptrs, absmax_ptr, s_base, k_start, k_end, col, row_ok, BLOCK_K,
+                              BLOCKSIZE, DOUBLE_QUANT, EVEN_K)
     # x of each lane's piece, [ROWS, 32, 4, 8] (row of x, lane, word, column;
     # the lane axis ahead of the word axis for the same coalescing reason).
-    x_off = (rm[:, None, None, None] * stride_xm
+    x_off = (rm_ld[:, None, None, None] * stride_xm
              + (col[None, :, None, None] + 8 * rw[None, None, :, None]
                 + tl.arange(0, 8)[None, None, None, :]) * stride_xk)
     x_ok = rm[:, None, None, None] < M
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     for k0 in range(k_start, k_end, BLOCK_K):
-        k1 = k0 + BLOCK_K
-        n0 = tl.load(w_ptrs + k1 // 8, mask=(row_ok & (k1 + col < k_end)[:, None])[None],
-                     other=0)
-        next_raw = nf4_scale_raw(absmax_ptr, s_rows + ((k1 + col) // BLOCKSIZE)[:, None],
-                                 row_ok & (k1 + col < k_end)[:, None], DOUBLE_QUANT)
-        x = tl.load(x_ptr + k0 * stride_xk + x_off,
-                    mask=x_ok & (k0 + col < k_end)[None, :, None, None], other=0.0)
+        n0, next_raw = _fma_trip_loads(w_ptrs, absmax_ptr, s_base, k0 + BLOCK_K, k_end, col,
+                                       row_ok, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K)
+        if EVEN_K:
+            x = tl.load(x_ptr + k0 * stride_xk + x_off)
+        else:
+            x = tl.load(x_ptr + k0 * stride_xk + x_off,
+                        mask=x_ok & (k0 + col < k_end)[None, :, None, None], other=0.0)
         part = nf4_x_pieces(table, tl.permute(w0.to(tl.uint32, bitcast=True), (2, 0, 1)), x)
-        piece_ok = row_ok & (k0 + col < k_end)[:, None]
-        scale = nf4_scale_of(raw, absmax2_ptr, code2_ptr, offset_ptr,
-                             s_rows + ((k0 + col) // BLOCKSIZE)[:, None], piece_ok, DOUBLE_QUANT,
-                             BLOCKSIZE2)
+        s_idx = s_base + k0 // BLOCKSIZE
+        if EVEN_K:
+            scale = _fma_scale(raw, absmax2_ptr, code2_ptr, offset, s_idx, DOUBLE_QUANT,
+                               BLOCKSIZE2)
+        else:
+            scale = nf4_scale_of(raw, absmax2_ptr, code2_ptr, offset_ptr, s_idx,
+                                 row_ok & (k0 + col < k_end)[:, None], DOUBLE_QUANT, BLOCKSIZE2)
         acc += tl.trans(scale)[None] * part
         w0 = n0
         raw = next_raw
@@ -348,6 +399,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weig
                  HAS_LORA=lora is not None)
     if name == "fma":
         const["ROWS"] = 1 << (M - 1).bit_length()  # next power of two
+        # Whole trips for every candidate (the autotuner keys on K): no masks.
+        const["EVEN_K"] = all(K % c.kwargs["BLOCK_K"] == 0 for c in tuned)
         kernel = _nf4_gemv_fma_kernel
     else:
         const.update(DOT_FP32=dot_in_fp32(x.device), DOT_PRECISION=dot_precision(x.dtype))

@@ -35,9 +35,10 @@ def _config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -
 SMS = 132  # H100 SXM / H200
 
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
-# per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
-# at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
-# costs 5.1 at any M <= 16, so it takes M >= 2.
+# per weight. Profiled (Triton 3.6, bf16, issue 22's kernel): 4.6
+# thread-instructions per weight at M = 1 (32x256), 7.4 at M = 2 and 11.7 at
+# M = 4 (16x256); the register-decode tensor-core GEMV costs 5.1-5.7 at any
+# M <= 16, so it takes M >= 2.
 GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
@@ -52,21 +53,24 @@ _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 #   shuffle within the warp; BLOCK_K = 256: a lane reads a 16-byte piece of a
 #   row, 8 lanes a row's 128 bytes, so a warp load is 4 whole lines (the
 #   H200 found the old lane-per-row loads, 32 lines each, bound by L1/TEX);
-#   a lane holds BLOCK_N / 4 rows. Figures of the 2026-12-04b kernel
-#   (sm90-decode-2026-12-04b; registers of bf16 x).
+#   a lane holds BLOCK_N / 4 rows. Figures of the issue-22 kernel (whole
+#   trips, EVEN_K; registers of bf16 x): 32 rows amortize x's conversion,
+#   the loop and its addresses over 8 rows per lane at 128 registers (16
+#   programs, 4 warps per scheduler); the 2026-12-04b kernel took 5.43 at 16
+#   rows and 5.09 at 32 rows (254 registers).
 # * "dot" (2 <= M <= 16): W tile decoded in registers as the wgmma's A
 #   operand, x^T (16 columns) the B operand in shared memory; its loads are
 #   still 16 rows x 32 bytes (16 lines) each (not reworked yet).
 # Triton 3.9 lowers the same code differently: its gather layout gives a lane
 # as many table entries as it holds rows, so a lookup becomes 2+ shuffles and
-# selects, the wide tiles spill there, and the FMA kernel's x goes through
-# shared memory. Other versions than 3.6 (the GPU machine's) get the tiles
-# that neither spill nor multiply the shuffles.
-_TILES_36 = {"fma": [(16, 1, 1, 5.43, 127, 1.16, 0.0175), (32, 1, 1, 5.09, 254, 1.14, 0.0155),
-                     (8, 1, 1, 6.14, 72, 1.19, 0.0214)],
+# selects, the wide tiles spill or take 254 registers there, and the FMA
+# kernel's x goes through shared memory. Other versions than 3.6 (the GPU
+# machine's) get the tiles that neither spill nor multiply the shuffles.
+_TILES_36 = {"fma": [(16, 1, 1, 4.89, 72, 1.16, 0.0175), (32, 1, 1, 4.64, 128, 1.14, 0.0155),
+                     (8, 1, 1, 5.5, 64, 1.19, 0.0214)],
              "dot": [(256, 4, 2, 5.0, 200, 1.49, 0.083), (128, 4, 3, 5.7, 136, 1.52, 0.085),
                      (64, 4, 3, 7.6, 96, 1.6, 0.0996)]}
-_TILES_OTHER = {"fma": [(16, 1, 1, 8.1, 229, 1.79, 0.0614), (8, 1, 1, 11.5, 80, 2.97, 0.0448)],
+_TILES_OTHER = {"fma": [(16, 1, 1, 7.2, 142, 1.42, 0.0507), (8, 1, 1, 10.2, 72, 2.23, 0.0233)],
                 "dot": [(64, 4, 3, 12.9, 96, 2.7, 0.0996)]}
 # K columns per trip: the FMA GEMV reads 128 contiguous bytes of each row per
 # trip whatever the blocksize (a scale per 32-column piece; ops/gemv.py); the
