@@ -282,7 +282,9 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                           and c.kwargs["SPLIT_K"] <= 2]
                          + [tuned_sm90.gemv_config(k, n, kk) for n, kk in shapes])
                for k in ("fma", "dot")}
-        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32
+        # Blocksize 32 under the tensor-core GEMV's 256-column K tile: two
+        # scales per lane and row (ops/gemv.py, SH).
+        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 256
                and c.kwargs["SPLIT_K"] <= 2]
         return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False),
                                     lora_opt=True)
