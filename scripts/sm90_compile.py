@@ -318,7 +318,7 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True],
                                    lora_opt=True)
     if not any(v.family == "gemv_dot" and " fp32 " in v.label for v in out):
-        # The widest dot tile takes no fp32 x (Triton 3.6): the one fp32 x gets.
+        # The widest dot tile takes no fp32 x: the one fp32 x gets.
         out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 64, True)],
                                    ["fp32"], [True, False], [True], lora_opt=True)
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],

@@ -8,7 +8,8 @@ nibble first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` eve
 row starts on a 32-bit word, and a K tile of ``BLOCK_K <= blocksize`` columns
 lies in one block of each row: the word helpers read int32 words and decode them
 with a register codebook (one shuffle per weight, one scale per row segment;
-:func:`nf4_x_pieces`: a scale per 32-column piece, any blocksize). Otherwise :func:`nf4_w_tile` finds every element's byte and block.
+:func:`nf4_x_pieces` and :func:`nf4_w_fragment`: a scale per 32-column piece,
+any blocksize). Otherwise :func:`nf4_w_tile` finds every element's byte and block.
 """
 
 from __future__ import annotations

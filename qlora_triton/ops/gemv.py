@@ -4,9 +4,10 @@ scales at HBM bandwidth), K split across programs when the layer is narrow.
 
 * ``_nf4_gemv_fma_kernel`` (M = 1, no tensor cores) and ``_nf4_gemv_dot_kernel``
   (2 <= M <= 16, tensor cores) for ``K % blocksize == 0``: int32 words, the
-  register codebook, split epilogue of :mod:`.split`. The FMA kernel reads
-  whole 128-byte lines of each row per trip (a scale per 32-column piece);
-  the tensor-core one 32 bytes per row (one scale per row segment).
+  register codebook, split epilogue of :mod:`.split`, a scale per 32
+  columns (any blocksize). The FMA kernel reads whole 128-byte lines of each
+  row per trip; the tensor-core one a row's 128 bytes per trip across the 4
+  lanes of a quad, in the wgmma A fragment's lanes (K permuted inside a trip).
 * ``_nf4_gemv_kernel`` for any other K: per-element decode, fp32 atomics into a
   zeroed output.
 

@@ -37,7 +37,7 @@ SMS = 132  # H100 SXM / H200
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
 # per weight. Profiled (Triton 3.6, bf16): 4.9 thread-instructions per weight
 # at M = 1, 7.5 at M = 2, 11.5 at M = 4; the register-decode tensor-core GEMV
-# costs 5.1 at any M <= 16, so it takes M >= 2.
+# costs 5.1 at any M <= 16 (4.95 since 2026-12-04c), so it takes M >= 2.
 GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
@@ -74,7 +74,7 @@ _TILES_36 = {"fma": [(16, 1, 1, 5.43, 127, 1.16, 0.0175), (32, 1, 1, 5.09, 254, 
                      (8, 1, 1, 6.14, 72, 1.19, 0.0214)],
              "dot": [(128, 8, 1, 4.95, 128, 1.16, 0.0229), (64, 4, 1, 5.14, 128, 1.23, 0.0268)]}
 _TILES_OTHER = {"fma": [(16, 1, 1, 8.1, 229, 1.79, 0.0614), (8, 1, 1, 11.5, 80, 2.97, 0.0448)],
-                "dot": [(64, 4, 3, 12.9, 96, 2.7, 0.0996)]}
+                "dot": [(128, 8, 1, 5.34, 128, 1.3, 0.0316), (64, 4, 1, 5.88, 168, 1.3, 0.0316)]}
 # K columns per trip: both GEMVs read 128 contiguous bytes of each row per
 # trip whatever the blocksize (a scale per 32 columns; ops/gemv.py).
 _BLOCK_K = {"fma": 256, "dot": 256}
@@ -131,11 +131,13 @@ def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
 
 def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool, kernel: str = "dot") -> bool:
     """Whether a config of GEMV ``kernel`` may run: any blocksize (both take a
-    scale per 32 columns); the tensor-core one no tile over 128 rows for fp32
-    x (a 256-row dot spilled at 255 registers, sm90_compile)."""
+    scale per 32 columns); the tensor-core one no tile over 64 rows for fp32
+    x (its full-fp32 dot runs on the FMA units with the operands in
+    registers: the 128-row tile spills 16 B with a bias, sm90_compile, Triton
+    3.9)."""
     if kernel == "fma":
         return True
-    return not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
+    return not (x_fp32 and cfg.kwargs["BLOCK_N"] > 64)
 
 
 def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
