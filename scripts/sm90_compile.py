@@ -286,7 +286,9 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                           and c.kwargs["SPLIT_K"] <= 2]
                          + [tuned_sm90.gemv_config(k, n, kk) for n, kk in shapes])
                for k in ("fma", "dot")}
-        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 32
+        # Blocksize 32 under the tensor-core GEMV's 256-column K tile: two
+        # scales per lane and row (ops/gemv.py, SH).
+        k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 256
                and c.kwargs["SPLIT_K"] <= 2]
         return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False),
                                     lora_opt=True)
@@ -320,7 +322,7 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
         out += gemv_words_variants(kernel, [widest], ["bf16", "fp32"], [True, False], [True],
                                    lora_opt=True)
     if not any(v.family == "gemv_dot" and " fp32 " in v.label for v in out):
-        # The widest dot tile takes no fp32 x (Triton 3.6): the one fp32 x gets.
+        # The widest dot tile takes no fp32 x: the one fp32 x gets.
         out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 64, True)],
                                    ["fp32"], [True, False], [True], lora_opt=True)
     out += gemv_words_variants("dot", [tuned_sm90.gemv_config("dot", 8192, 8192, 32)], ["bf16"],

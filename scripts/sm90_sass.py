@@ -616,10 +616,34 @@ def _dequantize_rows(kw: dict, warps: int, K: int, blocksize: int, double_quant:
     return acc + [Access("out", max(1, 2 * packed * elem // 512), 4, store=True)]
 
 
+def _dot_fragment(kw: dict, warps: int, K: int, blocksize: int, double_quant: bool, elem: int,
+                  M: int, version: str = "") -> list:
+    """_nf4_gemv_dot_kernel from 2026-12-04c ("fragment"): the words in the
+    wgmma A fragment's lanes: lane l reads 16 bytes (4 words) of rows l / 4
+    (+ 8, + 64, ...) per run, the 4 lanes of a quad and their H = BLOCK_K /
+    128 runs a row's BLOCK_K / 2 bytes, so one 128-bit warp load reads 8 rows
+    (8 lines), 2 * H * BLOCK_N / 64 of them per lane and trip; the stored
+    scales in the same lanes, one per run (per lane when its runs share a
+    block): 8 rows x the quad's blocks per instruction; x [16, BLOCK_K] in
+    column order, a warp's 16 / warps rows of BLOCK_K * elem bytes (rows
+    past M masked)."""
+    bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+    h = bk // 128
+    sh = h if blocksize < 32 * h else 1
+    per_lane = max(1, 2 * bn // 16 // warps)  # rows per lane (16 per warp, 2 per lane)
+    blocks = max(1, 4 * 32 * h // max(blocksize, 32 * h))
+    x_instr = max(1, math.ceil(16 * bk * elem / 512 / warps))
+    x_lines = min(M, 16) * math.ceil(bk * elem / LINE_BYTES) / warps / x_instr
+    return [Access("words", h * per_lane, _span_lines(8, bk // 2, K // 2)),
+            *_scale_access(8, blocks, sh * per_lane, K, blocksize, double_quant),
+            Access("x", x_instr, max(1.0, x_lines))]
+
+
 ACCESS = {("_nf4_gemv_fma_kernel", "row_per_lane"): _fma_row_per_lane,
           ("_nf4_gemv_dot_kernel", "row_per_lane"): _dot_row_per_lane,
           ("_nf4_gemv_fma_kernel", "lines"): _fma_lines,
-          ("_nf4_dequantize_kernel", "rows"): _dequantize_rows}
+          ("_nf4_dequantize_kernel", "rows"): _dequantize_rows,
+          ("_nf4_gemv_dot_kernel", "fragment"): _dot_fragment}
 
 
 def access_lines(kernel: str, layout: str, kw: dict, warps: int, K: int, blocksize: int,

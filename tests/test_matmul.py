@@ -257,6 +257,46 @@ def test_fma_gemv_whole_trips(backend, device, K, bs, dtype):
         assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
 
 
+# The tensor-core GEMV (M = 2..16) reads K in the wgmma A fragment's order (a
+# lane's 32-column runs, x^T permuted the same way; ops/gemv.py): each of its K
+# tiles (128 and 256 columns) with K leaving a partial trip (a run all in or
+# all out), no trip for the second split (K = 96 at 256), blocksizes 32 (two
+# scales per lane and row at 256), 64 and 128 (a block across lanes), N not a
+# multiple of the 64-row tile, rows of x from 2 to 16, a bias, and the folded
+# LoRA update on the rows and columns the permutation must not mix up.
+@pytest.mark.parametrize("block_k", [128, 256])
+@pytest.mark.parametrize("M, K, bs, dtype", [(2, 96, 32, torch.bfloat16), (5, 320, 64, torch.float16),
+                                             (16, 384, 128, torch.bfloat16),
+                                             (7, 640, 32, torch.float32)],
+                         ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else str(v))
+def test_dot_gemv_fragment_order(monkeypatch, device, block_k, M, K, bs, dtype):
+    if not (device.type == "cuda" or _backend.INTERPRET):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    import triton
+
+    from qlora_triton.ops import gemv as gemv_mod
+
+    cfg = triton.Config({"BLOCK_N": 64, "BLOCK_K": block_k, "SPLIT_K": 2}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(gemv_mod, "gemv_config", lambda *a, **k: cfg)
+    N, r = 70, 5
+    qw = _weight(N, K, bs, K % 64 == 0, device)
+    x = torch.randn(M, K).to(dtype).to(device)
+    bias = torch.randn(N).to(dtype).to(device)
+    h = torch.randn(M, r).to(dtype).to(device)
+    lora_b = torch.randn(N, r).to(dtype).to(device)
+    base = x.cpu().double() @ _dense(qw).t() + bias.cpu().double()
+    lora = 0.5 * h.cpu().double() @ lora_b.cpu().double().t()
+    with qt.force_backend("triton"):
+        before = ops_matmul.launches.copy()
+        y = ops_matmul.nf4_matmul(x, qw, bias)
+        y_lora = ops_matmul.nf4_lora_matmul(x, qw, bias, h, lora_b, 0.5)
+        ran = ops_matmul.launches - before
+    assert ran == {"gemv": 2}
+    _assert_close(y, base, dtype)
+    _assert_close(y_lora, base + lora, dtype)
+    assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
+
+
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     """The same values in an offset, strided view (every other element of a
     buffer twice as large), or for a 0-d tensor an expanded view."""
@@ -321,7 +361,9 @@ def test_gemv_config_fills_the_grid_and_respects_the_blocksize(kernel):
                      (96, 64, 32)]:
         cfg = tuned_sm90.gemv_config(kernel, N, K, bs)
         assert tuned_sm90.allowed(cfg, bs, False, kernel)
-        assert cfg.kwargs["BLOCK_K"] <= bs or kernel == "fma"
+        # The tensor-core kernel's K tile is 128 or 256 columns whatever the
+        # blocksize (a scale per 32-column run, ops/gemv.py).
+        assert kernel == "fma" or cfg.kwargs["BLOCK_K"] in (128, 256)
         # Every split gets at least one K tile (the last one may be partial).
         assert cfg.kwargs["SPLIT_K"] <= -(-K // cfg.kwargs["BLOCK_K"]), (N, K, _tile_gemv(cfg))
 

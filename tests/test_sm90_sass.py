@@ -166,6 +166,20 @@ def test_access_descriptions_count_lines_per_warp_load():
         acc39 = ss.access_lines("_nf4_gemv_fma_kernel", "lines", {"BLOCK_N": 16, "BLOCK_K": 256},
                                 1, 8192, 64, True, elem, 1, "3.9.0")
         assert {a.operand: (a.instructions, a.lines) for a in acc39}["x"] == (loads, 4)
+    # The "fragment" layout (tensor-core GEMV, 128x256 w8): a lane's 16-byte
+    # runs of 2 rows x 2 runs (4 loads of 8 rows, 8 lines); the scales of 8
+    # rows x the quad's 4 blocks per load, one per lane and row at blocksize
+    # 64 and one per run at 32; x [16, 256] bf16 over 8 warps: 2 loads of a
+    # 512-byte row (4 lines) each, a quarter of them for M = 4.
+    acc = ss.access_lines("_nf4_gemv_dot_kernel", "fragment", {"BLOCK_N": 128, "BLOCK_K": 256},
+                          8, 8192, 64, True, 2, 16)
+    got = {a.operand: (a.instructions, a.lines) for a in acc}
+    assert got == {"words": (4, 8), "absmax": (2, 8), "absmax2": (2, 1),
+                   "code2": (2, ss.code2_lines(32)), "x": (2, 4)}
+    acc = ss.access_lines("_nf4_gemv_dot_kernel", "fragment", {"BLOCK_N": 128, "BLOCK_K": 256},
+                          8, 8192, 32, False, 2, 4)
+    got = {a.operand: (a.instructions, a.lines) for a in acc}
+    assert got == {"words": (4, 8), "absmax": (4, 8), "x": (2, 1)}
     # K = 4096: two rows' scales share a line.
     acc = ss.access_lines("_nf4_gemv_fma_kernel", "row_per_lane", {"BLOCK_N": 64, "BLOCK_K": 64},
                           1, 4096, 64, True, 2, 1)

@@ -8,7 +8,8 @@ nibble first), scale block ``idx // blocksize``. When ``K % blocksize == 0`` eve
 row starts on a 32-bit word, and a K tile of ``BLOCK_K <= blocksize`` columns
 lies in one block of each row: the word helpers read int32 words and decode them
 with a register codebook (one shuffle per weight, one scale per row segment;
-:func:`nf4_x_pieces`: a scale per 32-column piece, any blocksize). Otherwise :func:`nf4_w_tile` finds every element's byte and block.
+:func:`nf4_x_pieces` and :func:`nf4_w_fragment`: a scale per 32-column piece,
+any blocksize). Otherwise :func:`nf4_w_tile` finds every element's byte and block.
 """
 
 from __future__ import annotations
@@ -214,6 +215,55 @@ def nf4_w_words_tile(table, words):
     w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     w = tl.permute(w, (1, 0, 2, 3, 4))
     return tl.reshape(w, (words.shape[1], 8 * words.shape[0]))
+
+
+@triton.jit
+def nf4_w_fragment(table, words, scale, DTYPE: tl.constexpr):
+    """The scaled W tile [BLOCK_N, 128] in ``DTYPE``, in the wgmma A
+    fragment's lanes, from ``words`` uint32 [4, 32, BLOCK_N / 16, 2] (word of
+    a lane's run, lane, 16-row group, row bit 3) and ``scale`` fp32 [32,
+    BLOCK_N / 16, 2] (the run's): row ``16 g + 8 r3 + lane / 4``; column k of
+    the run's 32 (``8 a + p``: word a, element p) of lane l is k = (a1, a0,
+    p2, p1, l % 4, p0) as bits from the top (the fragment's k bits 1, 2 are
+    the lane's; ops/gemv.py, _nf4_gemv_dot_kernel; :func:`nf4_fragment_k`
+    orders x^T the same way). The codebook gather runs along the lanes (one
+    shuffle per weight), the groups (warps lowest) next to them as Triton's
+    gather layout has them; every other step only relabels a lane's
+    registers."""
+    G: tl.constexpr = words.shape[2]
+    X: tl.constexpr = 8 * G
+    # (a, r3, g, lane): the gather's rows, the warps' group bits lowest.
+    wl = tl.reshape(tl.permute(words, (0, 3, 2, 1)), (X, 32))
+    s = tl.broadcast_to(tl.permute(scale, (2, 1, 0))[None], (4, 2, G, 32))
+    s = tl.reshape(s, (X, 32))
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_decode_words(table, wl)
+    # join stacks on a new last axis: [X, 32, p2, p1, p0] with p = 4 p2 + 2 p1 + p0.
+    if DTYPE == tl.bfloat16:
+        # bf16 has fp32's range: the scale multiplies the codes already
+        # packed in x's dtype (one bf16x2 multiply per 2 weights instead of an
+        # fp32 multiply per weight; the tile is rounded to bf16 either way).
+        # fp16 (underflow below 6e-5) and fp32 multiply in fp32.
+        c0, c1, c2, c3, c4, c5, c6, c7, s = (
+            c0.to(DTYPE), c1.to(DTYPE), c2.to(DTYPE), c3.to(DTYPE), c4.to(DTYPE), c5.to(DTYPE),
+            c6.to(DTYPE), c7.to(DTYPE), s.to(DTYPE))
+    w = tl.join(tl.join(tl.join((c0 * s).to(DTYPE), (c4 * s).to(DTYPE)),
+                        tl.join((c2 * s).to(DTYPE), (c6 * s).to(DTYPE))),
+                tl.join(tl.join((c1 * s).to(DTYPE), (c5 * s).to(DTYPE)),
+                        tl.join((c3 * s).to(DTYPE), (c7 * s).to(DTYPE))))
+    w = tl.reshape(w, (2, 2, 2, G, 8, 2, 2, 2, 2, 2))
+    # (a1, a0, r3, g, lane / 4, q1, q0, p2, p1, p0) -> (rows: g, r3, lane / 4;
+    # k: a1, a0, p2, p1, q1, q0, p0).
+    w = tl.permute(w, (3, 2, 4, 0, 1, 7, 8, 5, 6, 9))
+    return tl.reshape(w, (16 * G, 128))
+
+
+@triton.jit
+def nf4_fragment_k(x):
+    """x [16, 4, 32] (row of x, lane % 4, the lane's run: physical columns)
+    -> x^T [128, 16] in the K order of :func:`nf4_w_fragment`."""
+    x = tl.reshape(x, (16, 2, 2, 2, 2, 2, 2, 2))  # (m, q1, q0, a1, a0, p2, p1, p0)
+    x = tl.permute(x, (3, 4, 5, 6, 1, 2, 7, 0))
+    return tl.reshape(x, (128, 16))
 
 
 @triton.jit

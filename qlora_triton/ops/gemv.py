@@ -4,9 +4,10 @@ scales at HBM bandwidth), K split across programs when the layer is narrow.
 
 * ``_nf4_gemv_fma_kernel`` (M = 1, no tensor cores) and ``_nf4_gemv_dot_kernel``
   (2 <= M <= 16, tensor cores) for ``K % blocksize == 0``: int32 words, the
-  register codebook, split epilogue of :mod:`.split`. The FMA kernel reads
-  whole 128-byte lines of each row per trip (a scale per 32-column piece);
-  the tensor-core one 32 bytes per row (one scale per row segment).
+  register codebook, split epilogue of :mod:`.split`, a scale per 32
+  columns (any blocksize). The FMA kernel reads whole 128-byte lines of each
+  row per trip; the tensor-core one a row's 128 bytes per trip across the 4
+  lanes of a quad, in the wgmma A fragment's lanes (K permuted inside a trip).
 * ``_nf4_gemv_kernel`` for any other K: per-element decode, fp32 atomics into a
   zeroed output.
 
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from ..backend import INTERPRET, dot_in_fp32
 from ..weight import NF4Weight
-from .decode import (nf4_code_table, nf4_scale, nf4_scale_of, nf4_scale_raw, nf4_w_words_tile,
+from .decode import (nf4_code_table, nf4_fragment_k, nf4_scale_of, nf4_scale_raw, nf4_w_fragment,
                      nf4_x_pieces, nf4_x_wt)
 from .launch import dot_precision, launch
 from .split import split_counter, split_epilogue
@@ -31,10 +32,10 @@ from .tuned_sm90 import (GEMV_FMA_MAX_M, autotune_enabled, general_config, gener
 
 # Trips of loads each kernel issues ahead of its decode in registers (read by
 # the static profile, scripts/sm90_sass.py, as part of its pipeline depth).
-PREFETCH_TRIPS = {"_nf4_gemv_fma_kernel": 1}
+PREFETCH_TRIPS = {"_nf4_gemv_fma_kernel": 1, "_nf4_gemv_dot_kernel": 1}
 # How each kernel's loop lays its global loads over the lanes, named for the
 # static profile's L1/TEX description (scripts/sm90_sass.py, access_lines).
-L1_LAYOUT = {"_nf4_gemv_fma_kernel": "lines"}
+L1_LAYOUT = {"_nf4_gemv_fma_kernel": "lines", "_nf4_gemv_dot_kernel": "fragment"}
 
 
 @triton.jit
@@ -103,6 +104,21 @@ def _fma_scale(raw, absmax2_ptr, code2_ptr, offset, s_idx, DOUBLE_QUANT: tl.cons
         return tl.load(code2_ptr + raw.to(tl.int32)) * nested + offset
     else:
         return raw
+
+
+@triton.jit
+def _fragment_dot(table, words, scale, x, acc, DOT_FP32: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """``acc + W @ x^T`` over one run of each lane (128 columns of each row):
+    ``words`` [4, 32, BLOCK_N / 16, 2] and ``scale`` as
+    :func:`.decode.nf4_w_fragment` takes them, x [16, 4, 32] the same
+    physical columns; the decoded tile is the dot's A operand in registers."""
+    xt = nf4_fragment_k(x)
+    if DOT_FP32:
+        w = nf4_w_fragment(table, words, scale, tl.float32)
+        return tl.dot(w, xt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    w = nf4_w_fragment(table, words, scale, x.dtype)
+    return tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -274,46 +290,98 @@ def _nf4_gemv_dot_kernel(
     DOT_FP32: tl.constexpr,     # cast dot operands to fp32 (interpreter only, see backend)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision (launch.dot_precision)
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,      # 32 or 64, <= BLOCKSIZE
+    BLOCK_K: tl.constexpr,      # 128 or 256 (any blocksize)
     SPLIT_K: tl.constexpr,
 ):
     # The decode GEMV on tensor cores for 2..16 rows, K % BLOCKSIZE == 0:
     # y^T = W @ x^T, so the W tile decoded in registers is the dot's A operand
     # (wgmma reads it from registers; x^T, padded to 16 columns, is B in shared
-    # memory) and no decoded value goes through shared memory. Same decode,
-    # grid and split epilogue as the FMA GEMV.
+    # memory). Same grid and split epilogue as the FMA GEMV.
+    # Layout ("fragment", L1_LAYOUT): the order of K inside a trip is free (x^T
+    # takes the same order), so the words are read in the A operand's own
+    # register layout and the decoded tile needs no conversion between lanes.
+    # The wgmma A fragment (m64 per 4 warps, k16 steps): lane l holds rows
+    # l/4 and l/4 + 8 and the k with bits 1,2 = l % 4; warps hold row bits
+    # 4,5; registers row bit 3, rows >= 64, and k bits 0 and >= 3. A lane's
+    # k (k1,k2 fixed) are one contiguous physical run per row: physical column
+    # pk = 32 * (H * q + h) + 8 * a + p (q = lane % 4, h < H = BLOCK_K / 128
+    # the lane's run, a its word, p the element in the word) is logical
+    # k = (h, a, p2, p1, q, p0) as bits from the top (k7 = h when H = 2).
+    # So a lane reads 16 bytes (4 words, 32 columns: one 128-bit load) per
+    # run and row; the 4 lanes of a quad and their H runs cover the row's
+    # BLOCK_K / 2 bytes, one line at BLOCK_K = 256, and a warp load 8 rows
+    # (8 lines per 512 bytes; a row's lines are its own). Rows keep their
+    # order: logical row = physical row = 64 * r + 16 * warp + 8 * r3 + l / 4.
+    # The codebook gather runs along the lanes (one shuffle per weight); each
+    # run lies in one block (K % 32 == 0), whose scale multiplies its 32
+    # codes before the dot (the 4 lanes of a k16 step read different runs, so
+    # the product cannot be scaled after it).
+    # The next trip's words and stored scales are loaded before this trip's
+    # decode (PREFETCH_TRIPS; num_stages 1: no asynchronous copies).
+    H: tl.constexpr = BLOCK_K // 128
+    G: tl.constexpr = BLOCK_N // 16
+    # Scales per lane and row: one when a lane's H runs lie in one block.
+    SH: tl.constexpr = H if BLOCKSIZE < 32 * H else 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rn < N
-    rm = tl.arange(0, 16)
-    rw = tl.arange(0, BLOCK_K // 8)
+    lane = tl.arange(0, 32)
+    q = lane % 4
+    # [32, G, 2, 1]: each row's lane, 16-row group (the warps, then
+    # registers), row bit 3 and (size 1) run, as loaded.
+    rows = (pid_n * BLOCK_N + (lane // 4)[:, None, None, None]
+            + 16 * tl.arange(0, G)[None, :, None, None]
+            + 8 * tl.arange(0, 2)[None, None, :, None])
+    row_ok = rows < N
+    # The runs' first columns: [32, 1, 1, H] and (scales) [32, 1, 1, SH].
+    col = 32 * (H * q[:, None, None, None] + tl.arange(0, H)[None, None, None, :])
+    s_col = 32 * (H * q[:, None, None, None] + tl.arange(0, SH)[None, None, None, :])
+    rw = tl.arange(0, 4)
+    w_ptrs = words_ptr + rw[:, None, None, None, None] + (rows * stride_wn + col // 8)[None]
+    s_rows = rows * (K // BLOCKSIZE)
     table = nf4_code_table(code_ptr)
+    rm = tl.arange(0, 16)
+    x_col = (32 * (H * tl.arange(0, 4)[:, None, None] + tl.arange(0, H)[None, :, None])
+             + tl.arange(0, 32)[None, None, :])                     # [4, H, 32]
+    x_off = rm[:, None, None, None] * stride_xm + x_col[None] * stride_xk
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        # K % 32 == 0: each 4-word (32-column) run is all in or all out; the
-        # mask is built constant along it so the loads stay 128-bit. Masked
-        # words read 0 (code -1.0): their x is 0, or their row is not stored.
-        # num_stages >= 2: Triton's pipeliner issues the next trips' word loads
-        # (asynchronous copies) before this trip's decode.
-        word_ok = (k0 + 32 * (rw // 4)) < K
-        words = tl.load(words_ptr + rn[None, :] * stride_wn + k0 // 8 + rw[:, None],
-                        mask=row_ok[None, :] & word_ok[:, None], other=0)
-        w = nf4_w_words_tile(table, words.to(tl.uint32, bitcast=True))
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
-                     mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
-        # BLOCK_K <= BLOCKSIZE: one block per row segment, so the scale
-        # multiplies the [BLOCK_N, 16] product instead of the tile.
-        if DOT_FP32:
-            prod = tl.dot(w, xt.to(tl.float32), input_precision=DOT_PRECISION)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # K % 32 == 0: a run is all in or all out, so its mask is constant along
+    # its 4 words and the loads stay 128-bit. Masked words read 0 (code -1.0):
+    # their x is 0, or their row is not stored; masked scales read 0.
+    w0 = tl.load(w_ptrs + k_start // 8, mask=(row_ok & (k_start + col < k_end))[None], other=0)
+    raw = nf4_scale_raw(absmax_ptr, s_rows + (k_start + s_col) // BLOCKSIZE,
+                        row_ok & (k_start + s_col < k_end), DOUBLE_QUANT)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k1 = k0 + BLOCK_K
+        n0 = tl.load(w_ptrs + k1 // 8, mask=(row_ok & (k1 + col < k_end))[None], other=0)
+        next_raw = nf4_scale_raw(absmax_ptr, s_rows + (k1 + s_col) // BLOCKSIZE,
+                                 row_ok & (k1 + s_col < k_end), DOUBLE_QUANT)
+        scale = nf4_scale_of(raw, absmax2_ptr, code2_ptr, offset_ptr,
+                             s_rows + (k0 + s_col) // BLOCKSIZE, row_ok & (k0 + s_col < k_end),
+                             DOUBLE_QUANT, BLOCKSIZE2)
+        # x in column order: [16, 4, H, 32] (row of x, lane % 4, run, column).
+        xp = tl.load(x_ptr + k0 * stride_xk + x_off,
+                     mask=(rm < M)[:, None, None, None] & (k0 + x_col < k_end)[None], other=0.0)
+        wu = w0.to(tl.uint32, bitcast=True)
+        if H == 2:  # one dot per run, so that one run's tile is live at a time
+            wa, wb = tl.split(wu)
+            xa, xb = tl.split(tl.permute(xp, (0, 1, 3, 2)))
+            if SH == 2:
+                sa, sb = tl.split(scale)
+            else:
+                sa = tl.reshape(scale, (32, G, 2))
+                sb = sa
+            acc = _fragment_dot(table, wa, sa, xa, acc, DOT_FP32, DOT_PRECISION)
+            acc = _fragment_dot(table, wb, sb, xb, acc, DOT_FP32, DOT_PRECISION)
         else:
-            prod = tl.dot(w.to(x_ptr.dtype.element_ty), xt, input_precision=DOT_PRECISION)
-        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                          rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, DOUBLE_QUANT, BLOCKSIZE2)
-        acc += scale[:, None] * prod
+            acc = _fragment_dot(table, tl.reshape(wu, (4, 32, G, 2)), tl.reshape(scale, (32, G, 2)),
+                                tl.reshape(xp, (16, 4, 32)), acc, DOT_FP32, DOT_PRECISION)
+        w0 = n0
+        raw = next_raw
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
     if HAS_LORA:
         if pid_k == 0:  # one split adds the update
             acc += scaling * _lora_cols(h_ptr, lora_b_ptr, rm, rn, M, N, R, stride_hm, stride_bn,

@@ -35,10 +35,10 @@ def _config(block_n: int, block_k: int, split_k: int, warps: int, stages: int) -
 SMS = 132  # H100 SXM / H200
 
 # Largest M the FMA GEMV (no tl.dot) takes: every row of x costs it one FFMA
-# per weight. Profiled (Triton 3.6, bf16, issue 22's kernel): 4.6
+# per weight. Profiled (Triton 3.6, bf16, issue 22's kernels): 4.6
 # thread-instructions per weight at M = 1 (32x256), 7.4 at M = 2 and 11.7 at
-# M = 4 (16x256); the register-decode tensor-core GEMV costs 5.1-5.7 at any
-# M <= 16, so it takes M >= 2.
+# M = 4 (16x256); the tensor-core GEMV in the A fragment's lanes costs
+# 4.95-5.14 at any M <= 16, so it takes M >= 2.
 GEMV_FMA_MAX_M = 1
 _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 
@@ -46,9 +46,9 @@ _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 # per weight, registers, load/store-unit thread-instructions per weight, L1/TEX
 # lines per weight), from the static profile (Triton 3.6, bf16, blocksize
 # 64, double quant, K = 8192; scripts/sm90_sass.py, benchmarks/results/sm90-decode-*).
-# The FMA kernel loads the next trip's words and stored scales in registers
-# itself (ops/gemv.PREFETCH_TRIPS, num_stages 1); the dot kernel leaves that to
-# Triton's pipeliner (num_stages >= 2: asynchronous copies of the words).
+# Both kernels load the next trip's words and stored scales in registers
+# themselves (ops/gemv.PREFETCH_TRIPS, num_stages 1: no asynchronous copies,
+# which would stage the words in shared memory).
 # * "fma" (M = 1): one warp per program, because the codebook lookup is a
 #   shuffle within the warp; BLOCK_K = 256: a lane reads a 16-byte piece of a
 #   row, 8 lanes a row's 128 bytes, so a warp load is 4 whole lines (the
@@ -59,29 +59,35 @@ _MIN_PROGRAMS = 256  # about 2 per SM (the per-element-decode GEMV's split)
 #   programs, 4 warps per scheduler); the 2026-12-04b kernel took 5.43 at 16
 #   rows and 5.09 at 32 rows (254 registers).
 # * "dot" (2 <= M <= 16): W tile decoded in registers as the wgmma's A
-#   operand, x^T (16 columns) the B operand in shared memory; its loads are
-#   still 16 rows x 32 bytes (16 lines) each (not reworked yet).
-# Triton 3.9 lowers the same code differently: its gather layout gives a lane
-# as many table entries as it holds rows, so a lookup becomes 2+ shuffles and
-# selects, the wide tiles spill or take 254 registers there, and the FMA
-# kernel's x goes through shared memory. Other versions than 3.6 (the GPU
-# machine's) get the tiles that neither spill nor multiply the shuffles.
+#   operand, x^T (16 columns) the B operand in shared memory; BLOCK_K = 256
+#   whatever the blocksize: the words are loaded in the A fragment's own
+#   lanes (a lane reads 16 bytes of a row per run, a quad a row's 128 bytes,
+#   8 rows = 8 lines per warp load; no shared memory for the decoded tile),
+#   a scale per 32-column run multiplied into the tile. 16 rows per warp:
+#   the 128-row tile takes 8 warps (two warpgroups sharing x^T), which
+#   halves x's loads and stores per weight against the 64-row tile. Figures
+#   of the 2026-12-04c kernel (bf16 x: the scale multiplies packed pairs).
+# Triton 3.9 lowers the same code differently: for the FMA kernel its gather
+# layout gives a lane as many table entries as it holds rows, so a lookup
+# becomes 2+ shuffles and selects, the wide tiles spill there, and x goes
+# through shared memory (the tensor-core kernel keeps one shuffle per weight
+# there; x^T's store to shared memory costs more instructions). Other
+# versions than 3.6 (the GPU machine's) get the tiles that neither spill nor
+# multiply the shuffles.
 _TILES_36 = {"fma": [(16, 1, 1, 4.89, 72, 1.16, 0.0175), (32, 1, 1, 4.64, 128, 1.14, 0.0155),
                      (8, 1, 1, 5.5, 64, 1.19, 0.0214)],
-             "dot": [(256, 4, 2, 5.0, 200, 1.49, 0.083), (128, 4, 3, 5.7, 136, 1.52, 0.085),
-                     (64, 4, 3, 7.6, 96, 1.6, 0.0996)]}
+             "dot": [(128, 8, 1, 4.95, 128, 1.16, 0.0229), (64, 4, 1, 5.14, 128, 1.23, 0.0268)]}
 _TILES_OTHER = {"fma": [(16, 1, 1, 7.2, 142, 1.42, 0.0507), (8, 1, 1, 10.2, 72, 2.23, 0.0233)],
-                "dot": [(64, 4, 3, 12.9, 96, 2.7, 0.0996)]}
-# K columns per trip: the FMA GEMV reads 128 contiguous bytes of each row per
-# trip whatever the blocksize (a scale per 32-column piece; ops/gemv.py); the
-# tensor-core one at most min(64, blocksize) (one scale per row segment).
-_BLOCK_K = {"fma": 256, "dot": 64}
+                "dot": [(128, 8, 1, 5.34, 128, 1.3, 0.0316), (64, 4, 1, 5.88, 168, 1.3, 0.0316)]}
+# K columns per trip: both GEMVs read 128 contiguous bytes of each row per
+# trip whatever the blocksize (a scale per 32 columns; ops/gemv.py).
+_BLOCK_K = {"fma": 256, "dot": 256}
 _TILES = _TILES_36 if triton.__version__.startswith("3.6.") else _TILES_OTHER
 
 
 def _block_k(kernel: str, blocksize: int) -> int:
     """K columns per trip of GEMV ``kernel`` on weights of ``blocksize``."""
-    return _BLOCK_K[kernel] if kernel == "fma" else min(_BLOCK_K[kernel], blocksize)
+    return _BLOCK_K[kernel]
 
 
 # Any split of K up to 32 (not only powers of two): the one that deals the
@@ -103,7 +109,7 @@ _LATENCY_S = 700e-9
 # shared-memory wavefronts), fitted on the H200's ncu cycles of the 64x64 FMA
 # and 128x64 tensor-core GEMVs at 28672x8192 (sm90_sass.L1_CLOCKS_PER_LINE).
 _L1_CLOCKS_PER_LINE = 1.8
-_DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (prefetch, or 2 stages)
+_DEPTH = {"fma": 2, "dot": 2}  # trips of loads in flight per program (the prefetch)
 # Calibration from the first GPU run (H200, Triton 3.6, bf16, graph-replayed
 # sweep of every tile and split at 4096x4096, 8192x8192 and 28672x8192;
 # benchmarks/results/h200-2026-12-04/diag.jsonl): a scheduler issued at full
@@ -119,7 +125,7 @@ _WARPS_TO_HIDE_LATENCY = 3
 @functools.lru_cache(maxsize=None)
 def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
     """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
-    (:func:`prune_gemv` drops K tiles wider than the weight's blocksize);
+    (:func:`prune_gemv` drops what :func:`allowed` refuses);
     ``lora``: only the tiles :func:`lora_allowed`."""
     return tuple(_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel]
                  for k in (_BLOCK_K[kernel] // 2, _BLOCK_K[kernel])
@@ -128,13 +134,14 @@ def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
 
 
 def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool, kernel: str = "dot") -> bool:
-    """Whether a config of GEMV ``kernel`` may run: the tensor-core one needs
-    BLOCK_K <= blocksize (one block per row segment of a K tile) and no
-    256-row tile for fp32 x (its dot spills at 255 registers, sm90_compile);
-    the FMA one takes any (a scale per 32-column piece)."""
+    """Whether a config of GEMV ``kernel`` may run: any blocksize (both take a
+    scale per 32 columns); the tensor-core one no tile over 64 rows for fp32
+    x (its full-fp32 dot runs on the FMA units with the operands in
+    registers: the 128-row tile spills 16 B with a bias, sm90_compile, Triton
+    3.9)."""
     if kernel == "fma":
         return True
-    return cfg.kwargs["BLOCK_K"] <= blocksize and not (x_fp32 and cfg.kwargs["BLOCK_N"] > 128)
+    return not (x_fp32 and cfg.kwargs["BLOCK_N"] > 64)
 
 
 def prune_gemv(configs, named_args, **kwargs) -> list[triton.Config]:
