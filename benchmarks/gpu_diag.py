@@ -144,8 +144,6 @@ def sweep(out) -> None:
                        "config": dict(base.kwargs, warps=base.num_warps, stages=base.num_stages)})
             for block_n, warps, stages, *_ in tiles:
                 for split in splits:
-                    if split > tuned_sm90._max_split(kernel, block_n):
-                        continue
                     cfg = tuned_sm90._config(block_n, tuned_sm90._block_k(kernel, 64), split, warps,
                                              stages)
                     gemv_mod.gemv_config = lambda *a, cfg=cfg, **k: cfg

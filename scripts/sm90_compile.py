@@ -190,8 +190,7 @@ def gemv_words_variants(kernel: str, configs, dtypes, dq_opts, bias_opts, rows_o
         # Only what the launcher and the autotune pruner can run.
         for dt in [d for d in dtypes if tuned_sm90.allowed(cfg, blocksize, d == "fp32", kernel)]:
             for dq in dq_opts:
-                with_lora = lora_opt and tuned_sm90.lora_allowed(kernel, kw["BLOCK_N"])
-                for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if with_lora else []):
+                for bias, lora in [(b, False) for b in bias_opts] + ([(True, True)] if lora_opt else []):
                     for rows, even in ([(r, e) for r in rows_opts for e in even_k_opts]
                                        if kernel == "fma" else [(16, True)]):
                         ce = dict(kw, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=dq,
@@ -266,8 +265,8 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
     general = {op: tuned_sm90.general_configs(op) for op in ("forward", "grad_input", "gemv")}
     half = [d for d in DTYPES if d != "fp32"]
     if not subset:
-        # Every word-GEMV tile the table has (BLOCK_K 64 for blocksize 64, 32 for
-        # blocksize 32) with splits 1 and 2 (a split changes only the epilogue:
+        # Every word-GEMV tile the table has at its full K tile (256 columns,
+        # any blocksize) with splits 1 and 2 (a split changes only the epilogue:
         # one code path for every split > 1), plus the config the launcher
         # ships for each profiled shape, each with and without the LoRA fold.
         shapes = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
@@ -282,17 +281,18 @@ def matmul_variants(subset: bool = False) -> list[Variant]:
                     out.append(c)
             return out
 
-        k64 = {k: unique([c for c in tuned_sm90.gemv_configs(k) if c.kwargs["BLOCK_K"] == 64
-                          and c.kwargs["SPLIT_K"] <= 2]
-                         + [tuned_sm90.gemv_config(k, n, kk) for n, kk in shapes])
-               for k in ("fma", "dot")}
+        words = {k: unique([c for c in tuned_sm90.gemv_configs(k)
+                            if c.kwargs["BLOCK_K"] == tuned_sm90._BLOCK_K[k]
+                            and c.kwargs["SPLIT_K"] <= 2]
+                           + [tuned_sm90.gemv_config(k, n, kk) for n, kk in shapes])
+                 for k in ("fma", "dot")}
         # Blocksize 32 under the tensor-core GEMV's 256-column K tile: two
         # scales per lane and row (ops/gemv.py, SH).
         k32 = [c for c in tuned_sm90.gemv_configs("dot") if c.kwargs["BLOCK_K"] == 256
                and c.kwargs["SPLIT_K"] <= 2]
-        return (gemv_words_variants("fma", k64["fma"], DTYPES, (True, False), (True, False),
+        return (gemv_words_variants("fma", words["fma"], DTYPES, (True, False), (True, False),
                                     lora_opt=True)
-                + gemv_words_variants("dot", k64["dot"], DTYPES, (True, False), (True, False),
+                + gemv_words_variants("dot", words["dot"], DTYPES, (True, False), (True, False),
                                       lora_opt=True)
                 + gemv_words_variants("dot", k32, ["bf16"], (True, False), (True, False),
                                       blocksize=32)
@@ -433,9 +433,8 @@ PROFILE_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (819
 
 def shipped_variants() -> list[Variant]:
     """What the launchers ship for the profiled decode shapes: each word GEMV's
-    config (every dtype, double quant, with a bias, and with the LoRA fold where
-    the launcher folds it: the config it picks then; the FMA kernel with and
-    without EVEN_K),
+    config (every dtype, double quant, with a bias, and with the LoRA fold; the
+    FMA kernel with and without EVEN_K),
     and the dequantize kernel (every dtype, blocksize 64, double quant on/off)."""
     from qlora_triton.ops import tuned_sm90
 
@@ -444,15 +443,14 @@ def shipped_variants() -> list[Variant]:
         seen = []
         for n, k in PROFILE_SHAPES:
             for fp32 in (False, True):
-                for lora in (False, True):
-                    cfg = tuned_sm90.gemv_config(kernel, n, k, 64, fp32, lora=lora)
-                    key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, fp32)
-                    if key in seen:
-                        continue
-                    seen.append(key)
-                    dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
-                    out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True,
-                                               even_k_opts=(True, False))
+                cfg = tuned_sm90.gemv_config(kernel, n, k, 64, fp32)
+                key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, fp32)
+                if key in seen:
+                    continue
+                seen.append(key)
+                dtypes = ["fp32"] if fp32 else ["bf16", "fp16"]
+                out += gemv_words_variants(kernel, [cfg], dtypes, [True], [True], lora_opt=True,
+                                           even_k_opts=(True, False))
     out += [dequantize_variant(dt, 64, dq) for dt in DTYPES for dq in (True, False)]
     return out
 

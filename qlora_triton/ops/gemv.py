@@ -449,8 +449,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, tensors: tuple, qw: NF4Weig
     # Meta tensors (tensor accounting, ops/meta.py) take the GPU's config, so that
     # what they allocate (split-K partials) is what the GPU run allocates.
     cfg = gemv_config(name, N, K, qw.blocksize, x.dtype == torch.float32,
-                      interpret=INTERPRET and x.device.type != "meta", lora=lora is not None)
-    candidates = gemv_configs(name, lora is not None)
+                      interpret=INTERPRET and x.device.type != "meta")
+    candidates = gemv_configs(name)
     tuned = candidates if autotune_enabled() and not INTERPRET else (cfg,)
     splits = max(c.kwargs["SPLIT_K"] for c in tuned)
     partial = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y

@@ -95,12 +95,6 @@ def _block_k(kernel: str, blocksize: int) -> int:
 _SPLITS = range(1, 33)
 
 
-def _max_split(kernel: str, block_n: int) -> int:
-    """The split epilogue adds the partial sums in an unrolled loop: the 256-row
-    tensor-core tile with a bias spills past 8 (sm90_compile, Triton 3.6:
-    255 registers, 8 B at SPLIT_K=16)."""
-    return 8 if kernel == "dot" and block_n >= 256 else 32
-
 # The bound model of scripts/sm90_sass.py (H200), used here to pick a split.
 _CLOCK_HZ = 1.98e9
 _HBM_BYTES_PER_S = 4.3e12
@@ -123,14 +117,12 @@ _WARPS_TO_HIDE_LATENCY = 3
 # The candidate lists below are built once (lru_cache; callers never change
 # them): the launchers pass them on every call, and at M = 1 host time is the cost.
 @functools.lru_cache(maxsize=None)
-def gemv_configs(kernel: str, lora: bool = False) -> tuple[triton.Config, ...]:
+def gemv_configs(kernel: str) -> tuple[triton.Config, ...]:
     """The candidates of GEMV ``kernel`` ("fma" or "dot") for the autotuner
-    (:func:`prune_gemv` drops what :func:`allowed` refuses);
-    ``lora``: only the tiles :func:`lora_allowed`."""
+    (:func:`prune_gemv` drops what :func:`allowed` refuses)."""
     return tuple(_config(t[0], k, s, t[1], t[2]) for t in _TILES[kernel]
                  for k in (_BLOCK_K[kernel] // 2, _BLOCK_K[kernel])
-                 if not (lora and not lora_allowed(kernel, t[0]))
-                 for s in (1, 2, 4, 8, 16) if s <= _max_split(kernel, t[0]))
+                 for s in (1, 2, 4, 8, 16))
 
 
 def allowed(cfg: triton.Config, blocksize: int, x_fp32: bool, kernel: str = "dot") -> bool:
@@ -193,20 +185,12 @@ def gemv_estimate_s(N: int, K: int, rows: int, block_n: int, block_k: int, warps
             + partial / _HBM_BYTES_PER_S)
 
 
-def lora_allowed(kernel: str, block_n: int) -> bool:
-    """Whether a GEMV tile may carry the folded LoRA epilogue: the 256-row
-    tensor-core tile spills with it (fp16 x, bias: 255 registers, 8 B;
-    sm90_compile, Triton 3.6)."""
-    return not (kernel == "dot" and block_n > 128)
-
-
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments, asked on every call
 def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool = False,
-                interpret: bool = False, lora: bool = False) -> triton.Config:
+                interpret: bool = False) -> triton.Config:
     """GEMV ``kernel``'s config for an [N, K] weight: the tile and K split
     (BLOCK_K from :func:`_block_k`; at least one K tile per split) that
-    :func:`gemv_estimate_s` puts fastest, the first such in tile order
-    (``lora``: among the tiles :func:`lora_allowed`).
+    :func:`gemv_estimate_s` puts fastest, the first such in tile order.
     Compile-time estimates (sm90_sass), to be calibrated on the GPU."""
     block_k = _block_k(kernel, blocksize)
     if interpret:  # small tiles, and a split so that CI runs the split epilogue
@@ -215,11 +199,9 @@ def gemv_config(kernel: str, N: int, K: int, blocksize: int = 64, x_fp32: bool =
     best = None
     for block_n, warps, stages, instr, regs, lsu, l1 in _TILES[kernel]:
         cfg0 = _config(block_n, block_k, 1, warps, stages)
-        if not allowed(cfg0, blocksize, x_fp32, kernel) or (lora and not lora_allowed(kernel, block_n)):
+        if not allowed(cfg0, blocksize, x_fp32, kernel):
             continue
         for split in _SPLITS:
-            if split > _max_split(kernel, block_n):
-                break
             if split > 1 and (split - 1) * -(-K // block_k // split) * block_k >= K:
                 continue  # the last split would get no K
             t = gemv_estimate_s(N, K, rows, block_n, block_k, warps, split, instr, regs, blocksize,
