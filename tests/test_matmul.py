@@ -210,39 +210,22 @@ def test_gemv_matches_reference(backend, device, case):
         assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
 
 
-# The FMA GEMV (M = 1) reads 256 columns per trip: K = 64, 192, 320 leave a
-# trip of 1-3 of its 4 blocks (64) or 2-6 of 8 (32), N not a multiple of
-# its rows; the interpreter's split of 2 leaves the second split no trip (K =
-# 64, 192) or a partial one (320). With and without double quantization,
-# each x dtype, and a bias.
-@pytest.mark.parametrize("K, bs", [(64, 64), (192, 64), (320, 64), (192, 32), (320, 32),
-                                   (64, 32), (576, 64)])
+# The FMA GEMV (M = 1) reads 256 columns per trip, and the interpreter's config
+# splits K in 2. Partial trips (the masked loop): K = 64, 192, 320 leave 1-3 of
+# a trip's 4 blocks (64) or 2-6 of 8 (32); the second split gets no trip (K =
+# 64, 192) or a partial one (320). Whole trips (EVEN_K: no masks; rows past N
+# read row N - 1, the prefetch past a split's end re-reads its last trip): 2 +
+# 1 trips (768) or 2 + 2 (1024), blocks of 32 (8 per trip), 64 and 512 (wider
+# than a trip). N not a multiple of the tile's rows, with and without double
+# quantization, each x dtype, strided x, a bias.
+@pytest.mark.parametrize("K, bs, dq", [(64, 64, True), (192, 64, False), (320, 64, True),
+                                       (192, 32, False), (320, 32, True), (64, 32, True),
+                                       (576, 64, True), (768, 64, True), (1024, 32, False),
+                                       (1024, 512, True)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_fma_gemv_partial_trips(backend, device, K, bs, dtype):
-    N = 37
-    qw = _weight(N, K, bs, K % 128 == 64, device)
-    x = torch.randn(1, K).to(dtype).to(device)
-    bias = torch.randn(N).to(dtype).to(device)
-    ref = x.cpu().double() @ _dense(qw).t() + bias.cpu().double()
-    with qt.force_backend(backend):
-        before = ops_matmul.launches.copy()
-        y = qt.nf4_matmul(x, qw, bias)
-        ran = ops_matmul.launches - before
-    _assert_close(y, ref, dtype)
-    if backend == "triton":
-        assert ran == {"gemv": 1}
-        assert all(int(c.abs().sum()) == 0 for c in ops_matmul._split_counters.values())
-
-
-# K a multiple of the FMA GEMV's 256-column trip (EVEN_K: no masks; rows past
-# N read row N - 1, the prefetch past a split's end re-reads its last trip):
-# the interpreter's split of 2 leaves 2 + 1 trips (768) or 2 + 2 (1024);
-# blocks of 32 (8 per trip), 64, and 512 (wider than a trip).
-@pytest.mark.parametrize("K, bs", [(768, 64), (1024, 32), (1024, 512)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_fma_gemv_whole_trips(backend, device, K, bs, dtype):
+def test_fma_gemv_trips(backend, device, K, bs, dq, dtype):
     N = 45
-    qw = _weight(N, K, bs, bs != 32, device)
+    qw = _weight(N, K, bs, dq, device)
     x = _make_input(1, K, dtype, "strided", device)
     bias = torch.randn(N).to(dtype).to(device)
     ref = x.cpu().double() @ _dense(qw).t() + bias.cpu().double()
