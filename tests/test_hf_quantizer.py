@@ -37,18 +37,22 @@ ARCHS = {
 def dense_folder(tmp_path_factory):
     folders = {}
 
-    def make(arch):
-        if arch not in folders:
+    def make(arch, **overrides):
+        key = (arch, *sorted(overrides.items()))
+        if key not in folders:
             torch.manual_seed(len(folders) + 1)
-            model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch]())
+            config = ARCHS[arch]()
+            for name, value in overrides.items():
+                setattr(config, name, value)
+            model = transformers.AutoModelForCausalLM.from_config(config)
             with torch.no_grad():  # random biases, so that a lost bias shows
                 for name, p in model.named_parameters():
                     if name.endswith("bias"):
                         p.normal_(0, 0.1)
             folder = tmp_path_factory.mktemp(arch)
             model.save_pretrained(folder)
-            folders[arch] = str(folder)
-        return folders[arch]
+            folders[key] = str(folder)
+        return folders[key]
 
     return make
 
@@ -203,8 +207,10 @@ def test_bitsandbytes_folder_loads_without_bitsandbytes(bnb, dense_folder, tmp_p
     assert result["rel_err"] <= 1e-5
 
 
-def test_our_folder_loads_in_transformers_and_bitsandbytes(bnb, dense_folder, tmp_path):
-    q = transformers.AutoModelForCausalLM.from_pretrained(dense_folder("llama"), quantization_config=qt.NF4Config())
+@pytest.mark.parametrize("intermediate", [96, 128])
+def test_our_folder_loads_in_transformers_and_bitsandbytes(bnb, dense_folder, tmp_path, intermediate):
+    folder = dense_folder("llama", intermediate_size=intermediate)
+    q = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=qt.NF4Config())
     q.save_pretrained(tmp_path)
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     config.quantization_config = qt.NF4Config.from_dict(config.quantization_config).to_bnb()
@@ -215,8 +221,12 @@ def test_our_folder_loads_in_transformers_and_bitsandbytes(bnb, dense_folder, tm
     for name, layer in layers.items():
         for key, value in layer.state_dict().items():
             assert torch.equal(value.reshape(-1), ours[f"{name}.{key}"].reshape(-1)), (name, key)
-    x = tokens()  # hidden 64 and blocksize 64: outside bitsandbytes' CPU dequantize bug
-    assert rel_err(logits(theirs, x), logits(q, x)) <= 1e-5
+    # bitsandbytes' forward is the oracle only where every layer is outside its AVX512 CPU
+    # dequantize bug (docs/testing.md): a 64x96 down_proj is inside it, and the outcome would
+    # then depend on the CPU. Width 96 checks the bytes, width 128 the bytes and the logits.
+    if intermediate % 64 == 0:
+        x = tokens()
+        assert rel_err(logits(theirs, x), logits(q, x)) <= 1e-5
 
 
 @pytest.mark.parametrize("order", ["qlora_triton first", "transformers first"])
