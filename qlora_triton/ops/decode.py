@@ -82,12 +82,7 @@ def nf4_lookup(table, nibble):
     """``code[nibble]`` for a 2-D int tensor of nibbles, from the register table
     of :func:`nf4_code_table` (``tl.gather``: a shuffle on the GPU, no memory
     access)."""
-    if len(nibble.shape) == 3:  # [R, W, lanes]: the gather along the lanes
-        out = tl.gather(tl.broadcast_to(table[None, None, :], (nibble.shape[0], nibble.shape[1], 32)),
-                        nibble, 2)
-    else:
-        out = tl.gather(tl.broadcast_to(table[None, :], (nibble.shape[0], 32)), nibble, 1)
-    return out
+    return tl.gather(tl.broadcast_to(table[None, :], (nibble.shape[0], 32)), nibble, 1)
 
 
 @triton.jit
