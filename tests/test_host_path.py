@@ -320,7 +320,8 @@ def test_nf4_matmul_at_m1_is_one_launch(device, dtype):
 def test_lora_eval_forward_up_to_m16_is_two_launches(device, m):
     """Issue 22's target, as a user's layer runs it (bf16 input, fp32 master adapters, a bias,
     dropout that eval mode skips): x @ A.T, then the GEMV with the scaled update folded into its
-    epilogue. Up to M = 16 every GEMV (per-element, FMA and tensor-core) takes the fold."""
+    epilogue: the FMA GEMV at M = 1, the tensor-core one at 2..16 (K a multiple of the blocksize;
+    otherwise the per-element GEMV runs and the update is an addmm_ after it)."""
     layer = qt.LoRALinear4bit.from_linear(torch.nn.Linear(128, 96, device=device), r=8, lora_dropout=0.1).eval()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
