@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
@@ -32,6 +33,16 @@ def build_cuda_helper() -> None:
     subprocess.run(cmd, check=True)
 
 
+def license_metadata() -> dict:
+    """Apache-2.0 (the text is LICENSE, which setuptools ships by its default
+    pattern) as an SPDX ``License-Expression`` where setuptools has it (>= 77),
+    the older free-text field before. A TOML table in pyproject.toml would be
+    the one form both read, but setuptools drops it after 2027-02-18, and the
+    GPU machine builds with its own setuptools (--no-build-isolation)."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 class BuildPyWithCudaHelper(build_py):
     def run(self):
         if os.environ.get("QLORA_TRITON_BUILD_CUDA", "0") not in ("", "0"):
@@ -42,4 +53,5 @@ class BuildPyWithCudaHelper(build_py):
 setup(
     cmdclass={"build_py": BuildPyWithCudaHelper},
     package_data={"qlora_triton": ["_managed_alloc.so"]},
+    **license_metadata(),
 )
