@@ -21,8 +21,9 @@
 #   diag       25  python -m benchmarks.gpu_diag --parts managed,split: host time per call against
 #                  GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged states'
 #                  accounting (the core table's do_bench at small M times the host)
-#   preset     45  qlora-triton finetune --preset 7b --steps 3
-#   crossover  35  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
+#   preset     55  qlora-triton finetune --preset 7b --steps 3 --lora16 (then the 16-bit LoRA baseline:
+#                  PEFT on dense bf16 weights, the same shape, tokens and steps)
+#   crossover  25  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
 #   decode     50  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
 #                  (CUDA graphs through torch.compile "reduce-overhead")
 # and a short table last (the bench rows, then one line per stage).
@@ -44,7 +45,7 @@ DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=420
 ORDER=(install env tests bench diag preset crossover decode)
-declare -A LIMIT=([install]=40 [env]=10 [tests]=125 [bench]=90 [diag]=25 [preset]=45 [crossover]=35 [decode]=50)
+declare -A LIMIT=([install]=40 [env]=10 [tests]=125 [bench]=90 [diag]=25 [preset]=55 [crossover]=25 [decode]=50)
 for s in "${ORDER[@]}"; do v="T_${s^^}"; LIMIT[$s]=${!v:-${LIMIT[$s]}}; done
 STAGES=${STAGES:-${ORDER[*]}}
 # The dry run's stages interpret on a shared 2-core CPU: their time limits are SCALE x the GPU's.
@@ -151,8 +152,18 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
       fi ;;
     preset)
       if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 3); fi
-      run_for preset "$PY" -m qlora_triton.cli finetune "${preset[@]}" --output-dir "$OUT/preset" || rc=$?
-      note=$(grep -m1 "^preset " "$LOG" | cut -c1-100) ;;
+      run_for preset "$PY" -m qlora_triton.cli finetune "${preset[@]}" --lora16 --output-dir "$OUT/preset" || rc=$?
+      note="$("$PY" - "$OUT/preset" <<'EOF' 2>/dev/null | cut -c1-110
+import glob, json, sys
+d = json.load(open(glob.glob(sys.argv[1] + "/preset-*.json")[0]))
+b = d.get("lora16")
+base = ("not run" if b is None else b["skipped"] if "skipped" in b else
+        "step %.0f ms" % (b["step_seconds_median"] * 1e3) + (", peak %.2f GiB" % (b["memory"]["delta_bytes"] / 2**30)
+                                                           if b["memory"]["kind"].startswith("cuda") else ""))
+print("QLoRA step %.0f ms, peak %.2f GiB; 16-bit LoRA %s"
+      % (d["step_seconds_median"] * 1e3, d["memory"]["peak_bytes"] / 2**30, base))
+EOF
+)" ;;
     crossover)
       smoke=(); [ "$DRY_RUN" = 1 ] && smoke=(--smoke)
       run_for crossover "$PY" -m benchmarks.crossover "${smoke[@]}" --out "$OUT/crossover.json" || rc=$?

@@ -58,6 +58,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate-step", action="store_true",
                    help="with --preset: print the ESTIMATED step time (roofline sum over the ops on meta: "
                         "790 TFLOP/s, 4.3 TB/s, 4 us per launch) of QLoRA beside 16-bit LoRA, then exit")
+    p.add_argument("--lora16", action="store_true",
+                   help="with --preset: then time the 16-bit LoRA baseline on the same shape (PEFT on dense "
+                        "bf16 weights, the same r, alpha, checkpointing, Liger option, tokens and steps, torch "
+                        "AdamW) and print QLoRA's step time and peak memory over it")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("--estimate", action="store_true",
                    help="with --preset: print the memory one rank needs with 1, 2, 4 and 8 FSDP2 ranks and "
@@ -70,7 +74,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 # model of the preset's shape, on the default backend of its device).
 PRESET_UNUSED = ("model", "data", "dropout", "pretrain_steps", "save_adapter", "backend", "bf16_matmul")
 # Options that only --preset takes.
-PRESET_ONLY = ("estimate", "rank_memory", "memory_only", "estimate_step")
+PRESET_ONLY = ("estimate", "rank_memory", "memory_only", "estimate_step", "lora16")
 
 
 def _print_estimate(args: argparse.Namespace) -> None:
@@ -104,8 +108,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     # Options left out (None) take the defaults of FinetuneConfig / run_preset.
     given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
     if not args.preset and any(name in given for name in PRESET_ONLY):
-        raise ValueError("--estimate, --rank-memory, --memory-only and --estimate-step measure a --preset "
-                         "model; give --preset NAME")
+        raise ValueError("--estimate, --rank-memory, --memory-only, --estimate-step and --lora16 measure a "
+                         "--preset model; give --preset NAME")
     if args.preset and args.estimate:
         _print_estimate(args)
         return 0
@@ -121,7 +125,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         run_preset(args.preset, device=args.device, steps=args.steps or 4, batch_size=args.batch_size,
                    seq_len=args.seq_len, r=args.r, alpha=args.alpha, seed=args.seed,
                    output_dir=args.output_dir or "runs", quiet=args.quiet,
-                   fuse=args.fuse, liger=args.liger, offload=args.offload,
+                   fuse=args.fuse, liger=args.liger, offload=args.offload, lora16=args.lora16,
                    **({"lr": args.lr} if args.lr is not None else {}))
         return 0
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}

@@ -8,6 +8,8 @@ the default-size numbers are in the README, not asserted here.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +104,38 @@ def test_preset_tiny_on_cpu(tmp_path):
     dense_bf16 = (presets.linear_params(shape) + 2 * shape.vocab_size * shape.hidden_size) * 2
     assert result["weight_bytes"] < 0.75 * dense_bf16
     assert result["lora_params"] == presets.lora_params(presets.LLAMA_SHAPES["tiny"], 8)
+
+
+@pytest.mark.parametrize("liger", [True, False])
+def test_preset_times_the_16bit_lora_baseline(tmp_path, liger):
+    result = run_preset("tiny", device="cpu", steps=3, output_dir=str(tmp_path), quiet=True, lora16=True,
+                        liger=liger)
+    saved = json.loads((tmp_path / "preset-tiny.json").read_text())
+    base = saved["lora16"]
+    assert base["lora_params"] == result["lora_params"]  # PEFT's LoRA on the same seven projections, same r
+    # The QLoRA run's Liger option (on the CPU: the chunked loss) for the baseline too.
+    assert ("liger" in result["speedups"]) == liger and base["liger"] == ("torch" if liger else None)
+    assert len(base["step_seconds"]) == len(base["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(base["losses"])))
+    # Random weights of the same init: both start near log(vocab) on the same random tokens.
+    vocab = presets.LLAMA_SHAPES["tiny"].vocab_size
+    assert abs(base["losses"][0] - result["losses"][0]) < 0.05 * math.log(vocab)
+    assert base["step_seconds_median"] == statistics.median(base["step_seconds"][1:])
+    assert saved["vs_lora16"]["step_time"] == pytest.approx(saved["step_seconds_median"] / base["step_seconds_median"])
+    assert saved["vs_lora16"]["peak_memory"] is None  # the CPU's peak RSS is the process's (see _versus)
+    assert base["estimate_bytes"] > result["estimate_bytes"]["total"]  # dense bf16 against NF4 linears
+
+
+def test_preset_skips_the_baseline_that_does_not_fit(monkeypatch, capsys):
+    monkeypatch.setattr(presets, "lora16_bytes", lambda *args: 2**60)
+    result = run_preset("tiny", device="cpu", steps=2, lora16=True, liger=False)
+    assert "needs about" in result["lora16"]["skipped"] and result["vs_lora16"] == {}
+    assert "16-bit LoRA baseline skipped: needs about" in capsys.readouterr().out
+
+
+def test_lora16_needs_a_preset(capsys):
+    assert cli_main(["finetune", "--lora16"]) == 2
+    assert "--lora16" in capsys.readouterr().err
 
 
 def test_big_preset_refuses_when_memory_is_short(monkeypatch):

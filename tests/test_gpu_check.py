@@ -42,7 +42,7 @@ def test_stage_limits_over_the_budget_stop_before_anything_runs(tmp_path):
 
 
 def test_gpu_check_dry_run(tmp_path):
-    proc, out = _run(tmp_path, STAGES="install crossover bench",
+    proc, out = _run(tmp_path, STAGES="install crossover bench preset",
                      BENCH_ARGS="--ops quantize --providers qlora_triton,bf16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
@@ -55,17 +55,21 @@ def test_gpu_check_dry_run(tmp_path):
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files  # what the device tool returns
     # rows.jsonl goes once results.json holds the rows: a full run returns 8 files at most
-    assert {str(f) for f in files} == {"log.txt", "crossover.json", "bench/results.json", "bench/results.md"}
+    assert {str(f) for f in files} == {"log.txt", "crossover.json", "bench/results.json", "bench/results.md",
+                                       "preset/preset-tiny.json"}
     crossover = json.loads((out / "crossover.json").read_text())
     assert crossover["gpu_kind"] == "cpu" and crossover["complete"] and crossover["rows"]
     doc = json.loads((out / "bench" / "results.json").read_text())
     assert validate(doc) == [] and doc["meta"]["smoke"]
     assert {(r["op"], r["provider"], r["status"]) for r in doc["results"]} == {
         ("quantize", "qlora_triton", "ok"), ("quantize", "bf16", "n/a")}
-    last = proc.stdout.strip().splitlines()[-5:]  # the stage table comes last
+    preset = json.loads((out / "preset" / "preset-tiny.json").read_text())
+    assert preset["vs_lora16"]["step_time"] > 0  # the preset stage runs the 16-bit LoRA baseline too
+    last = proc.stdout.strip().splitlines()[-6:]  # the stage table comes last
     assert last[0].split() == ["stage", "status", "time", "note"]
     assert [line.split()[:2] for line in last[1:]] == [["install", "ok"], ["env", "ok"], ["bench", "ok"],
-                                                      ["crossover", "ok"]]
+                                                      ["preset", "ok"], ["crossover", "ok"]]
+    assert re.search(r"QLoRA step \d+ ms, peak [\d.]+ GiB; 16-bit LoRA step \d+ ms$", last[4])
     assert log.strip().splitlines()[-1] == last[-1]
 
 

@@ -8,6 +8,15 @@ layer gets a dense random weight on the target device, is turned into a
 made. The dense model never exists, so the peak while building is the NF4
 model plus one dense layer. A few LoRA training steps on random tokens then
 measure step time and peak memory at that scale.
+
+With ``lora16=True`` the run then times the baseline the QLoRA paper measures
+against, 16-bit LoRA, on the same shape: the same LLaMA with dense bf16 random
+weights and PEFT's ``LoraConfig`` on the same seven projections (fp32
+adapters, PEFT's default), the same r, alpha, gradient checkpointing, tokens
+and number of steps, Liger-Kernel when the QLoRA run has it (it patches PEFT
+models as well; the fused blocks are ours and stay out), ``torch.optim.AdamW``.
+PEFT rather than our LoRA layer on a dense weight, so that the baseline does
+not share the code under test (as in the fine-tune's ``lora16`` phase).
 """
 
 from __future__ import annotations
@@ -167,6 +176,51 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
     return model
 
 
+def build_lora16_llama(shape: ModelShape, device: torch.device, r: int, alpha: float,
+                       dtype: torch.dtype = torch.bfloat16):
+    """The 16-bit LoRA baseline of ``shape``: dense ``dtype`` random weights (made
+    on the device, as :func:`build_quantized_llama` makes its layers) and PEFT's
+    LoRA on :data:`LLAMA_LINEARS`, gradient checkpointing on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = llama_config(shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    _materialize(model, device, dtype)
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LLAMA_LINEARS),
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def lora16_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> int:
+    """:func:`estimate_bytes` with the linear weights dense bf16 instead of NF4
+    (and no layer being quantized): what the 16-bit LoRA baseline needs."""
+    est = estimate_bytes(shape, r, batch_size, seq_len)
+    return est["total"] - est["nf4_weights"] - est["one_dense_layer"] + linear_params(shape) * 2
+
+
+def _train_steps(model, optimizer, shape: ModelShape, steps: int, batch_size: int, seq_len: int,
+                 dev: torch.device, seed: int, desc: str, quiet: bool) -> tuple[list[float], list[float]]:
+    """``steps`` timed training steps on random tokens (the same tokens for a
+    given ``seed``); returns the seconds and the losses of each."""
+    from tqdm.auto import tqdm
+
+    tokens = torch.Generator(device=dev).manual_seed(seed)
+    seconds, losses = [], []
+    for _ in tqdm(range(steps), desc=desc, disable=quiet):
+        batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev, generator=tokens)
+        loss, took = timed_step(model, batch, optimizer, dev)
+        seconds.append(took)
+        losses.append(loss.item())
+    return seconds, losses
+
+
 def _human(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -189,9 +243,13 @@ def estimate_cpu_seconds(shape: ModelShape, batch_size: int, seq_len: int, steps
 def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size: int | None = None,
                seq_len: int | None = None, r: int = 8, alpha: float = 16.0, lr: float = 2e-4,
                seed: int = 0, output_dir: str | None = None, quiet: bool = False,
-               fuse: bool | None = None, liger: bool | None = None, offload: bool | None = None) -> dict:
+               fuse: bool | None = None, liger: bool | None = None, offload: bool | None = None,
+               lora16: bool = False) -> dict:
     """Build the preset's NF4 LLaMA and time ``steps`` LoRA steps (the first is warm-up);
-    ``fuse``/``liger``/``offload``: see :mod:`.speedups` (None: the default)."""
+    ``fuse``/``liger``/``offload``: see :mod:`.speedups` (None: the default). With
+    ``lora16``, then time 16-bit LoRA on the same shape (module docstring): the
+    result's ``"lora16"`` entry, and ``"vs_lora16"`` (QLoRA's step time and peak
+    memory over the baseline's)."""
     import contextlib
 
     import qlora_triton as qt
@@ -242,12 +300,8 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         params = [p for p in model.parameters() if p.requires_grad]
         # with offload the Adam states leave the device after each step too
         optimizer = paged_adamw(params, lr=lr, evict_after_step=chosen.offload)
-        step_seconds, losses = [], []
-        for _ in tqdm(range(steps), desc=f"{name}: LoRA steps", disable=quiet):
-            batch = torch.randint(0, shape.vocab_size, (batch_size, seq_len), device=dev)
-            loss, seconds = timed_step(model, batch, optimizer, dev)
-            step_seconds.append(seconds)
-            losses.append(loss.item())
+        step_seconds, losses = _train_steps(model, optimizer, shape, steps, batch_size, seq_len, dev,
+                                            seed, f"{name}: LoRA steps", quiet)
     timed = step_seconds[1:]
     from .model import tensor_bytes
 
@@ -264,16 +318,83 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         "estimate_bytes": estimate, "speedups": [name for name in ("fuse", "liger", "offload") if ran[name]],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if output_dir:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / f"preset-{name}.json", result)
-        result["json"] = str(out / f"preset-{name}.json")
+    # Written and printed before the baseline starts, so that a run cut short there keeps them.
+    path = Path(output_dir) / f"preset-{name}.json" if output_dir else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
     if not quiet:
         mem = result["memory"]
         print(f"preset {name} on {result['device_name']}: {result['linear_params'] / 1e6:,.1f} M linear params, "
               f"weights {_human(result['weight_bytes'])}, build {build_seconds:.1f} s, "
               f"step {result['step_seconds_median'] * 1e3:.1f} ms (batch {batch_size} x {seq_len}), "
               f"peak {mem['kind']} {_human(mem['peak_bytes'])}"
-              + (f" (wrote {result['json']})" if output_dir else ""))
+              + (f" (wrote {path})" if path is not None else ""), flush=True)
+    if lora16:
+        del model, optimizer, params
+        result["lora16"] = _run_lora16(shape, dev, r, alpha, lr, seed, steps, batch_size, seq_len, chosen.liger,
+                                       quiet)
+        result["vs_lora16"] = _versus(result, result["lora16"])
+        if path is not None:
+            write_json(path, result)
+        if not quiet:
+            print(_lora16_line(result))
+    if path is not None:
+        result["json"] = str(path)
     return result
+
+
+def _run_lora16(shape: ModelShape, dev: torch.device, r: int, alpha: float, lr: float, seed: int,
+                steps: int, batch_size: int, seq_len: int, liger: bool, quiet: bool) -> dict:
+    """The 16-bit LoRA baseline (module docstring), or why it was skipped."""
+    import gc
+
+    from ..liger import apply_liger
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    need, free = lora16_bytes(shape, r, batch_size, seq_len), available_bytes(dev)
+    if need > free:
+        return {"skipped": f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"}
+    torch.manual_seed(seed)
+    memory = PeakMemory(dev)
+    memory.start()
+    t0 = time.perf_counter()
+    model = build_lora16_llama(shape, dev, r, alpha)
+    liger_path = apply_liger(model, dev) if liger else None
+    sync(dev)
+    build_seconds = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    step_seconds, losses = _train_steps(model, optimizer, shape, steps, batch_size, seq_len, dev, seed,
+                                        "16-bit LoRA steps", quiet)
+    median = statistics.median(step_seconds[1:])
+    return {"method": "PEFT LoRA on dense bf16 weights, torch AdamW, gradient checkpointing",
+            "liger": liger_path,
+            "lora_params": sum(p.numel() for p in params), "build_seconds": build_seconds,
+            "step_seconds": step_seconds, "step_seconds_median": median,
+            "tokens_per_s": batch_size * seq_len / median, "losses": losses, "memory": memory.result(),
+            "estimate_bytes": lora16_bytes(shape, r, batch_size, seq_len)}
+
+
+def _versus(qlora: dict, lora16: dict) -> dict:
+    """QLoRA over 16-bit LoRA: step time, and (on CUDA) peak memory above each
+    run's start. The CPU's figure is the process's peak RSS, which the QLoRA run
+    set before the baseline began, so it has no baseline figure of its own."""
+    if "skipped" in lora16:
+        return {}
+    mem = qlora["memory"]["kind"] == "cuda_max_memory_allocated"
+    return {"step_time": qlora["step_seconds_median"] / lora16["step_seconds_median"],
+            "peak_memory": (qlora["memory"]["delta_bytes"] / lora16["memory"]["delta_bytes"]) if mem else None}
+
+
+def _lora16_line(result: dict) -> str:
+    base = result["lora16"]
+    if "skipped" in base:
+        return f"16-bit LoRA baseline skipped: {base['skipped']}"
+    vs = result["vs_lora16"]
+    memory = (f", peak {_human(base['memory']['delta_bytes'])}: QLoRA uses {vs['peak_memory']:.2f}x"
+              if vs["peak_memory"] is not None else "")
+    return (f"16-bit LoRA (PEFT, bf16 weights): step {base['step_seconds_median'] * 1e3:.1f} ms: QLoRA "
+            f"takes {vs['step_time']:.2f}x its time{memory}")
