@@ -21,7 +21,7 @@
 #   diag       25  python -m benchmarks.gpu_diag --parts managed,split: host time per call against
 #                  GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged states'
 #                  accounting (the core table's do_bench at small M times the host)
-#   preset     55  qlora-triton finetune --preset 7b --steps 3 --lora16 (then the 16-bit LoRA baseline:
+#   preset     55  qlora-triton finetune --preset 7b --steps 4 --lora16 (then the 16-bit LoRA baseline:
 #                  PEFT on dense bf16 weights, the same shape, tokens and steps)
 #   crossover  25  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
 #   decode     50  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
@@ -151,7 +151,7 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
         note="$(grep -c '"graph_us"' "$OUT/diag.jsonl" 2>/dev/null || echo 0) rows with GPU time in diag.jsonl"
       fi ;;
     preset)
-      if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 3); fi
+      if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 4); fi
       run_for preset "$PY" -m qlora_triton.cli finetune "${preset[@]}" --lora16 --output-dir "$OUT/preset" || rc=$?
       note="$("$PY" - "$OUT/preset" <<'EOF' 2>/dev/null | cut -c1-110
 import glob, json, sys
