@@ -7,24 +7,26 @@
 #   GIT_COMMIT=<hash> bash benchmarks/gpu_check.sh
 #
 # Stages, in order (limit in s; T_<STAGE>=N overrides one; STAGES="..." runs a subset):
-#   install    40  the carried wheels (--target /tmp/site, no network) and the project with
+#   install    20  the carried wheels (--target /tmp/site, no network) and the project with
 #                  pip --no-deps --no-build-isolation -e ., first building the managed-memory
 #                  helper (QLORA_TRITON_BUILD_CUDA=1, nvcc), without it if that fails
 #   env        10  GPU, driver, torch, triton, transformers, bitsandbytes versions
 #   tests     125  pytest -m gpu (compiled Triton), -rA, a per-test timeout; stopped with SIGINT
 #                  at the limit, so the log still ends with pytest's summary of what ran
-#   bench      90  the core table: qlora_triton vs bitsandbytes vs bf16 cuBLAS, matmul_fwd at
+#   bench      70  the core table: qlora_triton vs bitsandbytes vs bf16 cuBLAS, matmul_fwd at
 #                  M = 1, 16, 4096 on 4096x4096, 8192x8192, 28672x8192; LoRALinear4bit fwd+bwd vs
 #                  bitsandbytes + a PEFT-style adapter (M = 2048); PagedAdamW vs torch fused AdamW;
 #                  each qlora_triton decode row with the static sm_90 estimate of its config beside it
 #                  (bench/rows.jsonl, the rows as they come, is removed once results.json holds them)
-#   diag       25  python -m benchmarks.gpu_diag --parts managed,split: host time per call against
-#                  GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged states'
-#                  accounting (the core table's do_bench at small M times the host)
+#   diag       40  python -m benchmarks.gpu_diag --parts managed,split,lora,step: host time per call
+#                  against GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged
+#                  states' accounting (the core table's do_bench at small M times the host); the LoRA
+#                  layer's fwd+bwd at M = 2048 and a 2-layer 7B-wide training step (QLoRA, 16-bit
+#                  LoRA), host or wall time against GPU-busy time (torch.profiler)
 #   preset     55  qlora-triton finetune --preset 7b --steps 4 --lora16 (then the 16-bit LoRA baseline:
 #                  PEFT on dense bf16 weights, the same shape, tokens and steps)
 #   crossover  25  python -m benchmarks.crossover (fused vs dequant; the JSON grows row by row)
-#   decode     50  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
+#   decode     75  python -m benchmarks.bench_decode: eager rows for every provider, then compiled
 #                  (CUDA graphs through torch.compile "reduce-overhead")
 # and a short table last (the bench rows, then one line per stage).
 #
@@ -45,7 +47,7 @@ DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=420
 ORDER=(install env tests bench diag preset crossover decode)
-declare -A LIMIT=([install]=40 [env]=10 [tests]=125 [bench]=90 [diag]=25 [preset]=55 [crossover]=25 [decode]=50)
+declare -A LIMIT=([install]=20 [env]=10 [tests]=125 [bench]=70 [diag]=40 [preset]=55 [crossover]=25 [decode]=75)
 for s in "${ORDER[@]}"; do v="T_${s^^}"; LIMIT[$s]=${!v:-${LIMIT[$s]}}; done
 STAGES=${STAGES:-${ORDER[*]}}
 # The dry run's stages interpret on a shared 2-core CPU: their time limits are SCALE x the GPU's.
@@ -147,8 +149,8 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
       if [ "$DRY_RUN" = 1 ]; then
         note="GPU only: not run in the dry run"
       else
-        run_for diag "$PY" -m benchmarks.gpu_diag --parts managed,split --out "$OUT/diag.jsonl" || rc=$?
-        note="$(grep -c '"graph_us"' "$OUT/diag.jsonl" 2>/dev/null || echo 0) rows with GPU time in diag.jsonl"
+        run_for diag "$PY" -m benchmarks.gpu_diag --parts managed,split,lora,step --out "$OUT/diag.jsonl" || rc=$?
+        note="$(grep -c '"graph_us"\|"busy_us"' "$OUT/diag.jsonl" 2>/dev/null || echo 0) rows with GPU time in diag.jsonl"
       fi ;;
     preset)
       if [ "$DRY_RUN" = 1 ]; then preset=(--preset tiny --device cpu --steps 2); else preset=(--preset 7b --steps 4); fi

@@ -14,7 +14,15 @@ takes to run it, that is the host's time. This script separates the two:
 * the GEMV configs (tile, split) of :mod:`qlora_triton.ops.tuned_sm90`, each
   timed by graph replay, beside the shipped choice;
 * what ``torch.cuda.mem_get_info`` counts of paged (managed) optimizer states;
-* ``--parts kernels``: one call of each GEMV, for ``ncu`` to profile.
+* ``--parts kernels``: one call of each GEMV, for ``ncu`` to profile;
+* ``lora``: the LoRA layer's forward + backward at training size (M = 2048),
+  every provider: host time per call against GPU-busy time (the kernels' and
+  copies' durations from ``torch.profiler``; a backward is not captured in a
+  graph here), and the kernels per call;
+* ``step``: one training step of a two-layer model with 7B's widths, QLoRA
+  (fused blocks + Liger, as the preset runs) and 16-bit LoRA (PEFT on bf16):
+  wall time against GPU-busy time, kernels per step. When wall far exceeds
+  busy, the step waits on the host (the 7B preset's question).
 
 Writes JSON lines to ``--out`` as it goes; a run cut short keeps what it had::
 
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
+import statistics
 import time
 
 import torch
@@ -37,6 +47,7 @@ from qlora_triton.ops import gemv as gemv_mod
 from qlora_triton.ops import tuned_sm90
 
 SHAPES = ((4096, 4096), (8192, 8192), (28672, 8192))
+CUDA = torch.device("cuda")
 MS = (1, 16)
 
 
@@ -74,6 +85,24 @@ def host_wall_us(fn, reps: int = 200) -> tuple[float, float]:
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     return (t1 - t0) * 1e6 / reps, (t2 - t0) * 1e6 / reps
+
+
+def gpu_busy(fn, reps: int = 10) -> tuple[float, float]:
+    """(GPU-busy microseconds per call, kernels per call): the summed durations
+    of the CUDA kernels, copies and fills ``torch.profiler`` records over
+    ``reps`` calls (one stream, so they never overlap)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in device) / reps, len(device) / reps
 
 
 def emit(out, row: dict) -> None:
@@ -222,6 +251,59 @@ def managed_accounting(out) -> None:
     emit(out, row)
 
 
+def lora_rows(out) -> None:
+    from benchmarks import providers as prov
+    from benchmarks.cases import Case
+
+    for shape in SHAPES[:2]:
+        case = Case(op="lora_fwd_bwd", shape=shape, m=2048)
+        for name in ("qlora_triton", "bitsandbytes", "bf16"):
+            row = {"part": "lora_host_vs_gpu", "N": shape[0], "K": shape[1], "M": case.m, "provider": name}
+            try:
+                fn = prov.build(name, case, CUDA)
+                row["host_us"], row["wall_us"] = host_wall_us(fn, reps=50)
+                row["busy_us"], row["kernels"] = gpu_busy(fn)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = repr(e)[:300]
+            emit(out, row)
+            fn = None
+            torch.cuda.empty_cache()
+
+
+def step_rows(out) -> None:
+    from qlora_triton.finetune import presets, speedups
+    from qlora_triton.finetune.optimizer import paged_adamw
+    from qlora_triton.finetune.step import timed_step
+
+    shape = dataclasses.replace(presets.LLAMA_SHAPES["7b"], num_hidden_layers=2)
+    dev = CUDA
+    batch = torch.randint(0, shape.vocab_size, (1, 512), device=dev)
+    for method in ("qlora", "lora16"):
+        row = {"part": "step_wall_vs_gpu", "preset": "7b", "layers": shape.num_hidden_layers,
+               "tokens": batch.numel(), "method": method}
+        try:
+            if method == "qlora":
+                model = presets.build_quantized_llama(shape, dev, 8, 16.0)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+                row["speedups"] = [k for k, v in speedups.apply(model, speedups.resolve(), dev).items() if v]
+                optimizer = paged_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+            else:
+                from qlora_triton.liger import apply_liger
+
+                model = presets.build_lora16_llama(shape, dev, 8, 16.0)
+                row["speedups"] = [apply_liger(model, dev)]
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+            walls = [timed_step(model, batch, optimizer, dev)[1] * 1e6 for _ in range(4)][1:]
+            row["wall_us"] = statistics.median(walls)
+            row["busy_us"], row["kernels"] = gpu_busy(lambda: timed_step(model, batch, optimizer, dev), reps=3)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = repr(e)[:300]
+        emit(out, row)
+        model = optimizer = None
+        torch.cuda.empty_cache()
+
+
 def kernels(out) -> None:
     """Each GEMV once more after a warm-up call, for ``ncu -k regex:...`` to profile:
     the FMA kernel (M = 1) and the tensor-core one (M = 16) on 28672x8192 with the
@@ -244,7 +326,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_diag needs a CUDA device")
     parts = {"paged": paged, "managed": managed_accounting, "split": split_rows, "profile": profile_host,
-             "sweep": sweep, "kernels": kernels}
+             "sweep": sweep, "kernels": kernels, "lora": lora_rows, "step": step_rows}
     with open(args.out, "a") as out:
         for name in args.parts.split(","):
             t0 = time.perf_counter()
