@@ -274,6 +274,7 @@ def step_rows(out) -> None:
     from qlora_triton.finetune import presets, speedups
     from qlora_triton.finetune.optimizer import paged_adamw
     from qlora_triton.finetune.step import timed_step
+    from qlora_triton.training import enable_checkpointing
 
     shape = dataclasses.replace(presets.LLAMA_SHAPES["7b"], num_hidden_layers=2)
     dev = CUDA
@@ -284,7 +285,7 @@ def step_rows(out) -> None:
         try:
             if method == "qlora":
                 model = presets.build_quantized_llama(shape, dev, 8, 16.0)
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(model)
                 model.config.use_cache = False
                 row["speedups"] = [k for k, v in speedups.apply(model, speedups.resolve(), dev).items() if v]
                 optimizer = paged_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)

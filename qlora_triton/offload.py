@@ -26,8 +26,10 @@ dropped; on the meta device only the bytes are recorded. :class:`OffloadStats`
 counts what moved either way.
 
 :func:`offload_checkpoints` installs it on a transformers model so that it
-survives ``gradient_checkpointing_enable`` being called again (``Trainer`` and
-``SFTTrainer`` call it with ``gradient_checkpointing=True``).
+survives checkpointing being turned on again (``Trainer`` and ``SFTTrainer`` do
+with ``gradient_checkpointing=True``): it wraps ``_set_gradient_checkpointing``,
+which ``activation_checkpointing_enable`` and its older name
+``gradient_checkpointing_enable`` both end in.
 """
 
 from __future__ import annotations
@@ -185,8 +187,8 @@ def offload_checkpoints(model: torch.nn.Module, enable: bool = True) -> OffloadS
     """Turn offloaded checkpoints on (or off, ``enable=False``) for a transformers
     model; returns the model's :class:`OffloadStats` (None when turned off).
 
-    Checkpointing already enabled is wrapped now; a later
-    ``gradient_checkpointing_enable`` (``Trainer``'s) is wrapped as it happens.
+    Checkpointing already enabled is wrapped now; checkpointing turned on later
+    (``Trainer``'s) is wrapped as it happens.
     Idempotent."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

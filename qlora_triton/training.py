@@ -24,11 +24,7 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     if not isinstance(use_gradient_checkpointing, bool):
         raise TypeError(f"use_gradient_checkpointing must be a bool, got {type(use_gradient_checkpointing).__name__}")
     if use_gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise TypeError(f"model: {type(model).__name__} has no gradient_checkpointing_enable() "
-                            "(a transformers PreTrainedModel has)")
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+        enable_checkpointing(model, gradient_checkpointing_kwargs)
     enable_inputs = getattr(model, "enable_input_require_grads", None)
     if callable(enable_inputs):
         enable_inputs()
@@ -38,3 +34,28 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
             raise TypeError(f"model: {type(model).__name__} has no input embeddings to make require grad")
         embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
     return model
+
+
+def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict[str, Any] | None = None) -> None:
+    """Turn on a transformers model's activation (gradient) checkpointing,
+    non-reentrant unless ``checkpoint_kwargs`` says otherwise, by the name its
+    transformers has: ``activation_checkpointing_enable`` (newer releases, where
+    ``gradient_checkpointing_enable`` is a deprecated alias to be removed in
+    v6), else ``gradient_checkpointing_enable`` (5.17, the GPU machine's)."""
+    kwargs = checkpoint_kwargs or {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise TypeError(f"model: {type(model).__name__} has no activation_checkpointing_enable() or "
+                        "gradient_checkpointing_enable() (a transformers PreTrainedModel has)")
+    enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Turn a transformers model's activation checkpointing off (either name, as
+    :func:`enable_checkpointing`)."""
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    (disable if callable(disable) else model.gradient_checkpointing_disable)()

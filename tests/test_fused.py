@@ -13,6 +13,7 @@ import torch
 
 import qlora_triton as qt
 from qlora_triton import backend as _backend
+from qlora_triton.training import enable_checkpointing
 from qlora_triton.fused.modules import FusedLoRALinear4bit, FusedLoRAMLP, FusedSingleLoRALinear4bit
 from qlora_triton.fused.ops import GELU_TANH, SILU, gated_act, gated_act_backward_
 
@@ -256,7 +257,7 @@ def test_fused_bf16_model_with_checkpointing_and_packing(backend, device, family
             loss_ref, ref = _loss_and_grads(copy.deepcopy(model).float(), inputs)
         loss0, unfused = _loss_and_grads(model, inputs)
         qt.fuse(model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         loss1, fused = _loss_and_grads(model, inputs)
     assert abs(loss1 - loss_ref).item() <= 1e-2 * abs(loss_ref).item()
     assert abs(loss1 - loss0).item() <= 1e-2 * abs(loss0).item()
@@ -353,7 +354,7 @@ def test_fused_model_runs_on_meta_tensors():
     peaks = {}
     for fused in (False, True):
         model = build_quantized_llama(shape, torch.device("meta"), r=4, alpha=8)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if fused:
             qt.fuse(model)
         ids = torch.zeros(1, 48, dtype=torch.long, device="meta")

@@ -13,6 +13,7 @@ import torch
 
 import qlora_triton as qt
 from qlora_triton.offload import offload_checkpoints
+from qlora_triton.training import disable_checkpointing, enable_checkpointing
 
 pytest.importorskip("transformers")
 
@@ -30,7 +31,7 @@ def tiny_qlora(seed: int, layers: int = 3):
         for m in model.modules():
             if isinstance(m, qt.LoRALinear4bit):
                 m.lora_B.weight.normal_(0.0, 0.1)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     return model.train()
 
 
@@ -79,9 +80,9 @@ def test_offload_survives_trainer_style_reenable_and_undo(device):
     ids = torch.randint(0, 61, (1, 13), device=device)
     with qt.force_backend("torch"):
         stats = offload_checkpoints(model)
-        model.gradient_checkpointing_disable()
+        disable_checkpointing(model)
         # what Trainer(gradient_checkpointing=True) does at the start of train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         _, _, alive = _step(model, ids)
         assert alive == 0 and stats.offloaded_tensors == 2
         offload_checkpoints(model, enable=False)
@@ -89,7 +90,7 @@ def test_offload_survives_trainer_style_reenable_and_undo(device):
         assert alive == 1 and stats.offloaded_tensors == 2
         with pytest.raises(ValueError, match="use_reentrant"):
             offload_checkpoints(model)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            enable_checkpointing(model, {"use_reentrant": True})
 
 
 def test_save_on_cpu_around_the_checkpoint_moves_the_same_inputs(device):

@@ -133,7 +133,7 @@ def test_prepare_for_kbit_training_keeps_dtypes_and_adapters(llama_folder, fused
     dtypes = {n: t.dtype for n, t in model.state_dict().items()}
     assert qt.prepare_for_kbit_training(model) is model
     assert {n: t.dtype for n, t in model.state_dict().items()} == dtypes
-    assert model.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # either transformers
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
     peft_model.train()

@@ -37,6 +37,7 @@ import torch
 from .bf16_matmul import Bf16MatmulInFp32
 from .memory import PeakMemory
 from .optimizer import paged_adamw
+from ..training import enable_checkpointing
 
 
 def _optimizer_settings(config: dict) -> dict:
@@ -75,7 +76,7 @@ def apply_speedups(model, config: dict) -> None:
     chosen = Speedups(fuse=config.get("fuse"), liger=bool(config.get("liger")),
                       offload=bool(config.get("offload")))
     if chosen.offload:  # offload works on checkpointed layer inputs
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     apply(model, chosen)
 
 

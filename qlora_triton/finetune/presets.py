@@ -31,6 +31,7 @@ import torch
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
 from .optimizer import paged_adamw
+from ..training import enable_checkpointing
 from .report import write_json
 from .step import timed_step
 
@@ -191,7 +192,7 @@ def build_lora16_llama(shape: ModelShape, device: torch.device, r: int, alpha: f
     _materialize(model, device, dtype)
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.config.use_cache = False
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LLAMA_LINEARS),
                       bias="none", task_type="CAUSAL_LM")
@@ -294,7 +295,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         sync(dev)
         build_seconds = time.perf_counter() - t0
         built = memory.result()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
         ran = speedups.apply(model, chosen, dev)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .. import strategy as strategy_mod
+from ..training import enable_checkpointing
 
 FLOPS = 790e12
 BANDWIDTH = 4.3e12
@@ -151,7 +152,7 @@ def _one_step(model, vocab: int, batch_size: int, seq_len: int, liger: bool, off
     from . import meta_attention
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     base.config.use_cache = False
     if hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()

@@ -41,6 +41,7 @@ import torch
 from ..ops import scratch
 from ..strategy import STRATEGIES, force_strategy, strategies
 from ..tensor_memory import memory_meter
+from ..training import enable_checkpointing
 from .optimizer import paged_adamw
 from .presets import LLAMA_SHAPES, build_quantized_llama
 
@@ -137,7 +138,7 @@ def step_peaks(preset: str = "7b", device: str | torch.device | None = None, bat
         raise ValueError(f"device: the step's memory is measured on cuda or meta, got {dev}")
     shape = LLAMA_SHAPES[preset]
     model = build_quantized_llama(shape, dev, r, alpha, dtype=dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.config.use_cache = False
     stats = speedups.apply(model, chosen, dev)["offload"]
     mask = None
