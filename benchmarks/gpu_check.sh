@@ -18,7 +18,7 @@
 #                  bitsandbytes + a PEFT-style adapter (M = 2048); PagedAdamW vs torch fused AdamW;
 #                  each qlora_triton decode row with the static sm_90 estimate of its config beside it
 #                  (bench/rows.jsonl, the rows as they come, is removed once results.json holds them)
-#   diag       40  python -m benchmarks.gpu_diag --parts managed,split,lora,step: host time per call
+#   diag       40  python -m benchmarks.gpu_diag --parts managed,lora,step,split (new first): host time per call
 #                  against GPU time by CUDA-graph replay at M = 1 and 16, every provider; the paged
 #                  states' accounting (the core table's do_bench at small M times the host); the LoRA
 #                  layer's fwd+bwd at M = 2048 and a 2-layer 7B-wide training step (QLoRA, 16-bit
@@ -149,7 +149,7 @@ for dist in ("transformers", "accelerate", "peft", "bitsandbytes", "qlora_triton
       if [ "$DRY_RUN" = 1 ]; then
         note="GPU only: not run in the dry run"
       else
-        run_for diag "$PY" -m benchmarks.gpu_diag --parts managed,split,lora,step --out "$OUT/diag.jsonl" || rc=$?
+        run_for diag "$PY" -m benchmarks.gpu_diag --parts managed,lora,step,split --out "$OUT/diag.jsonl" || rc=$?
         note="$(grep -c '"graph_us"\|"busy_us"' "$OUT/diag.jsonl" 2>/dev/null || echo 0) rows with GPU time in diag.jsonl"
       fi ;;
     preset)
