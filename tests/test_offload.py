@@ -5,6 +5,7 @@ gradient checkpointing, and the layer inputs really leave the compute device
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import weakref
 
@@ -138,9 +139,12 @@ def test_offload_with_trainer(tmp_path):
     stats = offload_checkpoints(model)
     rows = [{"input_ids": torch.randint(0, 61, (12,)).tolist()} for _ in range(4)]
     data = Dataset.from_list([{**r, "labels": r["input_ids"]} for r in rows])
+    # transformers' newer name for the option where it has it (the old one goes in v6)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                             gradient_checkpointing=True, report_to=[], use_cpu=True, save_strategy="no",
-                             logging_steps=1, learning_rate=1e-3)
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                             learning_rate=1e-3, **{checkpointing: True})
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with qt.force_backend("torch"):
         Trainer(model=model, args=args, train_dataset=data).train()
