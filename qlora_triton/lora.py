@@ -12,17 +12,20 @@ Backward, with ``g = dL/dy`` flattened to ``[M, N]`` (every product below is a
 plain matmul; nothing forms the ``[N, K]`` update ``B @ A``, and ``W`` is dense only
 in the "dequant" strategy's one reused scratch buffer, never saved)::
 
-    gB      = s * (g @ B)                    # [M, r], shared by dL/dx and dL/dA
-    dL/dx   = g @ W  +  (gB @ A) * m         # NF4 grad-input op + rank-r path (addmm_ when p == 0)
-    dL/dA   = gB.T @ x_d                     # [r, K]  (= s * (g @ B).T @ x_d)
+    u       = g @ B                          # [M, r], shared by dL/dx and dL/dA
+    dL/dx   = g @ W  +  s * (u @ A) * m      # NF4 grad-input op + rank-r path (addmm_ when p == 0)
+    dL/dA   = s * u.T @ x_d                  # [r, K]
     dL/dB   = s * g.T @ h                    # [N, r]
     dL/db   = g.sum(0)
+
+``s`` rides in each product's ``alpha`` (:func:`scaled_mm_`; with dropout, in the
+mask's scalar), never in a multiply of its own.
 
 Derivation: ``y`` is linear in each of ``x``, ``A``, ``B``, ``b``. For
 ``y_B = s * h @ B.T``, ``dL/dB = s * g.T @ h``. For ``y_A = s * (x_d @ A.T) @ B.T``,
 ``dL/d(x_d @ A.T) = s * g @ B = gB`` and so ``dL/dA = gB.T @ x_d`` and
 ``dL/dx_d = gB @ A``; ``x_d = x * m`` elementwise gives ``dL/dx = (gB @ A) * m``
-for that path. The base path ``x @ W.T`` gives ``g @ W``. ``W`` is frozen, so
+for that path (``gB = s * u`` above). The base path ``x @ W.T`` gives ``g @ W``. ``W`` is frozen, so
 no weight gradient is ever computed.
 
 What is saved for backward, and why:
@@ -58,10 +61,18 @@ def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
 
 
-def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x`` through the dropout mask (``x`` itself without one: then ``scale`` must be 1)."""
     if mask is None:
         return x
-    return x * mask * (1.0 / (1.0 - p))
+    return x * mask * (scale / (1.0 - p))
+
+
+def scaled_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out = scale * a @ b`` in ONE product, written into ``out`` (fresh, or a
+    contiguous region of a gradient buffer): ``addmm`` with ``beta = 0``
+    ignores ``out``'s old contents, NaN included, and needs no multiply after."""
+    return torch.addmm(out, a, b, beta=0, alpha=scale, out=out)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -115,20 +126,20 @@ class LoRANF4Function(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
         grad_x = grad_A = grad_B = grad_b = None
 
-        gB = (g @ lora_B).mul_(s) if (need_x or need_A) else None  # [M, r]
+        u = g @ lora_B if (need_x or need_A) else None  # [M, r]
         if need_x:
             # The base product (any strategy) returns a fresh contiguous tensor:
             # the rank-r term goes into it in place.
             grad_x = nf4_matmul_grad_input_args(grad_y, ctx.wargs).contiguous()
             if mask is None:
-                _rows(grad_x).addmm_(gB, lora_A)  # no [M, K] temporary
+                _rows(grad_x).addmm_(u, lora_A, alpha=s)  # no [M, K] temporary
             else:  # the mask applies to the rank-r term alone
-                _rows(grad_x).add_(_dropped(gB @ lora_A, mask.reshape(-1, k), p))
+                _rows(grad_x).add_(_dropped(u @ lora_A, mask.reshape(-1, k), p, s))
         if need_A:
             x_d = _dropped(x, mask, p).reshape(-1, k)
-            grad_A = gB.t() @ x_d
+            grad_A = scaled_mm_(u.new_empty((u.shape[1], k)), u.t(), x_d, s)
         if need_B:
-            grad_B = (g.t() @ h).mul_(s)
+            grad_B = scaled_mm_(g.new_empty((g.shape[1], h.shape[1])), g.t(), h, s)
         if need_b:  # False when bias is None
             grad_b = g.sum(0, dtype=torch.float32).to(g.dtype)  # as NF4Matmul: summed in fp32
         return grad_x, grad_A, grad_B, grad_b, None, None, None

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from ..linear import Linear4bit, LoRALinear4bit
+from ..lora import scaled_mm_  # noqa: F401  (the blocks import it from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +67,6 @@ def unpack(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
         out.append(flat[start:start + size].view(shape))
         start += size
     return out
-
-
-def scaled_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out = scale * a @ b`` in ONE product, written into ``out`` (a
-    contiguous region of a gradient buffer): ``addmm`` with ``beta = 0``
-    ignores ``out``'s old contents, NaN included, and needs no multiply after."""
-    return torch.addmm(out, a, b, beta=0, alpha=scale, out=out)
 
 
 def bias_grad(g: torch.Tensor, bias: torch.Tensor | None, needed: bool) -> torch.Tensor | None:

@@ -22,9 +22,9 @@ layer's own casts: the two adapters are cast to the compute dtype with one
 concatenation and one cast (as many launches as the layer's two casts), but
 their gradients are written into one buffer of that layout and cast back to
 the parameters' dtype ONCE, where autograd casts each back through its own
-cast's backward (two); and ``s`` rides in the products' ``alpha`` where the
-layer multiplies ``u`` and ``dL/dB`` by it afterwards (two ``mul_``). Seven
-launches in backward against ten, six in forward as before, at the
+cast's backward (two). ``s`` rides in the products' ``alpha`` in both (the
+layer's backward multiplied by it afterwards, two ``mul_``, until 2026-12-05).
+Seven launches in backward against eight, six in forward as before, at the
 "dequant" strategy.
 
 Saved: ``x`` (which the layer saves too), ``a`` (``[M, r]``: tiny) and the
