@@ -23,6 +23,8 @@ from .cases import Case
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 _KEEP = ("kernel", "config", "triton", "thread_instr_per_weight", "bound_over_floor", "grid_factor")
+# Kept where the profile has them (the bound model of 2026-12-04 on): which bound binds, and the floor.
+_KEEP_IF_THERE = ("binding", "floor_us")
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +65,7 @@ def estimate(case: Case, triton_version: str, config: str | None) -> dict[str, A
     for source, r in _report():
         if ((r["N"], r["K"], r["M"], r["dtype"], r["path"], r["config"]) == (n, k, case.m, "bf16", "aligned", config)
                 and r["triton"].split(".")[:2] == triton_version.split(".")[:2]):
-            return {**{key: r[key] for key in _KEEP}, "source": source,
+            return {**{key: r[key] for key in _KEEP}, **{key: r[key] for key in _KEEP_IF_THERE if key in r},
+                    "source": source,
                     "note": "compile-time estimate (static SASS count) of the config that ran, not a measurement"}
     return None

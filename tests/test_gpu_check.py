@@ -70,6 +70,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert [line.split()[:2] for line in last[1:]] == [["install", "ok"], ["env", "ok"], ["bench", "ok"],
                                                       ["preset", "ok"], ["crossover", "ok"]]
     assert re.search(r"QLoRA step \d+ ms, peak [\d.]+ GiB; 16-bit LoRA step \d+ ms$", last[4])
+    # the report a session writes from the folder the device tool brings back
+    from benchmarks import gpu_report
+
+    text = gpu_report.report(out)
+    assert "| quantize | 128x128 |" in text and "16-bit LoRA (PEFT LoRA on dense bf16 weights" in text
+    assert "rows, complete" in text and "pytest -m gpu: not run" in text
     assert log.strip().splitlines()[-1] == last[-1]
 
 
