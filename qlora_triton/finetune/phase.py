@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
+from ..training import enable_checkpointing
 from .bf16_matmul import Bf16MatmulInFp32
 from .memory import PeakMemory
 from .optimizer import paged_adamw
-from ..training import enable_checkpointing
 
 
 def _optimizer_settings(config: dict) -> dict:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from ..training import enable_checkpointing
 from .memory import PeakMemory, available_bytes, sync
 from .model import LLAMA_LINEARS, ModelShape, llama_config
 from .optimizer import paged_adamw
-from ..training import enable_checkpointing
 from .report import write_json
 from .step import timed_step
 
