@@ -272,32 +272,25 @@ def lora_rows(out) -> None:
 
 def step_rows(out) -> None:
     from qlora_triton.finetune import presets, speedups
-    from qlora_triton.finetune.optimizer import paged_adamw
     from qlora_triton.finetune.step import timed_step
-    from qlora_triton.training import enable_checkpointing
 
     shape = dataclasses.replace(presets.LLAMA_SHAPES["7b"], num_hidden_layers=2)
-    dev = CUDA
-    batch = torch.randint(0, shape.vocab_size, (1, 512), device=dev)
+    batch = torch.randint(0, shape.vocab_size, (1, 512), device=CUDA)
     for method in ("qlora", "lora16"):
         row = {"part": "step_wall_vs_gpu", "preset": "7b", "layers": shape.num_hidden_layers,
                "tokens": batch.numel(), "method": method}
-        try:
+        try:  # set up as the preset run sets up each side (presets.prepare_qlora / prepare_lora16)
             if method == "qlora":
-                model = presets.build_quantized_llama(shape, dev, 8, 16.0)
-                enable_checkpointing(model)
-                model.config.use_cache = False
-                row["speedups"] = [k for k, v in speedups.apply(model, speedups.resolve(), dev).items() if v]
-                optimizer = paged_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+                model = presets.build_quantized_llama(shape, CUDA, 8, 16.0)
+                ran, _, optimizer = presets.prepare_qlora(model, speedups.resolve(), CUDA, 2e-4)
+                row["speedups"] = [k for k, v in ran.items() if v]
             else:
-                from qlora_triton.liger import apply_liger
-
-                model = presets.build_lora16_llama(shape, dev, 8, 16.0)
-                row["speedups"] = [apply_liger(model, dev)]
-                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-            walls = [timed_step(model, batch, optimizer, dev)[1] * 1e6 for _ in range(4)][1:]
+                model = presets.build_lora16_llama(shape, CUDA, 8, 16.0)
+                liger, _, optimizer = presets.prepare_lora16(model, True, CUDA, 2e-4)
+                row["speedups"] = [liger]
+            walls = [timed_step(model, batch, optimizer, CUDA)[1] * 1e6 for _ in range(4)][1:]
             row["wall_us"] = statistics.median(walls)
-            row["busy_us"], row["kernels"] = gpu_busy(lambda: timed_step(model, batch, optimizer, dev), reps=3)
+            row["busy_us"], row["kernels"] = gpu_busy(lambda: timed_step(model, batch, optimizer, CUDA), reps=3)
         except Exception as e:  # noqa: BLE001
             row["error"] = repr(e)[:300]
         emit(out, row)

@@ -136,6 +136,18 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
             setattr(sub, name, torch.nn.Parameter(real, requires_grad=False))
 
 
+def _finish_llama(model, config, device: torch.device, dtype: torch.dtype) -> None:
+    """Real storage for what a model built on the meta device still lacks
+    (:func:`_materialize`), and its rotary buffers, which were computed on meta:
+    computed again (the device as a context: the constructor's signature
+    differs across transformers versions)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    _materialize(model, device, dtype)
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+
+
 def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha: float,
                           dtype: torch.dtype = torch.bfloat16, progress=None):
     """A LLaMA model of ``shape`` with NF4 + LoRA linears, built layer by layer
@@ -143,7 +155,6 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
     import qlora_triton as qt
     from ..convert import freeze_all_but_lora
     from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     device = torch.device(device)
     config = llama_config(shape)
@@ -167,12 +178,7 @@ def build_quantized_llama(shape: ModelShape, device: torch.device, r: int, alpha
         del lora
         if progress is not None:
             progress.update(1)
-    _materialize(model, device, dtype)
-    # The rotary buffers were computed on the meta device: compute them again
-    # (the device as a context: the constructor's signature differs across
-    # transformers versions).
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    _finish_llama(model, config, device, dtype)
     freeze_all_but_lora(model)
     return model
 
@@ -184,19 +190,42 @@ def build_lora16_llama(shape: ModelShape, device: torch.device, r: int, alpha: f
     LoRA on :data:`LLAMA_LINEARS`, gradient checkpointing on."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = llama_config(shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    _materialize(model, device, dtype)
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    _finish_llama(model, config, device, dtype)
     enable_checkpointing(model)
     model.config.use_cache = False
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LLAMA_LINEARS),
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def prepare_qlora(model, chosen, dev: torch.device, lr: float) -> tuple[dict, list, torch.optim.Optimizer]:
+    """The QLoRA side of a preset step, on a built model: checkpointing, the
+    speedups ``chosen`` (:func:`.speedups.apply`; what ran is returned) and
+    ``PagedAdamW``, which with offload evicts its states after each step too.
+    Returns ``(what ran, trainable params, optimizer)``."""
+    from . import speedups
+
+    enable_checkpointing(model)
+    model.config.use_cache = False
+    ran = speedups.apply(model, chosen, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return ran, params, paged_adamw(params, lr=lr, evict_after_step=chosen.offload)
+
+
+def prepare_lora16(model, liger: bool, dev: torch.device,
+                   lr: float) -> tuple[str | None, list, torch.optim.Optimizer]:
+    """The 16-bit LoRA side, on :func:`build_lora16_llama`'s model: Liger when
+    the QLoRA side has it, ``torch.optim.AdamW``. Returns ``(Liger's path or
+    None, trainable params, optimizer)``."""
+    from ..liger import apply_liger
+
+    path = apply_liger(model, dev) if liger else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return path, params, torch.optim.AdamW(params, lr=lr)
 
 
 def lora16_bytes(shape: ModelShape, r: int, batch_size: int, seq_len: int) -> int:
@@ -295,12 +324,7 @@ def run_preset(name: str, device: str | None = None, steps: int = 4, batch_size:
         sync(dev)
         build_seconds = time.perf_counter() - t0
         built = memory.result()
-        enable_checkpointing(model)
-        model.config.use_cache = False
-        ran = speedups.apply(model, chosen, dev)
-        params = [p for p in model.parameters() if p.requires_grad]
-        # with offload the Adam states leave the device after each step too
-        optimizer = paged_adamw(params, lr=lr, evict_after_step=chosen.offload)
+        ran, params, optimizer = prepare_qlora(model, chosen, dev, lr)
         step_seconds, losses = _train_steps(model, optimizer, shape, steps, batch_size, seq_len, dev,
                                             seed, f"{name}: LoRA steps", quiet)
     timed = step_seconds[1:]
@@ -350,8 +374,6 @@ def _run_lora16(shape: ModelShape, dev: torch.device, r: int, alpha: float, lr: 
     """The 16-bit LoRA baseline (module docstring), or why it was skipped."""
     import gc
 
-    from ..liger import apply_liger
-
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -363,11 +385,9 @@ def _run_lora16(shape: ModelShape, dev: torch.device, r: int, alpha: float, lr: 
     memory.start()
     t0 = time.perf_counter()
     model = build_lora16_llama(shape, dev, r, alpha)
-    liger_path = apply_liger(model, dev) if liger else None
+    liger_path, params, optimizer = prepare_lora16(model, liger, dev, lr)
     sync(dev)
     build_seconds = time.perf_counter() - t0
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
     step_seconds, losses = _train_steps(model, optimizer, shape, steps, batch_size, seq_len, dev, seed,
                                         "16-bit LoRA steps", quiet)
     median = statistics.median(step_seconds[1:])

@@ -53,9 +53,10 @@ import dataclasses
 
 import torch
 
+from ..lora import scaled_mm_
 from ..matmul import nf4_matmul_args, nf4_matmul_grad_input_args
 from .ops import cat_args, gated_act, gated_act_backward_, nf4_matmul_cat, nf4_matmul_grad_input_cat
-from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, scaled_mm_, unpack
+from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, unpack
 
 
 @dataclasses.dataclass(frozen=True)

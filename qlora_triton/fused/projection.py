@@ -13,7 +13,6 @@ import dataclasses
 import torch
 
 from ..linear import Linear4bit, LoRALinear4bit
-from ..lora import scaled_mm_  # noqa: F401  (the blocks import it from here)
 
 
 @dataclasses.dataclass(frozen=True)

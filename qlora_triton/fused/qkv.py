@@ -35,8 +35,9 @@ import dataclasses
 
 import torch
 
+from ..lora import scaled_mm_
 from .ops import cat_args, nf4_matmul_cat, nf4_matmul_grad_input_cat
-from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, scaled_mm_, unpack
+from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, unpack
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,9 @@ import dataclasses
 
 import torch
 
+from ..lora import scaled_mm_
 from ..matmul import nf4_matmul_grad_input_args
-from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, scaled_mm_, unpack
+from .projection import Projection, adapter_dtype, bias_grad, pack_adapters, unpack
 
 _lora_matmul_op = torch.ops.qlora_triton.nf4_lora_matmul.default
 
